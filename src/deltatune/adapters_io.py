@@ -1,0 +1,194 @@
+"""Save and load a delta in PEFT's on-disk layout: adapter_config.json + adapter_model.safetensors.
+
+Loading never unpickles: only JSON and safetensors are read. Full fine-tuning saves a plain
+transformers directory instead (config.json + model.safetensors).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .deltas import active_config, apply, set_adapter
+from .errors import DeltatuneError
+from .methods import get_method, method_for_peft_type
+from .methods.base import DEFAULT_ADAPTER, delta_state, task_of
+from .methods.full import FullConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+
+def atomic_directory(final: Path):
+    """A temp directory beside `final`; `commit(tmp)` renames it into place (replacing `final`)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def commit_directory(tmp: Path, final: Path) -> None:
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Write the active (or named) delta to `directory`, atomically."""
+    state = delta_state(model)
+    name = name or active_config(model)[0]
+    if name not in state.configs:
+        raise DeltatuneError(f"save_adapter: no adapter named {name!r} on this model")
+    config = state.configs[name]
+    method = get_method(config.method)
+    final = Path(directory)
+    tmp = atomic_directory(final)
+    try:
+        if config.method == "full":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_dict(model, name).items()}
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            peft_config = {
+                "peft_type": config.peft_type,
+                "task_type": PEFT_TASK_TYPES[task_of(model)],
+                "base_model_name_or_path": getattr(model, "name_or_path", None),
+                "inference_mode": True,
+                "modules_to_save": config.modules_to_save or None,
+                **method.to_peft(config, model, name),
+            }
+            (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        commit_directory(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DeltatuneError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(values, dict) or "peft_type" not in values:
+        raise DeltatuneError(f"{path}: no 'peft_type' key — not an adapter config")
+    return values
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        bin_path = path.with_suffix(".bin")
+        if bin_path.exists():
+            raise DeltatuneError(f"{bin_path}: pickle files are never loaded (they can run code); "
+                                 f"save the adapter as {path.name}")
+        raise DeltatuneError(f"{path}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DeltatuneError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _check_directory(directory: Path) -> None:
+    if not directory.is_dir():
+        raise DeltatuneError(f"{directory}: adapter directory not found")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Add the delta saved in `directory` to `model` under `name` and make it active."""
+    directory = Path(directory)
+    _check_directory(directory)
+    if not (directory / CONFIG_NAME).exists():
+        if (directory / "config.json").exists():
+            return _load_full(model, directory, name)
+        raise DeltatuneError(f"{directory}: no {CONFIG_NAME} (not an adapter directory)")
+    values = read_adapter_config(directory)
+    method = method_for_peft_type(values["peft_type"], str(directory / CONFIG_NAME))
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    config = method.from_peft(values)
+    apply(model, config, name)
+    try:
+        method.load_state_dict(model, name, tensors, str(directory / WEIGHTS_NAME))
+    except DeltatuneError:
+        from .deltas import delete_adapter
+        delete_adapter(model, name)
+        raise
+    set_adapter(model, name)
+    return model
+
+
+def _full_weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise DeltatuneError(f"{directory}: no *.safetensors weights (pickled weights are never loaded)")
+    return files
+
+
+def _load_full(model: nn.Module, directory: Path, name: str) -> nn.Module:
+    live = model.state_dict()
+    for file in _full_weight_files(directory):
+        for key, value in read_tensors(file).items():
+            if key not in live:
+                continue
+            if tuple(value.shape) != tuple(live[key].shape):
+                raise DeltatuneError(f"{file}: tensor {key!r} has shape {tuple(value.shape)} but this "
+                                     f"base model expects {tuple(live[key].shape)}")
+            with torch.no_grad():
+                live[key].copy_(value)
+    apply(model, FullConfig(), name)
+    return model
+
+
+def directory_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
+    """What a saved delta is: method, base, options, parameter count, size vs its base model."""
+    from .models import resolve_model_path
+
+    directory = Path(directory)
+    _check_directory(directory)
+    if (directory / CONFIG_NAME).exists():
+        values = read_adapter_config(directory)
+        method = method_for_peft_type(values["peft_type"], str(directory / CONFIG_NAME))
+        tensors = read_tensors(directory / WEIGHTS_NAME)
+        info = {"method": method.name, "peft_type": values["peft_type"],
+                "base_model": values.get("base_model_name_or_path"),
+                "task_type": values.get("task_type"),
+                "options": method.from_peft(values).to_dict()}
+    else:
+        tensors = {}
+        for file in _full_weight_files(directory):
+            tensors.update(read_tensors(file))
+        config = json.loads((directory / "config.json").read_text())
+        info = {"method": "full", "peft_type": None,
+                "base_model": config.get("deltatune_base") or config.get("_name_or_path"),
+                "task_type": (config.get("architectures") or ["?"])[0], "options": {}}
+    info["parameters"] = sum(t.numel() for t in tensors.values())
+    info["tensors"] = len(tensors)
+    info["size_bytes"] = directory_size(directory)
+    info["base_size_bytes"] = None
+    base = info["base_model"]
+    if base:
+        try:
+            base_dir = Path(resolve_model_path(base)) if base != "smollm2-135m" else None
+        except DeltatuneError:
+            base_dir = None
+        if base == "smollm2-135m":
+            from .models import cache_dir
+            base_dir = cache_dir() / "smollm2-135m"
+        if base_dir is not None and base_dir.is_dir():
+            info["base_size_bytes"] = sum(f.stat().st_size for f in base_dir.glob("*.safetensors")) or None
+    return info

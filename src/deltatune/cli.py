@@ -1,0 +1,169 @@
+"""`deltatune ...`: parse arguments and call the library. No logic of its own.
+
+Every DeltatuneError (bad config, data, model or adapter) becomes one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import DeltatuneError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise DeltatuneError(f"{self.prog}: {message}")
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .adapters_io import inspect_adapter
+
+    info = inspect_adapter(args.directory)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"method:      {info['method']} ({info['peft_type'] or 'transformers directory'})")
+    print(f"base model:  {info['base_model']}")
+    print(f"task:        {info['task_type']}")
+    for key, value in info["options"].items():
+        if key != "method":
+            print(f"  {key}: {value}")
+    print(f"parameters:  {info['parameters']:,} in {info['tensors']} tensors")
+    size, base = info["size_bytes"], info["base_size_bytes"]
+    ratio = f" ({100 * size / base:.2f}% of the base model's {_human(base)})" if base else ""
+    print(f"size:        {_human(size)}{ratio}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train_from_config
+
+    train_from_config(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_from_cli
+
+    print(json.dumps(evaluate_from_cli(args), indent=2))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generation import generate_from_cli
+
+    print(generate_from_cli(args))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_from_config
+
+    compare_from_config(args.config, args.overrides, methods=args.methods, overwrite=args.overwrite)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import plan_from_config
+
+    plan_from_config(args.config, args.overrides, methods=args.methods)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .export import merge_from_cli
+
+    merge_from_cli(args.model, args.adapter, args.out, overwrite=args.overwrite)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve_from_cli
+
+    serve_from_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deltatune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one method from a YAML run config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.r=16")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model (with or without an adapter)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--model")
+    p.add_argument("--adapter")
+    p.add_argument("--data")
+    p.add_argument("--task", default=None)
+    p.add_argument("--format", default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    for name, func, help_text in (("compare", cmd_compare, "train and compare several methods"),
+                                  ("plan", cmd_plan, "predict memory and storage per method")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*")
+        p.add_argument("--methods", default=None, help="comma-separated, e.g. full,lora,prefix")
+        if name == "compare":
+            p.add_argument("--overwrite", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("merge", help="fold an adapter into the base and export a plain model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="describe a saved adapter or model directory")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, one adapter per request")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except DeltatuneError as exc:
+        print(f"deltatune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

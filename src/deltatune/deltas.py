@@ -1,0 +1,140 @@
+"""Operations on the deltas a model carries: apply, merge, switch, disable, delete."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+from torch import nn
+
+from .errors import DeltatuneError
+from .methods import Method, get_method
+from .methods.base import (DEFAULT_ADAPTER, DeltaLayer, MethodConfig, delta_layers, delta_state,
+                           disabled, freeze, resolve_modules_to_save, set_parent, set_trainable,
+                           task_of, wrap_modules_to_save)
+
+
+def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Turn `model` into a trainable model for `config`'s method; returns the same object.
+
+    Everything the method does not train is frozen. Several PEFT deltas can live on one base
+    under different names; the newest becomes the active (and only trainable) one.
+    """
+    if not isinstance(config, MethodConfig):
+        raise DeltatuneError(f"apply: expected a method config (LoraConfig, ...), got {type(config).__name__}")
+    method = get_method(config.method)
+    state = delta_state(model)
+    if name in state.configs:
+        raise DeltatuneError(f"adapter {name!r} already exists on this model; pass another name=")
+    if config.method == "full" or any(c.method == "full" for c in state.configs.values()):
+        if state.configs:
+            raise DeltatuneError("full fine-tuning cannot share a model with other deltas")
+        method.apply(model, config, name)
+        state.configs[name] = config
+        state.active = name
+        return model
+    if state.active is not None:
+        unmerge(model)
+    config = dataclasses.replace(config, modules_to_save=resolve_modules_to_save(model, config, task_of(model)))
+    if not state.configs:
+        freeze(model)
+    method.apply(model, config, name)
+    if config.modules_to_save:
+        wrap_modules_to_save(model, config.modules_to_save, name)
+    state.configs[name] = config
+    set_trainable(model, name)
+    return model
+
+
+def active_config(model: nn.Module) -> tuple[str, MethodConfig]:
+    state = delta_state(model)
+    if state.active is None or state.active not in state.configs:
+        raise DeltatuneError("this model carries no active delta (call deltatune.apply or load_adapter first)")
+    return state.active, state.configs[state.active]
+
+
+def _active_method(model: nn.Module) -> Method:
+    return get_method(active_config(model)[1].method)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active delta into the base weights (LoRA: W' = W + scale·B·A)."""
+    method = _active_method(model)
+    if method.merge is None:
+        raise DeltatuneError(f"cannot merge a {method.name} delta: {method.why_no_merge}")
+    method.merge(model)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge` (W = W' - scale·B·A); a no-op when nothing is merged."""
+    state = delta_state(model)
+    for config in state.configs.values():
+        method = get_method(config.method)
+        if method.unmerge is not None:
+            method.unmerge(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active delta and remove every wrapper: a plain transformers model again."""
+    merge(model)
+    for path, layer in list(delta_layers(model)):
+        set_parent(model, path, layer.unwrap())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    del model.deltatune_state
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make adapter `name` the active (and only trainable) delta."""
+    state = delta_state(model)
+    if name not in state.configs:
+        raise DeltatuneError(f"no adapter named {name!r} on this model (loaded: {', '.join(state.configs) or 'none'})")
+    unmerge(model)
+    set_trainable(model, name)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly what the bare base model computes."""
+    merged = [layer for _, layer in delta_layers(model) if getattr(layer, "merged", None)]
+    for layer in merged:
+        layer.unmerge()
+    with disabled(model):
+        yield model
+    for layer in merged:
+        layer.merge()
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    state = delta_state(model)
+    if name not in state.configs:
+        raise DeltatuneError(f"no adapter named {name!r} on this model (loaded: {', '.join(state.configs) or 'none'})")
+    for path, layer in list(delta_layers(model)):
+        if getattr(layer, "merged", None) == name:
+            layer.unmerge()
+        if name in layer.deltas:
+            del layer.deltas[name]
+        if len(layer.deltas) == 0:
+            set_parent(model, path, layer.base_layer)
+        elif layer.active == name:
+            layer.active = None
+    for module in model.modules():
+        hook = getattr(module, "deltatune_delete", None)
+        if hook is not None:
+            hook(name)
+    del state.configs[name]
+    if state.active == name:
+        state.active = None
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(delta_state(model).configs)
+
+
+def is_delta_layer(module: nn.Module) -> bool:
+    return isinstance(module, DeltaLayer)

@@ -1,0 +1,91 @@
+"""The method registry: name -> Method (config class, apply, save/load mapping, merge).
+
+A method registers by defining `METHOD = Method(...)` in its own file and being listed in
+`_METHOD_MODULES`; the conformance tests then cover it automatically.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import DeltatuneError
+from .base import MethodConfig, peft_key_map
+
+StateDict = dict[str, torch.Tensor]
+
+
+def default_state_dict(model: nn.Module, name: str) -> StateDict:
+    return {k: v.detach() for k, v in peft_key_map(model, name).items()}
+
+
+def default_load_state_dict(model: nn.Module, name: str, tensors: StateDict, source: str) -> None:
+    """Copy PEFT-keyed tensors into the live deltas; every key and shape must match."""
+    live = peft_key_map(model, name)
+    missing = sorted(set(live) - set(tensors))
+    unexpected = sorted(set(tensors) - set(live))
+    if unexpected:
+        raise DeltatuneError(f"{source}: tensor {unexpected[0]!r} has no place in this base model "
+                             f"({len(unexpected)} such tensors) — adapter saved for another model?")
+    if missing:
+        raise DeltatuneError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    for key, target in live.items():
+        value = tensors[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise DeltatuneError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but this base model "
+                f"expects {tuple(target.shape)} — adapter saved for another base?")
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[MethodConfig]
+    apply: Callable[[nn.Module, MethodConfig, str], None]
+    # adapter_config.json fields beyond peft_type/task_type/base (PEFT's names where PEFT has them)
+    to_peft: Callable[[MethodConfig, nn.Module, str], dict]
+    from_peft: Callable[[dict], MethodConfig]
+    state_dict: Callable[[nn.Module, str], StateDict] = default_state_dict
+    load_state_dict: Callable[[nn.Module, str, StateDict, str], None] = default_load_state_dict
+    merge: Callable[[nn.Module], None] | None = None
+    unmerge: Callable[[nn.Module], None] | None = None
+    why_no_merge: str = ""   # said to the user when merge is asked of a method that cannot
+
+
+_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix")
+REGISTRY: dict[str, Method] = {}
+for _module in _METHOD_MODULES:
+    try:
+        _mod = importlib.import_module(f".{_module}", __name__)
+    except ModuleNotFoundError as _exc:  # a method still being written on this branch
+        if _exc.name != f"{__name__}.{_module}":
+            raise
+        continue
+    REGISTRY[_mod.METHOD.name] = _mod.METHOD
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise DeltatuneError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def method_for_peft_type(peft_type: str, source: str) -> Method:
+    for method in REGISTRY.values():
+        if method.config.peft_type == peft_type:
+            return method
+    known = ", ".join(m.config.peft_type for m in REGISTRY.values())
+    raise DeltatuneError(f"{source}: unknown peft_type {peft_type!r} (known: {known})")
+
+
+def config_from_dict(values: dict) -> MethodConfig:
+    """A method config from a run config's `method:` mapping (`name` picks the method)."""
+    name = values.get("name", values.get("method"))
+    if name is None:
+        raise DeltatuneError("method.name: missing (one of: " + ", ".join(REGISTRY) + ")")
+    return get_method(name).config.from_dict(values)

@@ -1,0 +1,262 @@
+"""LoRA (Hu et al. 2021): a frozen linear layer W plus a low-rank update scale·B·A.
+
+    y = x Wᵀ + scale · (dropout(x) Aᵀ) Bᵀ        A: (r, in), B: (out, r), B = 0 at start
+    scale = alpha / r   (or alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023)
+
+Merging folds scale·B·A into W (and unmerging subtracts it again) so inference costs nothing.
+Works on nn.Linear and GPT-2's Conv1D, whose weight is stored transposed: (in, out).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import DeltatuneError
+from .base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
+
+INITS = ("default", "gaussian")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    method = "lora"
+    peft_type = "LORA"
+
+    r: int = 8                    # rank of the update; 8 is plenty for classification heads
+    alpha: float = 16             # scale = alpha / r: alpha = 2r keeps the update's size stable
+    dropout: float = 0.0          # dropout on the LoRA input only (the base path is untouched)
+    # module names (matched on the last path components), a regex (full match on the path),
+    # or "all-linear" (every linear projection inside the transformer layers, never the head)
+    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    use_rslora: bool = False      # scale = alpha / sqrt(r), better for large ranks
+    init: str = "default"         # default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r)
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            self.fail("r", f"must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            self.fail("alpha", f"must be a positive number, got {self.alpha!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            self.fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            self.fail("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as exc:
+                    self.fail("target_modules", f"is not a valid regex ({exc})")
+        elif not (isinstance(self.target_modules, list) and self.target_modules
+                  and all(isinstance(t, str) for t in self.target_modules)):
+            self.fail("target_modules", f"must be a non-empty list of names, a regex or "
+                                        f"'all-linear', got {self.target_modules!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+# ------------------------------------------------------------------ pure functions of tensors
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                 transposed: bool = False) -> torch.Tensor:
+    """scale · B · A, shaped like the base weight ((out, in), or (in, out) for Conv1D)."""
+    delta = (lora_B @ lora_A) * scale  # (out, in)
+    return delta.T if transposed else delta
+
+
+def merge_into(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    weight.data += delta.to(weight.dtype)
+
+
+def unmerge_from(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    weight.data -= delta.to(weight.dtype)
+
+
+# ------------------------------------------------------------------ modules
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise DeltatuneError(f"LoRA supports nn.Linear and Conv1D, not {type(module).__name__}")
+
+
+class LoraDelta(nn.Module):
+    """The trainable low-rank pair. Parameter names match PEFT's: lora_A.weight, lora_B.weight."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, config.r, bias=False)  # (r, in)
+        self.lora_B = nn.Linear(config.r, out_features, bias=False)  # (out, r)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.scale
+        if config.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)  # the adapted model starts equal to the base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+
+class LoraLayer(DeltaLayer):
+    """A linear layer with named LoRA deltas; `merged` names the delta folded into the weight."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.merged: str | None = None
+        self.transposed = _is_conv1d(base_layer)
+        # Per-row adapter names for mixed-adapter batches (set by deltatune.adapter_names()).
+        self.row_adapters: list[str | None] | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return out + self._mixed_delta(x, out)
+        delta = self.active_delta()
+        if delta is None or self.merged == self.active:
+            return out
+        lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
+        return out + delta(lora_x).to(out.dtype)
+
+    def _mixed_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each row of the batch gets its own adapter's update (None: the base alone)."""
+        extra = torch.zeros_like(out)
+        for name in set(self.row_adapters):
+            if name is None or name not in self.deltas:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name],
+                                device=x.device)
+            extra[rows] = self.deltas[name](x[rows]).to(out.dtype)
+        return extra
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        d = self.deltas[name]
+        return delta_weight(d.lora_A.weight, d.lora_B.weight, d.scale, self.transposed)
+
+    def merge(self) -> None:
+        if self.active is None or self.merged is not None:
+            return
+        with torch.no_grad():
+            merge_into(self.base_layer.weight, self.delta_weight(self.active))
+        self.merged = self.active
+
+    def unmerge(self) -> None:
+        if self.merged is None:
+            return
+        with torch.no_grad():
+            unmerge_from(self.base_layer.weight, self.delta_weight(self.merged))
+        self.merged = None
+
+
+# ------------------------------------------------------------------ targeting and apply
+def _inside_layers(path: str, model: nn.Module) -> bool:
+    from ..models import architecture_of
+
+    return any(path.startswith(p + ".") for p in architecture_of(model).layers)
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Paths of the linear modules LoRA wraps; never a head, never an existing wrapper's base."""
+    paths = []
+    for path, module in model.named_modules():
+        if ".deltas." in path or path.endswith(".base_layer") or isinstance(module, DeltaLayer):
+            continue
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        if target_modules == "all-linear":
+            hit = _inside_layers(path, model)
+        elif isinstance(target_modules, str):
+            hit = re.fullmatch(target_modules, path) is not None
+        else:
+            hit = any(path == t or path.endswith("." + t) for t in target_modules)
+        if hit:
+            paths.append(path)
+    return paths
+
+
+def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
+    targets = find_targets(model, config.target_modules)
+    already = [p[: -len(".base_layer")] for p, m in model.named_modules()
+               if p.endswith(".base_layer") and isinstance(model.get_submodule(p[: -len(".base_layer")]), LoraLayer)]
+    if config.target_modules != "all-linear":
+        targets += [p for p in already if p not in targets and _matches(p, config.target_modules)]
+    if not targets:
+        raise DeltatuneError(
+            f"LoraConfig.target_modules: {config.target_modules!r} matched no linear module "
+            f"(some that exist: {module_names_hint(model)})")
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLayer):
+            module = LoraLayer(module)
+            set_parent(model, path, module)
+        in_f, out_f = in_out_features(module.base_layer)
+        delta = LoraDelta(in_f, out_f, config).to(module.base_layer.weight.device)
+        if module.base_layer.weight.dtype == torch.float64:
+            delta = delta.double()
+        module.add_delta(name, delta)
+
+
+def _matches(path: str, target_modules: list[str] | str) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [layer for _, layer in delta_layers(model) if isinstance(layer, LoraLayer)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def lora_to_peft(config: LoraConfig, model: nn.Module, name: str) -> dict:
+    targets = config.target_modules
+    if isinstance(targets, str):
+        # Save the exact set we wrapped so PEFT (whose "all-linear" differs) wraps the same.
+        paths = sorted({p for p, l in delta_layers(model) if isinstance(l, LoraLayer) and name in l.deltas})
+        targets = "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+    any_conv1d = any(l.transposed for l in lora_layers(model))
+    return {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+            "target_modules": targets, "use_rslora": config.use_rslora, "bias": "none",
+            "fan_in_fan_out": any_conv1d, "init_lora_weights": True,
+            "deltatune_init": config.init}
+
+
+def lora_from_peft(values: dict) -> LoraConfig:
+    unsupported = [k for k in ("use_dora", "lora_bias") if values.get(k)]
+    if unsupported or values.get("bias", "none") != "none":
+        raise DeltatuneError(f"adapter_config.json: LoRA options {unsupported or ['bias']} are not supported")
+    if values.get("rank_pattern") or values.get("alpha_pattern"):
+        raise DeltatuneError("adapter_config.json: per-module rank_pattern/alpha_pattern is not supported")
+    targets = values.get("target_modules")
+    if isinstance(targets, (set, tuple)):
+        targets = list(targets)
+    return LoraConfig(r=values["r"], alpha=values.get("lora_alpha", 8),
+                      dropout=values.get("lora_dropout", 0.0), target_modules=targets,
+                      use_rslora=bool(values.get("use_rslora", False)),
+                      init=values.get("deltatune_init", "default"),
+                      modules_to_save=values.get("modules_to_save"))
+
+
+from . import Method  # noqa: E402  (the registry imports this module)
+
+METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
+                from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora)
