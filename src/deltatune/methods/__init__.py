@@ -55,6 +55,9 @@ class Method:
     merge: Callable[[nn.Module], None] | None = None
     unmerge: Callable[[nn.Module], None] | None = None
     why_no_merge: str = ""   # said to the user when merge is asked of a method that cannot
+    # A learning rate that works for this method out of the box (AdamW, batch ~32): they differ
+    # by orders of magnitude (full ~5e-5, LoRA/adapters ~5e-4, prompt methods ~1e-2).
+    default_lr: float = 5e-4
 
 
 _METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix")

@@ -38,4 +38,5 @@ METHOD = Method(name="full", config=FullConfig, apply=apply_full,
                 to_peft=lambda config, model, name: {"freeze_embeddings": config.freeze_embeddings},
                 from_peft=lambda values: FullConfig(freeze_embeddings=values.get("freeze_embeddings", False)),
                 state_dict=full_state_dict,
+                default_lr=5e-5,
                 why_no_merge="full fine-tuning has no separate delta to merge: the model already is the result")
