@@ -236,8 +236,8 @@ def lora_to_peft(config: LoraConfig, model: nn.Module, name: str) -> dict:
     any_conv1d = any(l.transposed for l in lora_layers(model))
     return {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": targets, "use_rslora": config.use_rslora, "bias": "none",
-            "fan_in_fan_out": any_conv1d, "init_lora_weights": True,
-            "deltatune_init": config.init}
+            "fan_in_fan_out": any_conv1d,
+            "init_lora_weights": True if config.init == "default" else config.init}
 
 
 def lora_from_peft(values: dict) -> LoraConfig:
@@ -252,7 +252,7 @@ def lora_from_peft(values: dict) -> LoraConfig:
     return LoraConfig(r=values["r"], alpha=values.get("lora_alpha", 8),
                       dropout=values.get("lora_dropout", 0.0), target_modules=targets,
                       use_rslora=bool(values.get("use_rslora", False)),
-                      init=values.get("deltatune_init", "default"),
+                      init="gaussian" if values.get("init_lora_weights") == "gaussian" else "default",
                       modules_to_save=values.get("modules_to_save"))
 
 
