@@ -1,0 +1,435 @@
+"""Run configuration: YAML -> validated dataclasses, `key=value` overrides, nearest-key hints.
+
+    config = load_run_config("examples/sst2-minilm-lora.yaml", ["method.r=16", "train.lr=3e-4"])
+
+Every problem is one DeltatuneError line naming the key (and the file or "command line" it came
+from): unknown keys get the nearest valid key suggested, values of the wrong type say what was
+expected, impossible values (batch_size 0, schedule "cosin") say what is allowed. The `method:`
+section is validated by the method's own config class (`deltatune.methods.config_from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DeltatuneError
+
+TASKS = ("classification", "causal-lm")
+FORMATS_BY_TASK = {
+    "classification": ("classification", "pairs"),
+    "causal-lm": ("alpaca", "chat", "text", "gsm8k"),
+}
+FORMATS = FORMATS_BY_TASK["classification"] + FORMATS_BY_TASK["causal-lm"]
+SCHEDULES = ("linear", "cosine", "constant")
+METRICS = ("accuracy", "f1", "exact_match", "perplexity")
+ON_NAN = ("stop", "skip")
+DATA_ENV = "DELTATUNE_DATA"      # where ../shared/data lives on this machine, when set
+SHARED_DATA_PREFIX = "../shared/data"
+HUB_PREFIX = "hf:"               # data.train: hf:stanfordnlp/sst2 -> a datasets-library Hub name
+
+
+# ---------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 insists on `3.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value read as YAML (`16` -> int, `3e-4` -> float, `[q, v]` -> list);
+    text that is not valid YAML stays a string."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+# ---------------------------------------------------------------------------------- dataclasses
+class _Section:
+    """Shared by the config sections: validation on construction, errors naming `prefix.key`."""
+
+    prefix: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f"{self.prefix}{f.name}", getattr(self, f.name),
+                                              hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def fail(self, key: str, what: str) -> None:
+        raise DeltatuneError(f"{self.prefix}{key}: {what}")
+
+    def positive(self, *keys: str, allow_none: bool = False) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if value is None and allow_none:
+                continue
+            if value is None or value <= 0:
+                self.fail(key, f"must be > 0, got {value!r}")
+
+    def one_of(self, key: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, key)
+        if value not in allowed:
+            near = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            self.fail(key, f"must be one of {' | '.join(allowed)}, got {value!r}{hint}")
+
+
+@dataclass
+class DataConfig(_Section):
+    prefix: typing.ClassVar[str] = "data."
+
+    train: str | None = None        # file (.jsonl .json .csv .tsv .parquet .txt) or hf:NAME
+    eval: str | None = None
+    format: str = "classification"  # classification | pairs | alpaca | chat | text | gsm8k
+    text_field: str = "text"        # pairs: "text" (the default) means "text_a"
+    text_pair_field: str | None = None  # pairs: None means "text_b"
+    label_field: str = "label"
+    label_names: list[str] | None = None  # index i <-> name; string labels map through it
+    max_length: int = 128           # longer rows are truncated and counted in dataset.stats
+    max_train_rows: int | None = None   # first N rows of the train file
+    max_eval_rows: int | None = None
+    packing: bool = False           # several examples per row (causal-lm formats only)
+    train_on_prompt: bool = False   # instruction data: loss on the responses only by default
+
+    def validate(self) -> None:
+        self.one_of("format", FORMATS)
+        self.positive("max_length")
+        self.positive("max_train_rows", "max_eval_rows", allow_none=True)
+        if self.format == "pairs":  # GLUE-style pair files name their columns text_a / text_b
+            if self.text_pair_field is None:
+                self.text_field = "text_a" if self.text_field == "text" else self.text_field
+                self.text_pair_field = "text_b"
+        if self.label_names is not None:
+            if len(self.label_names) < 2:
+                self.fail("label_names", f"needs at least 2 names, got {self.label_names!r}")
+            if len(set(self.label_names)) != len(self.label_names):
+                self.fail("label_names", f"has duplicates: {self.label_names!r}")
+
+
+@dataclass
+class TrainConfig(_Section):
+    prefix: typing.ClassVar[str] = "train."
+
+    epochs: float = 1               # ignored when max_steps is set
+    max_steps: int | None = None
+    batch_size: int = 32            # examples per optimizer step = batch_size * grad_accum
+    eval_batch_size: int | None = None  # None: same as batch_size
+    grad_accum: int = 1
+    lr: float | None = None         # None: the method's Method.default_lr
+    weight_decay: float = 0.0       # never applied to biases and norms
+    schedule: str = "linear"        # linear | cosine | constant, after warmup
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0   # None: no clipping
+    bf16: bool | str = "auto"       # auto: on where the CPU/GPU supports bf16
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None   # steps; None: only at the end
+    save_every: int | None = None   # steps; None: only the final delta
+    keep_checkpoints: int = 2
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    metric: str | None = None       # accuracy | f1 | exact_match | perplexity; None: by task
+    seed: int = 0
+    log_every: int = 10
+    on_nan: str = "stop"            # stop | skip (skip the step, keep going)
+
+    def validate(self) -> None:
+        self.positive("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every")
+        self.positive("max_steps", "eval_batch_size", "lr", "max_grad_norm", "eval_every",
+                      "save_every", "early_stopping_patience", allow_none=True)
+        if self.weight_decay < 0:
+            self.fail("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            self.fail("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
+        self.one_of("schedule", SCHEDULES)
+        self.one_of("on_nan", ON_NAN)
+        if self.metric is not None:
+            self.one_of("metric", METRICS)
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            self.fail("bf16", f"must be true, false or auto, got {self.bf16!r}")
+
+
+@dataclass
+class RunConfig:
+    model: str                      # preset name, transformers directory, Hub id or .gguf file
+    task: str                       # classification | causal-lm
+    data: DataConfig
+    method: dict                    # validated by the method's own config class
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = ""
+    num_labels: int | None = None   # classification; None: len(data.label_names) or from the data
+
+    def method_config(self):
+        """The validated MethodConfig for `method:` (its `name` picks the method)."""
+        from .methods import config_from_dict
+
+        return config_from_dict(self.method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "train": TrainConfig}
+_TOP_LEVEL = {"model": str, "task": str, "output_dir": str, "num_labels": int | None}
+_REQUIRED = ("model", "task", "data", "method", "output_dir")
+
+
+# ---------------------------------------------------------------------------------- types
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(hint, str(hint))
+
+
+def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(does value fit hint, the value converted: ints become floats where floats are wanted)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, converted = _matches(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return False, value
+        converted = [_matches(v, item) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    return isinstance(value, hint), value
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    ok, converted = _matches(value, hint)
+    if not ok:
+        raise DeltatuneError(f"{key}: expected {_type_name(hint)}, got {value!r} "
+                             f"({type(value).__name__})")
+    return converted
+
+
+# ---------------------------------------------------------------------------------- loading
+def valid_keys() -> list[str]:
+    """Every dotted key a run config may set (method keys belong to the method)."""
+    keys = list(_TOP_LEVEL) + ["data", "method", "train", "method.name"]
+    for section, cls in _SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> DeltatuneError:
+    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return DeltatuneError(f"{key}: unknown key{hint} [{source}]")
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise DeltatuneError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeltatuneError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DeltatuneError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise DeltatuneError(f"{path}: YAML error: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DeltatuneError(f"{path}: expected a mapping of keys (model:, task:, data:, ...), "
+                             f"got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: typing.Iterable[str], sources: dict[str, str],
+                    full_keys: dict[str, str] | None = None) -> None:
+    """Set `a.b=value` (value read as YAML) in the nested dict; records each key's source
+    (and, in `full_keys`, the first full override key under each top-level name).
+
+    `method.name=X` naming another method than the file's starts `method:` afresh from X's
+    defaults, so `method.name=full` works on a LoRA config without dropping `r:` by hand.
+    """
+    full_keys = {} if full_keys is None else full_keys
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise DeltatuneError(f"override {item!r}: expected key=value (e.g. train.lr=3e-4)")
+        parsed.append((key, parse_scalar(text)))
+    file_method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    for key, value in parsed:
+        if key in ("method.name", "method.method") and value != file_method.get(
+                "name", file_method.get("method")):
+            raw["method"] = {}
+    for key, value in parsed:
+        parts = key.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise DeltatuneError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set "
+                                     f"{key} [command line]")
+            node = child
+        node[parts[-1]] = value
+        sources[key] = "command line"
+        sources.setdefault(parts[0], "command line")
+        full_keys.setdefault(parts[0], key)
+
+
+def _source(sources: dict[str, str], key: str, default: str) -> str:
+    return sources.get(key, default)
+
+
+def _build_section(cls: type, values: Any, name: str, sources: dict, default_source: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise DeltatuneError(f"{name}: expected a mapping of keys, got {values!r} "
+                             f"[{_source(sources, name, default_source)}]")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            dotted = f"{name}.{key}"
+            raise _unknown_key(dotted, _source(sources, dotted, default_source))
+    return cls(**values)
+
+
+def build_run_config(raw: dict, source: str = "config", sources: dict | None = None,
+                     full_keys: dict | None = None) -> RunConfig:
+    """Validate a nested dict (already merged with overrides) into a RunConfig."""
+    sources, full_keys = sources or {}, full_keys or {}
+    for key in raw:
+        if key not in _TOP_LEVEL and key not in ("data", "method", "train"):
+            key = str(key)
+            if sources.get(key) == "command line":  # name the whole override: trian.lr
+                raise _unknown_key(full_keys.get(key, key), "command line")
+            raise _unknown_key(key, source)
+    for key in _REQUIRED:
+        if raw.get(key) in (None, ""):
+            raise DeltatuneError(f"{key}: missing [{source}]")
+    top = {k: _check_type(k, raw.get(k), hint) for k, hint in _TOP_LEVEL.items()}
+    if top["task"] not in TASKS:
+        near = difflib.get_close_matches(top["task"], TASKS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise DeltatuneError(f"task: must be one of {' | '.join(TASKS)}, got {top['task']!r}{hint}")
+    data = _build_section(DataConfig, raw.get("data"), "data", sources, source)
+    train = _build_section(TrainConfig, raw.get("train"), "train", sources, source)
+    method = raw.get("method")
+    if not isinstance(method, dict):
+        raise DeltatuneError(f"method: expected a mapping with at least `name:`, got {method!r}")
+    config = RunConfig(model=top["model"], task=top["task"], data=data, method=dict(method),
+                       train=train, output_dir=top["output_dir"], num_labels=top["num_labels"])
+    _check_consistency(config)
+    config.method_config()  # the method's own validation: unknown options, bad values
+    return config
+
+
+def _check_consistency(config: RunConfig) -> None:
+    data = config.data
+    if data.format not in FORMATS_BY_TASK[config.task]:
+        raise DeltatuneError(
+            f"data.format: {data.format!r} does not fit task {config.task!r} (use one of "
+            f"{' | '.join(FORMATS_BY_TASK[config.task])})")
+    if data.train is None and data.eval is None:
+        raise DeltatuneError("data.train: missing (give data.train and/or data.eval)")
+    if data.packing and config.task != "causal-lm":
+        raise DeltatuneError("data.packing: only causal-lm data can be packed")
+    if config.num_labels is not None:
+        if config.task != "classification":
+            raise DeltatuneError("num_labels: only for task classification")
+        if config.num_labels < 2:
+            raise DeltatuneError(f"num_labels: must be >= 2, got {config.num_labels}")
+        if data.label_names is not None and len(data.label_names) != config.num_labels:
+            raise DeltatuneError(f"num_labels: {config.num_labels} disagrees with data.label_names "
+                                 f"({len(data.label_names)} names)")
+    elif data.label_names is not None and config.task == "classification":
+        config.num_labels = len(data.label_names)
+
+
+def resolve_data_path(value: str | None, base_dir: Path) -> str | None:
+    """Where a data path points: hf: names are kept; `$DELTATUNE_DATA/...` and `../shared/data/...`
+    use $DELTATUNE_DATA when set; other relative paths are taken from the config file's directory,
+    or from the working directory when only there the file exists (configs in examples/ name
+    ../shared/data relative to the repository root, as a user running from the root expects)."""
+    if value is None or value.startswith(HUB_PREFIX):
+        return value
+    env = os.environ.get(DATA_ENV)
+    for prefix in ("$" + DATA_ENV, "${" + DATA_ENV + "}", SHARED_DATA_PREFIX):
+        if value == prefix or value.startswith(prefix + "/"):
+            if env:
+                return str(Path(env) / value[len(prefix):].lstrip("/"))
+            if prefix != SHARED_DATA_PREFIX:
+                raise DeltatuneError(f"{value}: ${DATA_ENV} is not set")
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    beside_config = base_dir / path
+    if not beside_config.exists() and path.exists():
+        return str(path.resolve())
+    return str(beside_config.resolve())
+
+
+def load_run_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key=value` overrides, validate, resolve data paths."""
+    path = Path(path)
+    raw = read_yaml(path)
+    sources: dict[str, str] = {}
+    full_keys: dict[str, str] = {}
+    apply_overrides(raw, list(overrides), sources, full_keys)
+    config = build_run_config(raw, str(path), sources, full_keys)
+    base_dir = path.resolve().parent
+    config.data.train = resolve_data_path(config.data.train, base_dir)
+    config.data.eval = resolve_data_path(config.data.eval, base_dir)
+    return config
+
+
+def save_run_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
