@@ -154,10 +154,19 @@ def directory_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
+def _base_directory_without_converting(base: str) -> Path | None:
+    from .models import _smollm2_gguf, gguf_cache_path, resolve_model_path
+
+    try:
+        if base == "smollm2-135m" or base.endswith(".gguf"):
+            return gguf_cache_path(_smollm2_gguf() if base == "smollm2-135m" else Path(base))
+        return Path(resolve_model_path(base))
+    except (DeltatuneError, OSError):
+        return None
+
+
 def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
     """What a saved delta is: method, base, options, parameter count, size vs its base model."""
-    from .models import resolve_model_path
-
     directory = Path(directory)
     _check_directory(directory)
     if (directory / CONFIG_NAME).exists():
@@ -182,13 +191,7 @@ def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
     info["base_size_bytes"] = None
     base = info["base_model"]
     if base:
-        try:
-            base_dir = Path(resolve_model_path(base)) if base != "smollm2-135m" else None
-        except DeltatuneError:
-            base_dir = None
-        if base == "smollm2-135m":
-            from .models import cache_dir
-            base_dir = cache_dir() / "smollm2-135m"
+        base_dir = _base_directory_without_converting(base)
         if base_dir is not None and base_dir.is_dir():
             info["base_size_bytes"] = sum(f.stat().st_size for f in base_dir.glob("*.safetensors")) or None
     return info

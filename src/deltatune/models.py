@@ -145,6 +145,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
 
 
+def gguf_cache_path(gguf_path: Path) -> Path:
+    """Where a GGUF file's converted directory lives (keyed by name and size, so a preset and
+    the same file given by path share one conversion)."""
+    return cache_dir() / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+
+
 def gguf_to_safetensors_dir(gguf_path: Path, out_dir: Path) -> Path:
     """Convert a GGUF checkpoint once into a transformers safetensors directory.
 
@@ -179,15 +185,11 @@ def resolve_model_path(name_or_path: str) -> str:
     """A preset name or .gguf file becomes a local transformers directory; anything else is kept."""
     if name_or_path == "minilm":
         return str(_minilm_dir())
-    if name_or_path == "smollm2-135m":
-        return str(gguf_to_safetensors_dir(_smollm2_gguf(), cache_dir() / "smollm2-135m"))
-    path = Path(name_or_path)
+    path = _smollm2_gguf() if name_or_path == "smollm2-135m" else Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DeltatuneError(f"{name_or_path}: GGUF file not found")
-        stat = path.stat()
-        return str(gguf_to_safetensors_dir(
-            path, cache_dir() / f"gguf-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"))
+        return str(gguf_to_safetensors_dir(path, gguf_cache_path(path)))
     if path.exists() and not (path / "config.json").exists():
         raise DeltatuneError(f"{name_or_path}: not a transformers model directory (no config.json)")
     if not path.exists() and ("/" not in name_or_path or name_or_path.startswith((".", "/"))):
