@@ -8,9 +8,10 @@ Works on nn.Linear and GPT-2's Conv1D, whose weight is stored transposed: (in, o
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ class LoraConfig(MethodConfig):
     alpha: float = 16             # scale = alpha / r: alpha = 2r keeps the update's size stable
     dropout: float = 0.0          # dropout on the LoRA input only (the base path is untouched)
     # module names (matched on the last path components), a regex (full match on the path),
-    # or "all-linear" (every linear projection inside the transformer layers, never the head)
-    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    # "all-linear" (every linear projection inside the transformer layers, never the head), or
+    # None: the attention query and value projections of whatever architecture it is applied to
+    target_modules: list[str] | str | None = None
     use_rslora: bool = False      # scale = alpha / sqrt(r), better for large ranks
     init: str = "default"         # default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r)
 
@@ -51,7 +53,7 @@ class LoraConfig(MethodConfig):
                     re.compile(self.target_modules)
                 except re.error as exc:
                     self.fail("target_modules", f"is not a valid regex ({exc})")
-        elif not (isinstance(self.target_modules, list) and self.target_modules
+        elif self.target_modules is not None and not (isinstance(self.target_modules, list) and self.target_modules
                   and all(isinstance(t, str) for t in self.target_modules)):
             self.fail("target_modules", f"must be a non-empty list of names, a regex or "
                                         f"'all-linear', got {self.target_modules!r}")
@@ -109,6 +111,23 @@ class LoraDelta(nn.Module):
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
+@functools.lru_cache(maxsize=64)
+def row_groups(row_adapters: tuple[str | None, ...], batch: int,
+               device: torch.device) -> tuple[tuple[str, torch.Tensor], ...]:
+    """(adapter name, row indices) for every adapter used in a mixed batch; cached per shape."""
+    if batch % len(row_adapters):
+        raise DeltatuneError(f"mixed_adapters: the batch has {batch} rows but {len(row_adapters)} "
+                             f"adapter names were given (one per row expected)")
+    # generate() expands each row into consecutive copies (num_return_sequences, beams) and
+    # beam search only reorders rows within one input's block, so copies keep their adapter.
+    copies = batch // len(row_adapters)
+    groups = []
+    for name in dict.fromkeys(n for n in row_adapters if n is not None):
+        rows = [i * copies + c for i, n in enumerate(row_adapters) if n == name for c in range(copies)]
+        groups.append((name, torch.tensor(rows, device=device)))
+    return tuple(groups)
+
+
 class LoraLayer(DeltaLayer):
     """A linear layer with named LoRA deltas; `merged` names the delta folded into the weight."""
 
@@ -116,8 +135,9 @@ class LoraLayer(DeltaLayer):
         super().__init__(base_layer)
         self.merged: str | None = None
         self.transposed = _is_conv1d(base_layer)
-        # Per-row adapter names for mixed-adapter batches (set by deltatune.adapter_names()).
-        self.row_adapters: list[str | None] | None = None
+        # One adapter name (or None: the base alone) per batch row while inside
+        # deltatune.mixed_adapters(); None outside it (then `active` applies to every row).
+        self.row_adapters: tuple[str | None, ...] | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -132,12 +152,11 @@ class LoraLayer(DeltaLayer):
     def _mixed_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch gets its own adapter's update (None: the base alone)."""
         extra = torch.zeros_like(out)
-        for name in set(self.row_adapters):
-            if name is None or name not in self.deltas:
+        for name, rows in row_groups(self.row_adapters, x.shape[0], x.device):
+            if name not in self.deltas:  # that adapter does not touch this layer
                 continue
-            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name],
-                                device=x.device)
-            extra[rows] = self.deltas[name](x[rows]).to(out.dtype)
+            update = self.deltas[name](x.index_select(0, rows).to(self.deltas[name].lora_A.weight.dtype))
+            extra.index_add_(0, rows, update.to(out.dtype))
         return extra
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -186,6 +205,11 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
+    if config.target_modules is None:
+        from ..models import architecture_of
+
+        config.target_modules = [t for t in architecture_of(model).lora_targets
+                                 if any(p.endswith("." + t) for p, _ in model.named_modules())]
     targets = find_targets(model, config.target_modules)
     already = [p[: -len(".base_layer")] for p, m in model.named_modules()
                if p.endswith(".base_layer") and isinstance(model.get_submodule(p[: -len(".base_layer")]), LoraLayer)]
