@@ -5,13 +5,14 @@ from .deltas import (active_config, adapter_names, apply, delete_adapter, disabl
 from .errors import DeltatuneError
 from .methods import REGISTRY as METHODS
 from .methods import config_from_dict, get_method
+from .methods.adapter import AdapterConfig
 from .methods.base import count_parameters
 from .methods.full import FullConfig
 from .methods.lora import LoraConfig
 from .models import PRESETS, architecture_of, load_model
 
 __all__ = [
-    "DeltatuneError", "METHODS", "PRESETS", "FullConfig", "LoraConfig", "active_config",
+    "AdapterConfig", "DeltatuneError", "METHODS", "PRESETS", "FullConfig", "LoraConfig", "active_config",
     "adapter_names", "apply", "architecture_of", "config_from_dict", "count_parameters",
     "delete_adapter", "disable_adapters", "get_method", "inspect_adapter", "load_adapter",
     "load_model", "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",

@@ -15,7 +15,6 @@ unlike LoRA it can never be folded into the base weights: there is no merge.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +97,16 @@ class Bottleneck(nn.Module):
         return self.adapter_up(self.activation(self.adapter_down(self.dropout(hidden)))) * self.scaling
 
 
+class Mailbox:
+    """Hands the feed-forward input from an InputCapture to the AdapterLayer of the same layer.
+
+    A plain object, not a module, so sharing it between the two adds nothing to the state dict.
+    """
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+
 class AdapterLayer(DeltaLayer):
     """A module (a projection, or a whole feed-forward block) with named bottleneck deltas.
 
@@ -108,8 +117,7 @@ class AdapterLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.captured_input: torch.Tensor | None = None  # set by the ffn_input pre-hook
-        self.capture_hook: Any = None
+        self.mailbox: Mailbox | None = None  # set when a delta reads READS_FFN_INPUT
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(x, *args, **kwargs)
@@ -121,7 +129,7 @@ class AdapterLayer(DeltaLayer):
         elif delta.reads == READS_INPUT:
             source = x
         else:
-            source, self.captured_input = self.captured_input, None  # don't keep it alive
+            source, self.mailbox.tensor = self.mailbox.tensor, None  # don't keep it alive
             if source is None:
                 raise DeltatuneError("parallel adapter: the feed-forward input was not captured "
                                      "(the ffn_input module did not run before ffn_output)")
@@ -130,28 +138,23 @@ class AdapterLayer(DeltaLayer):
             source = source.to(weight.dtype)  # e.g. bf16 base, fp32 adapter
         return out + delta(source).to(out.dtype)
 
-    def wants_capture(self) -> bool:
-        delta = self.active_delta()
-        return delta is not None and delta.reads == READS_FFN_INPUT
 
-    def deltatune_delete(self, name: str) -> None:
-        """Drop the capture hook once no delta here reads the captured input any more."""
-        if self.capture_hook is not None and not any(
-                d.reads == READS_FFN_INPUT for d in self.deltas.values()):
-            self.capture_hook.remove()
-            self.capture_hook = None
+class InputCapture(DeltaLayer):
+    """Wraps the `ffn_input` module where it is not the whole feed-forward block (BERT's
+    `intermediate`): posts its input to the mailbox for the parallel adapter further on.
 
+    Its deltas are empty markers, one per adapter name that needs the capture, so switching,
+    disabling and deleting go through the shared DeltaLayer mechanism like everything else.
+    """
 
-def _capture_into(layer: AdapterLayer):
-    """A forward pre-hook that hands its module's input to `layer` (held weakly: if delete_adapter
-    removes the layer, the hook left behind does nothing)."""
-    layer_ref = weakref.ref(layer)
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.mailbox = Mailbox()
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        target = layer_ref()
-        if target is not None and target.wants_capture():
-            target.captured_input = args[0] if args else next(iter(kwargs.values()))
-    return hook
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.active_delta() is not None:
+            self.mailbox.tensor = x
+        return self.base_layer(x, *args, **kwargs)
 
 
 # ------------------------------------------------------------------ placement and apply
@@ -184,12 +187,12 @@ def _submodule(layer: nn.Module, path: str, where: str) -> nn.Module:
     return module
 
 
-def _wrap(layer: nn.Module, path: str, where: str) -> AdapterLayer:
-    """The AdapterLayer at `path` in `layer`, creating it around the existing module if needed."""
+def _wrap(layer: nn.Module, path: str, where: str, kind: type[DeltaLayer] = AdapterLayer) -> Any:
+    """The `kind` wrapper at `path` in `layer`, created around the existing module if needed."""
     module = _submodule(layer, path, where)
-    if isinstance(module, AdapterLayer):
+    if isinstance(module, kind):
         return module
-    wrapper = AdapterLayer(module)
+    wrapper = kind(module)
     parent_path, _, child = path.rpartition(".")
     parent = _submodule(layer, parent_path, where) if parent_path else layer
     while not hasattr(parent, child) and isinstance(parent, DeltaLayer):
@@ -223,18 +226,20 @@ def _add_parallel(layer: nn.Module, name: str, config: AdapterConfig, arch: Any,
     Generic over the architecture facts: when `ffn_output` lies inside `ffn_input` (Llama's and
     GPT-2's `mlp`), `ffn_input` is the whole block, so one wrapper around it reads its own input
     and adds to its own output. Otherwise (BERT: `intermediate` in, `output.dense` out, two
-    siblings and no module holding just the FFN) the wrapper goes around `ffn_output` and a
-    forward pre-hook on `ffn_input` hands it the block's input, captured just before it runs.
+    siblings and no module holding just the FFN) the adapter wraps `ffn_output`, and an
+    InputCapture around `ffn_input` hands it the block's input through a shared Mailbox. (A
+    forward pre-hook would do the same, but would outlive delete_adapter; a wrapper is removed
+    by the shared mechanism when its last delta goes.)
     """
     hidden = _out_features(_submodule(layer, arch.ffn_output, where), f"{where}.{arch.ffn_output}")
     if arch.ffn_output.startswith(arch.ffn_input + "."):
         _add(_wrap(layer, arch.ffn_input, where), name, hidden, config, READS_INPUT)
         return
+    capture = _wrap(layer, arch.ffn_input, where, InputCapture)
+    capture.add_delta(name, nn.Module())  # an empty marker: "capture while `name` is active"
     wrapper = _wrap(layer, arch.ffn_output, where)
+    wrapper.mailbox = capture.mailbox
     _add(wrapper, name, hidden, config, READS_FFN_INPUT)
-    if wrapper.capture_hook is None:
-        source = _submodule(layer, arch.ffn_input, where)
-        wrapper.capture_hook = source.register_forward_pre_hook(_capture_into(wrapper), with_kwargs=True)
 
 
 def apply_adapter(model: nn.Module, config: AdapterConfig, name: str) -> None:
