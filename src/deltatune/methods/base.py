@@ -185,9 +185,11 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> No
         hits = [p for p, m in model.named_modules()
                 if (p == target or p.endswith("." + target)) and not isinstance(m, ModuleCopy)
                 and ".deltas." not in p and not p.endswith(".base_layer")]
-        if not hits and target in ("classifier", "score"):
+        wrapped = any(isinstance(m, ModuleCopy) and (p == target or p.endswith("." + target))
+                      for p, m in model.named_modules())
+        if not hits and not wrapped and target in ("classifier", "score"):
             continue  # PEFT lists both head names for every classification model
-        if not hits:
+        if not hits and not wrapped:
             raise DeltatuneError(f"modules_to_save: no module named {target!r} in this model "
                                  f"(some that exist: {module_names_hint(model)})")
         for path in hits:
