@@ -1,0 +1,469 @@
+"""The ONE place that puts virtual tokens into a transformers model (prompt tuning, P-tuning, prefix).
+
+Two kinds of virtual tokens, both owned by one model-level `VirtualTokenController`
+(registered as `model.deltatune_virtual_tokens`, so its parameters train and switch like any delta):
+
+* "input" tokens (prompt tuning, P-tuning): n embeddings inserted into `inputs_embeds` by a forward
+  pre-hook on the model. Decoders get them in front of the sequence; encoders right after
+  position 0, so BERT's pooler still reads [CLS]. The attention mask, token types, labels (-100)
+  and position ids are extended to match; the outputs' logits/hidden states are cut back to the
+  real positions so callers see the shapes they passed in. With a KV cache the tokens enter in the
+  prefill only (they then live in the cache); later steps only extend the mask by n.
+* "prefix" tokens (prefix tuning / P-tuning v2): per-layer key/value prefixes prepended *inside
+  every self-attention call*, after the cache update and RoPE. The model is routed through an
+  attention implementation registered here ("deltatune_prefix_sdpa" / "_eager") that concatenates
+  the prefix to keys/values and opens n always-visible mask columns, then calls the real sdpa or
+  eager kernel. The cache never holds the prefix, so cached and uncached decoding see the same
+  keys, encoders need no `past_key_values`, and grouped-query attention works (the prefixes have
+  kv_heads heads).
+
+Positions: on decoders the virtual tokens occupy positions 0..n-1 and real tokens follow from n,
+counted from the first non-padding token (as PEFT does, so its adapters give the same logits).
+Encoders keep their own position ids (prompt tokens simply take positions 1..n after [CLS]).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DeltatuneError
+from ..models import architecture_of, get_submodule, transformer_layers
+from .base import PEFT_PREFIX, delta_state, peft_key_map
+
+CONTROLLER_ATTR = "deltatune_virtual_tokens"
+PREFIX_ATTENTION = {"sdpa": "deltatune_prefix_sdpa", "eager": "deltatune_prefix_eager"}
+
+
+class VirtualTokens(nn.Module):
+    """n virtual tokens of one adapter: a trainable table, optionally reparameterised by `encoder`.
+
+    `prompt_embeddings` is PEFT's name for the saved tensor. kind "input": the output is (n, hidden);
+    kind "prefix": (n, layers·2·kv_heads·head_dim), PEFT's flat key/value layout. With an encoder
+    (P-tuning's LSTM/MLP, prefix tuning's projection) the table is the encoder's input; `fold`
+    returns the encoder's output, which is what is saved, so inference needs no encoder.
+    """
+
+    def __init__(self, kind: str, prompt_embeddings: torch.Tensor, encoder: nn.Module | None = None):
+        super().__init__()
+        self.kind = kind
+        self.num_virtual_tokens = prompt_embeddings.shape[0]
+        self.prompt_embeddings = nn.Parameter(prompt_embeddings)
+        self.encoder = encoder
+
+    def forward(self) -> torch.Tensor:
+        if self.encoder is None:
+            return self.prompt_embeddings
+        return self.encoder(self.prompt_embeddings)
+
+    def fold(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self().detach().clone()
+
+    def load_folded(self, values: torch.Tensor) -> None:
+        """Replace table + encoder by the plain (already encoded) tokens."""
+        trainable = self.prompt_embeddings.requires_grad
+        self.encoder = None
+        self.prompt_embeddings = nn.Parameter(values.to(self.prompt_embeddings), requires_grad=trainable)
+
+
+# ------------------------------------------------------------------ model geometry
+def attention_geometry(model: nn.Module) -> dict[str, int]:
+    """layers, kv_heads, head_dim, hidden and max_positions (0: unbounded) of a transformers model."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"layers": len(transformer_layers(model)), "kv_heads": kv_heads, "head_dim": head_dim,
+            "hidden": model.get_input_embeddings().weight.shape[1],
+            "max_positions": getattr(config, "max_position_embeddings", None) or 0}
+
+
+def self_attention_modules(model: nn.Module) -> list[nn.Module]:
+    arch = architecture_of(model)
+    modules = []
+    for index, layer in enumerate(transformer_layers(model)):
+        attention = get_submodule(layer, arch.attention)
+        if attention is None:
+            raise DeltatuneError(f"prefix tuning: layer {index} of this {arch.family} model has no "
+                                 f"attention module at {arch.attention!r}")
+        modules.append(attention)
+    return modules
+
+
+# ------------------------------------------------------------------ attention with a prefix
+def _inner_attention(module: nn.Module, inner: str):
+    if inner == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _prefix_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, n: int,
+                 is_causal: bool, additive: bool) -> torch.Tensor:
+    """The layer's mask with n always-visible columns in front (bool, or additive for eager)."""
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if mask is None:
+        # sdpa's own reading of "no mask": top-left causal when q > 1 (q == kv, or a static
+        # cache's prefill whose later slots are empty), everything visible for a single query.
+        if is_causal and q_len > 1:
+            rows = torch.arange(q_len, device=query.device)[:, None]
+            mask = rows >= torch.arange(kv_len, device=query.device)[None, :]
+        else:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        mask = mask.view(1, 1, q_len, kv_len)
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min)
+    visible = (torch.zeros if mask.dtype != torch.bool else torch.ones)(
+        (*mask.shape[:-1], n), dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask], dim=-1)  # (batch|1, heads|1, q, n + kv)
+
+
+def _prefixed_attention(inner: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        get_prefix = getattr(module, "deltatune_prefix", None)
+        prefix = get_prefix() if get_prefix is not None else None
+        if prefix is not None:
+            prefix_keys, prefix_values = prefix  # (kv_heads, n, head_dim) each
+            if prefix_keys.shape[0] != key.shape[1] or prefix_keys.shape[-1] != key.shape[-1]:
+                raise DeltatuneError(
+                    f"prefix tuning: prefix has {prefix_keys.shape[0]} heads of size "
+                    f"{prefix_keys.shape[-1]} but {type(module).__name__} uses {key.shape[1]} of "
+                    f"size {key.shape[-1]} — adapter made for another model?")
+            batch = key.shape[0]
+            key = torch.cat([prefix_keys.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+            value = torch.cat([prefix_values.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+            is_causal = kwargs.get("is_causal")
+            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            attention_mask = _prefix_mask(attention_mask, query, key[:, :, prefix_keys.shape[1]:],
+                                          prefix_keys.shape[1], is_causal, additive=inner == "eager")
+        return _inner_attention(module, inner)(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+@functools.cache
+def _register_prefix_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    for inner, name in PREFIX_ATTENTION.items():
+        AttentionInterface.register(name, _prefixed_attention(inner))
+        AttentionMaskInterface.register(name, sdpa_mask if inner == "sdpa" else eager_mask)
+
+
+# ------------------------------------------------------------------ the controller
+@functools.cache
+def _forward_parameters(model_class: type) -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(model_class.forward).parameters if p != "self")
+
+
+def _cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+class VirtualTokenController(nn.Module):
+    """Holds every prompt-method adapter of one model and inserts the active one's tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.sources = nn.ModuleDict()
+        self.active: str | None = None
+        self.is_decoder = architecture_of(model).is_decoder
+        self.geometry = attention_geometry(model)
+        self._state = delta_state(model)
+        self._model = weakref.ref(model)  # not a submodule: the model owns this controller
+        self._handles: list = []
+        self._routed_from: str | None = None  # attention implementation before prefix routing
+        self._current: VirtualTokens | None = None       # the source used by this forward
+        self._prefix_cache: torch.Tensor | None = None   # its per-layer prefixes, built once
+        self._strip: tuple[int, int] | None = None       # (n, real length) to cut from outputs
+
+    # -- adapters ----------------------------------------------------------------------------
+    def deltatune_set_active(self, name: str | None) -> None:
+        self.active = name if name in self.sources else None
+        for adapter, source in self.sources.items():
+            for param in source.parameters():
+                param.requires_grad_(adapter == name)
+
+    def deltatune_delete(self, name: str) -> None:
+        if name in self.sources:
+            del self.sources[name]
+        if self.active == name:
+            self.active = None
+        # Once no prompt adapter is left the model runs exactly as before: no hooks, no routing.
+        # (The empty controller stays registered: delete runs while iterating model.modules().)
+        if not any(s.kind == "prefix" for s in self.sources.values()):
+            self.unroute_prefix_attention()
+        if len(self.sources) == 0:
+            self.remove_hooks()
+
+    def install_hooks(self) -> None:
+        if self._handles:
+            return
+        model = self._model()
+        self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                         model.register_forward_hook(self._after_forward, with_kwargs=True)]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- prefix routing ------------------------------------------------------------------------
+    def route_prefix_attention(self) -> None:
+        if self._routed_from is not None:
+            return
+        model = self._model()
+        implementation = model.config._attn_implementation or "eager"
+        if implementation not in PREFIX_ATTENTION:
+            raise DeltatuneError(
+                f"prefix tuning supports the sdpa and eager attention implementations; this model "
+                f"uses {implementation!r} (load it with attn_implementation='sdpa')")
+        modules = self_attention_modules(model)
+        for index, module in enumerate(modules):
+            source = sys.modules[type(module).__module__]
+            if not hasattr(source, "ALL_ATTENTION_FUNCTIONS") or (
+                    implementation == "eager" and not hasattr(source, "eager_attention_forward")):
+                raise DeltatuneError(
+                    f"prefix tuning: {type(module).__name__} does not dispatch through transformers' "
+                    "AttentionInterface, so no prefix can be injected into it")
+            module.deltatune_prefix = functools.partial(self.layer_prefix, index)
+        _register_prefix_attention()
+        model.config._attn_implementation = PREFIX_ATTENTION[implementation]
+        self._routed_from = implementation
+
+    def unroute_prefix_attention(self) -> None:
+        if self._routed_from is None:
+            return
+        model = self._model()
+        for module in self_attention_modules(model):
+            if hasattr(module, "deltatune_prefix"):
+                del module.deltatune_prefix
+        model.config._attn_implementation = self._routed_from
+        self._routed_from = None
+
+    def layer_prefix(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        source = self._current
+        if source is None or source.kind != "prefix":
+            return None
+        if self._prefix_cache is None:
+            g = self.geometry
+            flat = source()  # (n, layers * 2 * kv_heads * head_dim), PEFT's order
+            self._prefix_cache = flat.view(source.num_virtual_tokens, g["layers"] * 2, g["kv_heads"],
+                                           g["head_dim"]).permute(1, 2, 0, 3)  # (2·layers, kv_heads, n, hd)
+        return self._prefix_cache[2 * layer_index], self._prefix_cache[2 * layer_index + 1]
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _active_source(self) -> VirtualTokens | None:
+        if self._state.disabled or self.active is None or self.active not in self.sources:
+            return None
+        return self.sources[self.active]
+
+    def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict):
+        source = self._active_source()
+        self._current, self._prefix_cache, self._strip = source, None, None
+        if source is None:
+            return None
+        names = _forward_parameters(type(model))
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        if self.is_decoder:
+            self._prepare_decoder(model, source, kwargs)
+        elif source.kind == "input":
+            self._prepare_encoder(model, source, kwargs)
+        return (), kwargs
+
+    def _check_length(self, total: int, real: int) -> None:
+        limit = self.geometry["max_positions"]
+        if limit and total > limit:
+            raise DeltatuneError(
+                f"input of {real} tokens + {total - real} virtual tokens needs {total} positions but "
+                f"the model has max_position_embeddings={limit}; shorten the input (data.max_length) "
+                "or lower num_virtual_tokens")
+
+    def _prepare_decoder(self, model: nn.Module, source: VirtualTokens, kwargs: dict) -> None:
+        n = source.num_virtual_tokens
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        batch, length = (embeds if embeds is not None else ids).shape[:2]
+        device = (embeds if embeds is not None else ids).device
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = _cache_length(cache)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise DeltatuneError("prompt methods need a 2D attention_mask (batch, sequence), "
+                                 f"got shape {tuple(mask.shape)}")
+        # "input" tokens live in the cache after the prefill; "prefix" tokens never do.
+        in_cache = n if (source.kind == "input" and past > 0) else 0
+        real_past = past - in_cache
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            if mask is not None:  # count from the first real token, so left padding is harmless
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                positions = torch.arange(real_past, real_past + length, device=device).expand(batch, -1)
+        elif source.kind == "input" and mask is None and length > 1 and bool(
+                (positions[..., 1:] < positions[..., :-1]).any()):
+            raise DeltatuneError("prompt tuning / P-tuning cannot run on packed sequences (position_ids "
+                                 "restart inside a row); use padded batches")
+        real_length = mask.shape[1] if mask is not None else real_past + length
+        self._check_length(n + real_length, real_length)
+        kwargs["position_ids"] = positions + n
+        if source.kind != "input":
+            return
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        if past > 0:
+            return
+        if embeds is None:
+            embeds = model.get_input_embeddings()(ids)
+        prompts = source().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, n, hidden)
+        kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        kwargs["input_ids"] = None
+        virtual_positions = torch.arange(n, device=device).expand(positions.shape[0], -1)
+        kwargs["position_ids"] = torch.cat([virtual_positions, kwargs["position_ids"]], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2:  # the loss never looks at virtual positions
+            kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+        self._strip = (n, length)
+
+    def _prepare_encoder(self, model: nn.Module, source: VirtualTokens, kwargs: dict) -> None:
+        """Insert the prompt after position 0 so [CLS]-pooling classifiers read a real token."""
+        n = source.num_virtual_tokens
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = model.get_input_embeddings()(ids)
+        batch, length = embeds.shape[:2]
+        self._check_length(n + length, length)
+        prompts = source().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, n, hidden)
+        kwargs["inputs_embeds"] = torch.cat([embeds[:, :1], prompts, embeds[:, 1:]], dim=1)
+        kwargs["input_ids"] = None
+
+        def insert(tensor: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor[:, :1], fill, tensor[:, 1:]], dim=1)
+
+        for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = insert(kwargs[key], kwargs[key].new_full((batch, n), fill))
+        if kwargs.get("position_ids") is not None:
+            positions = kwargs["position_ids"].expand(batch, -1)
+            virtual = positions[:, :1] + 1 + torch.arange(n, device=positions.device)
+            kwargs["position_ids"] = torch.cat([positions[:, :1], virtual, positions[:, 1:] + n], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # token labels
+            kwargs["labels"] = insert(labels, labels.new_full((batch, n), -100))
+        self._strip = (n, length)
+
+    def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Cut the virtual positions out of per-token outputs: callers get back their own length."""
+        if self._strip is None or not hasattr(output, "keys"):
+            return output
+        n, length = self._strip
+        self._strip = None
+
+        def cut(tensor: Any) -> Any:
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 3 or tensor.shape[1] != n + length:
+                return tensor
+            if self.is_decoder:
+                return tensor[:, n:]
+            return torch.cat([tensor[:, :1], tensor[:, 1 + n:]], dim=1)
+
+        for key in ("logits", "last_hidden_state"):
+            if output.get(key) is not None:
+                output[key] = cut(output[key])
+        if output.get("hidden_states") is not None:
+            output["hidden_states"] = tuple(cut(h) for h in output["hidden_states"])
+        return output
+
+
+# ------------------------------------------------------------------ what the methods call
+def controller_of(model: nn.Module, create: bool = False) -> VirtualTokenController | None:
+    controller = getattr(model, CONTROLLER_ATTR, None)
+    if controller is None and create:
+        controller = VirtualTokenController(model)
+        model.add_module(CONTROLLER_ATTR, controller)
+    return controller
+
+
+def attach(model: nn.Module, name: str, source: VirtualTokens) -> None:
+    """Add `source` as adapter `name` (deltas.apply then makes it active and trainable)."""
+    architecture_of(model)  # one clear line for an unsupported model type
+    controller = controller_of(model, create=True)
+    controller.install_hooks()
+    if source.kind == "prefix":
+        controller.route_prefix_attention()
+    weight = model.get_input_embeddings().weight
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    controller.sources[name] = source.to(device=weight.device, dtype=dtype)
+
+
+def source_of(model: nn.Module, name: str) -> VirtualTokens:
+    controller = controller_of(model)
+    if controller is None or name not in controller.sources:
+        raise DeltatuneError(f"no prompt-method adapter named {name!r} on this model")
+    return controller.sources[name]
+
+
+# ------------------------------------------------------------------ PEFT layout
+PROMPT_KEY = "prompt_embeddings"
+# PEFT keeps a prompt method's base model one level higher than LoRA's: base_model.<path>.
+PROMPT_PEFT_PREFIX = "base_model."
+
+
+def _saved_module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """modules_to_save (e.g. the classifier) under PEFT's keys for prompt methods."""
+    return {PROMPT_PEFT_PREFIX + key[len(PEFT_PREFIX):]: tensor
+            for key, tensor in peft_key_map(model, name).items()}
+
+
+def virtual_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    tensors = {PROMPT_KEY: source_of(model, name).fold()}
+    tensors.update({k: v.detach() for k, v in _saved_module_tensors(model, name).items()})
+    return tensors
+
+
+def load_virtual_state_dict(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
+                            source_file: str) -> None:
+    source = source_of(model, name)
+    if PROMPT_KEY not in tensors:
+        raise DeltatuneError(f"{source_file}: tensor {PROMPT_KEY!r} is missing")
+    expected = tuple(source.fold().shape)
+    if tuple(tensors[PROMPT_KEY].shape) != expected:
+        raise DeltatuneError(f"{source_file}: tensor {PROMPT_KEY!r} has shape "
+                             f"{tuple(tensors[PROMPT_KEY].shape)} but this base model expects "
+                             f"{expected} — adapter saved for another base or num_virtual_tokens?")
+    live = _saved_module_tensors(model, name)
+    extra = sorted(set(tensors) - set(live) - {PROMPT_KEY})
+    if extra:
+        raise DeltatuneError(f"{source_file}: tensor {extra[0]!r} has no place in this base model")
+    for key, target in live.items():
+        if key not in tensors:
+            raise DeltatuneError(f"{source_file}: tensor {key!r} is missing")
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise DeltatuneError(f"{source_file}: tensor {key!r} has shape {tuple(tensors[key].shape)} "
+                                 f"but this base model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensors[key].to(target.dtype))
+    source.load_folded(tensors[PROMPT_KEY])
+
+
+def common_peft_fields(model: nn.Module, num_virtual_tokens: int) -> dict[str, Any]:
+    g = attention_geometry(model)
+    return {"num_virtual_tokens": num_virtual_tokens, "token_dim": g["hidden"],
+            "num_transformer_submodules": 1, "num_attention_heads": model.config.num_attention_heads,
+            "num_layers": g["layers"]}
+
+
+def validate_num_virtual_tokens(config: Any) -> None:
+    n = config.num_virtual_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        config.fail("num_virtual_tokens", f"must be a positive integer, got {n!r}")
+
+
+WHY_NO_MERGE = ("virtual tokens are extra inputs to attention, not a change to any weight, so there is "
+                "nothing to fold them into; keep the adapter loaded instead")
