@@ -1,0 +1,132 @@
+"""Training checkpoints: everything `--resume` needs to continue a run bit for bit.
+
+    run_dir/checkpoints/step-N/
+        adapter/              the delta, exactly as save_adapter writes it (usable on its own)
+        trainer_state.pt      optimizer + scheduler state, RNG states of every rank, data position,
+                              best metric so far (torch tensors and plain Python: weights_only)
+
+Each checkpoint is written to a temp directory and renamed into place, so a crash mid-write
+leaves the previous checkpoint intact; only the newest `keep` are kept.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters_io import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, commit_directory, read_tensors, save_adapter
+from .deltas import active_config
+from .errors import DeltatuneError
+from .methods import get_method
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------- RNG states
+def capture_rng() -> dict[str, Any]:
+    """The state of every random generator the training loop draws from (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].copy()),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy(), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------- directories
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints under run_dir, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoints/step-<step>/ atomically, then drop all but the newest `keep`."""
+    final = Path(run_dir) / CHECKPOINTS / f"step-{step}"
+    tmp = atomic_directory(final)
+    try:
+        save_adapter(model, tmp / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **trainer_state}, tmp / STATE_FILE)
+        commit_directory(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore the delta, optimizer and scheduler from `directory`; returns the trainer state."""
+    directory = Path(directory)
+    restore_delta(model, directory / "adapter")
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which, in one line
+        raise DeltatuneError(f"{directory / STATE_FILE}: unreadable checkpoint state "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    try:
+        optimizer.load_state_dict(state.pop("optimizer"))
+    except (ValueError, KeyError) as exc:
+        raise DeltatuneError(f"{directory / STATE_FILE}: optimizer state does not fit this run's "
+                             f"trainable parameters ({exc}) — was the method changed?") from None
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state
+
+
+def restore_delta(model: nn.Module, directory: Path) -> None:
+    """Copy the tensors saved in `directory` into the model's live (already applied) delta."""
+    name, config = active_config(model)
+    if (directory / CONFIG_NAME).is_file():
+        tensors = read_tensors(directory / WEIGHTS_NAME)
+        get_method(config.method).load_state_dict(model, name, tensors, str(directory / WEIGHTS_NAME))
+        return
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise DeltatuneError(f"{directory}: checkpoint holds no weights")
+    live = model.state_dict()
+    for file in files:
+        for key, value in read_tensors(file).items():
+            if key not in live or tuple(live[key].shape) != tuple(value.shape):
+                raise DeltatuneError(f"{file}: tensor {key!r} does not fit this model")
+            with torch.no_grad():
+                live[key].copy_(value)

@@ -1,0 +1,88 @@
+"""One process or many: the same training code runs alone or under `torchrun --nproc_per_node=N`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; we then join a process group (gloo on CPU, nccl on
+GPU). `batch_size` stays the *global* batch: each rank takes every world_size-th row of it, so a
+run gives the same updates (within float tolerance) on any number of processes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from .errors import DeltatuneError
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        return value
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (one element when alone)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def shard(self, rows: list[int]) -> list[int]:
+        """This rank's part of a global batch (every world_size-th row)."""
+        return rows[self.rank::self.world_size]
+
+
+def setup_distributed() -> Distributed:
+    """Join the process group torchrun describes; a plain process gets a 1-rank Distributed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size <= 1:
+        return Distributed(device=device)
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        except (RuntimeError, ValueError) as exc:
+            raise DeltatuneError(f"cannot join the torchrun process group ({backend}): "
+                                 f"{str(exc).splitlines()[0]}") from None
+    return Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
+                       local_rank=local_rank, device=device)
+
+
+def teardown_distributed(dist: Distributed) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -1,0 +1,136 @@
+"""The pieces of a training step that are not the loop: optimizer, learning-rate schedule,
+precision, seeding, gradient checkpointing and the order in which rows are visited."""
+from __future__ import annotations
+
+import math
+import random
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DeltatuneError
+
+
+# ----------------------------------------------------------------------------- optimizer
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for everything that trains, each tensor once (tied weights share one)."""
+    seen: set[int] = set()
+    found = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            found.append((name, param))
+    return found
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norm scales and other vectors: decaying them only hurts (they set scale/offset).
+    return param.ndim < 2 or name.endswith("bias") or "norm" in name.lower()
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen ones get no optimizer state)."""
+    params = trainable_parameters(model)
+    if not params:
+        raise DeltatuneError("nothing to train: no parameter requires grad (apply a method first)")
+    decay = [p for n, p in params if not _no_decay(n, p)]
+    no_decay = [p for n, p in params if _no_decay(n, p)]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    # The fused kernel updates every tensor in one pass (CPU and CUDA); foreach is the fallback.
+    fused_ok = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for _, p in params)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=fused_ok or None)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based).
+
+    Warmup rises linearly to 1 at step warmup_steps - 1; then linear / cosine decay towards 0
+    (never exactly 0 at the last step, which would waste it) or constant.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+                           schedule=schedule))
+
+
+# ----------------------------------------------------------------------------- precision, seeds
+def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
+    """train.bf16: true / false, or auto = on where bf16 matmuls are fast.
+
+    On CPU that means AMX tiles (Sapphire Rapids and later): with AVX-512-bf16 alone, autocast
+    is not faster than fp32 for these model sizes, so auto leaves it off there.
+    """
+    if setting is True or setting is False:
+        return setting
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute layer activations in backward; works with a frozen base.
+
+    Non-reentrant checkpointing needs no grad-requiring input; `enable_input_require_grads` also
+    covers models whose checkpointing is reentrant (with frozen embeddings their output would
+    otherwise not require grad, and the deltas inside the checkpointed layers get no gradient).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DeltatuneError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+
+# ----------------------------------------------------------------------------- row order
+class BatchStream:
+    """Global batches of row indices over endless epochs; batch k is a pure function of
+    (seed, k), so the data position of a checkpoint is one integer.
+
+    Each epoch is a fresh seeded permutation. A final batch smaller than the number of
+    processes is dropped (some rank would get no rows).
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise DeltatuneError(f"train.batch_size: {batch_size} must be divisible by the number "
+                                 f"of processes ({world_size}); it is the global batch")
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        full, rest = divmod(num_rows, batch_size)
+        self.per_epoch = full + (1 if rest >= world_size else 0)
+        if self.per_epoch == 0:
+            raise DeltatuneError(f"training data has {num_rows} rows: fewer than the "
+                                 f"{world_size} processes")
+        self._epoch, self._order = -1, None
+
+    def rows(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(self.num_rows, generator=generator).tolist()
+            self._epoch = epoch
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]

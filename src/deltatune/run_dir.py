@@ -1,0 +1,120 @@
+"""The run directory: never half-written, never silently overwritten.
+
+A run writes into `.NAME.partial/` beside `output_dir` (config.yaml, metrics.jsonl, TensorBoard
+events, checkpoints/) and is renamed to `output_dir` only once the final delta and summary.json
+are in it. `--resume` continues from the partial directory (or from a finished run's
+checkpoints, e.g. to train further).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters_io import commit_directory, directory_size, save_adapter
+from .checkpoint import latest_checkpoint
+from .distributed import Distributed
+from .errors import DeltatuneError
+
+SUMMARY_FILE = "summary.json"
+
+
+def partial_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
+
+
+def check_output_dir(final: Path, resume: bool, overwrite: bool) -> None:
+    """Raise the one-line error a run would hit, before anything is loaded or written."""
+    partial = partial_dir(final)
+    if resume:
+        if latest_checkpoint(partial) is None and latest_checkpoint(final) is None:
+            raise DeltatuneError(f"{final}: --resume found no checkpoint to continue from (looked "
+                                 f"in {partial}/checkpoints and {final}/checkpoints); "
+                                 "set train.save_every to write checkpoints")
+        return
+    if final.exists() and not overwrite:
+        raise DeltatuneError(f"{final}: output directory already exists; pass --overwrite to "
+                             "replace it (or --resume to continue its checkpoints)")
+    if latest_checkpoint(partial) is not None and not overwrite:
+        raise DeltatuneError(f"{final}: an interrupted run left checkpoints in {partial}; pass "
+                             "--resume to continue it or --overwrite to start over")
+
+
+def prepare_run_dir(final: Path, resume: bool, overwrite: bool, dist: Distributed) -> Path:
+    """The partial directory this run writes into (rank 0 prepares it; the others wait)."""
+    partial = partial_dir(final)
+    error = None
+    if dist.is_main:
+        try:
+            check_output_dir(final, resume, overwrite)
+            if resume and latest_checkpoint(partial) is None:
+                shutil.rmtree(partial, ignore_errors=True)
+                os.rename(final, partial)  # continue a finished run's checkpoints
+            elif not resume:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+        except DeltatuneError as exc:
+            error = str(exc)
+    error = dist.broadcast(error)
+    if error is not None:
+        raise DeltatuneError(error)
+    return partial
+
+
+def finish_run_dir(partial: Path, final: Path, dist: Distributed) -> None:
+    if dist.is_main:
+        commit_directory(partial, final)
+    dist.barrier()
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what was measured): peak allocated GPU memory, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+def save_final(run_dir: Path, model: nn.Module, tokenizer: Any) -> int:
+    """The final delta (adapter files, or a full model) at the top of run_dir; returns its size."""
+    staging = run_dir / ".final"
+    save_adapter(model, staging)
+    size = directory_size(staging)
+    for item in staging.iterdir():
+        os.replace(item, run_dir / item.name)
+    staging.rmdir()
+    tokenizer.save_pretrained(str(run_dir))
+    return size
+
+
+def write_summary(run_dir: Path, model: nn.Module, tokenizer: Any, config: Any,
+                  facts: dict[str, Any], started: float, device: torch.device) -> dict[str, Any]:
+    saved_size = save_final(run_dir, model, tokenizer)
+    memory, memory_kind = peak_memory()
+    summary = {
+        "model": config.model, "task": config.task, "method": config.method,
+        "output_dir": str(config.output_dir), **facts,
+        "saved_size_bytes": saved_size,
+        "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
+        "device": str(device),
+        "wall_time_s": round(time.time() - started, 2),
+    }
+    text = json.dumps(summary, indent=2, default=_jsonable) + "\n"
+    (run_dir / SUMMARY_FILE).write_text(text, encoding="utf-8")
+    return json.loads(text)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
