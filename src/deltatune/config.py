@@ -175,6 +175,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = ""
     num_labels: int | None = None   # classification; None: len(data.label_names) or from the data
+    compare: dict = field(default_factory=dict)  # `deltatune compare` settings (see compare.py)
 
     def method_config(self):
         """The validated MethodConfig for `method:` (its `name` picks the method)."""
@@ -240,7 +241,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 # ---------------------------------------------------------------------------------- loading
 def valid_keys() -> list[str]:
     """Every dotted key a run config may set (method keys belong to the method)."""
-    keys = list(_TOP_LEVEL) + ["data", "method", "train", "method.name"]
+    keys = list(_TOP_LEVEL) + ["data", "method", "train", "method.name", "compare"]
     for section, cls in _SECTIONS.items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
@@ -336,11 +337,16 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
     """Validate a nested dict (already merged with overrides) into a RunConfig."""
     sources, full_keys = sources or {}, full_keys or {}
     for key in raw:
-        if key not in _TOP_LEVEL and key not in ("data", "method", "train"):
+        if key not in _TOP_LEVEL and key not in ("data", "method", "train", "compare"):
             key = str(key)
             if sources.get(key) == "command line":  # name the whole override: trian.lr
                 raise _unknown_key(full_keys.get(key, key), "command line")
             raise _unknown_key(key, source)
+    compare = raw.get("compare") or {}
+    if not isinstance(compare, dict):
+        raise DeltatuneError(f"compare: expected a mapping of keys, got {compare!r} [{source}]")
+    if compare and raw.get("method") is None:  # a comparison config names methods, not one
+        raw["method"] = {"name": (compare.get("methods") or ["lora"])[0]}
     for key in _REQUIRED:
         if raw.get(key) in (None, ""):
             raise DeltatuneError(f"{key}: missing [{source}]")
@@ -355,7 +361,8 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
     if not isinstance(method, dict):
         raise DeltatuneError(f"method: expected a mapping with at least `name:`, got {method!r}")
     config = RunConfig(model=top["model"], task=top["task"], data=data, method=dict(method),
-                       train=train, output_dir=top["output_dir"], num_labels=top["num_labels"])
+                       train=train, output_dir=top["output_dir"], num_labels=top["num_labels"],
+                       compare=dict(compare))
     _check_consistency(config)
     config.method_config()  # the method's own validation: unknown options, bad values
     return config

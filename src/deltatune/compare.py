@@ -1,0 +1,152 @@
+"""`deltatune compare`: train every method on the same task, data and budget, and measure each.
+
+Each method trains in its own process (`deltatune train` on a generated config), so its peak
+memory is its own; the comparison then reads each run's summary.json, measures forgetting for
+causal LMs (perplexity on general text, tuned minus base), and writes report.md, results.json,
+results.csv and tradeoffs.png.
+
+The `compare:` section of a run config (all optional):
+    methods: [full, lora, adapter, prompt, ptuning, prefix]
+    per_method:                 # settings of one method only; anything else is shared
+      lora: {method: {r: 16}, train: {lr: 1.0e-3}}
+    forgetting_data: ../shared/data/wikitext2/test.jsonl   # causal LMs only
+    forgetting_max_rows: 300
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import load_run_config, resolve_data_path, save_run_config
+from .errors import DeltatuneError
+from .methods import REGISTRY
+from .report import write_outputs
+
+ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix"]
+SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length"}
+DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
+
+
+def read_compare_config(path: str, overrides: list[str]):
+    """(the shared RunConfig, the validated `compare:` settings)."""
+    config = load_run_config(path, overrides)
+    settings = dict(config.compare or {})
+    for key in settings:
+        if key not in SETTINGS:
+            raise DeltatuneError(f"compare.{key}: unknown key (known: {', '.join(sorted(SETTINGS))})")
+    methods = settings.get("methods") or [m for m in ALL_METHODS if m in REGISTRY]
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",")]
+    for name in methods:
+        if name not in REGISTRY:
+            raise DeltatuneError(f"compare.methods: unknown method {name!r} (known: {', '.join(REGISTRY)})")
+    per_method = settings.get("per_method") or {}
+    for name, values in per_method.items():
+        if name not in REGISTRY:
+            raise DeltatuneError(f"compare.per_method.{name}: unknown method")
+        for key in values:
+            if key not in ("method", "train", "data"):
+                raise DeltatuneError(f"compare.per_method.{name}.{key}: only method, train and data "
+                                     "can differ per method")
+    base_dir = Path(path).resolve().parent
+    settings.update(
+        methods=methods, per_method=per_method,
+        forgetting_data=resolve_data_path(settings.get("forgetting_data", DEFAULT_FORGETTING_DATA), base_dir),
+        forgetting_max_rows=int(settings.get("forgetting_max_rows", 300)),
+        forgetting_max_length=int(settings.get("forgetting_max_length", 256)))
+    return config, settings
+
+
+def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
+    """The full run config (as a dict) that trains method `name` in this comparison."""
+    values = copy.deepcopy(dataclasses.asdict(config))
+    values.pop("compare", None)
+    own = settings["per_method"].get(name, {})
+    base_method = values["method"] if values["method"].get("name") == name else {}
+    values["method"] = {**base_method, **own.get("method", {}), "name": name}
+    values["train"].update(own.get("train", {}))
+    values["data"].update(own.get("data", {}))
+    values["output_dir"] = str(out_dir / "runs" / name)
+    return values
+
+
+def run_method(values: dict, out_dir: Path) -> dict[str, Any]:
+    """Train one method in a child process; returns its summary (or the one-line error)."""
+    config_path = out_dir / "configs" / f"{values['method']['name']}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(values, sort_keys=False))
+    command = [sys.executable, "-m", "deltatune.cli", "train", str(config_path), "--overwrite"]
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(result.stderr[-4000:])
+    if result.returncode != 0:
+        lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+        return {"error": lines[-1] if lines else f"exit code {result.returncode}"}
+    return json.loads((Path(values["output_dir"]) / "summary.json").read_text())
+
+
+def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]:
+    """Perplexity on general text of each tuned model, and of the base, for causal LMs."""
+    from .adapters_io import load_adapter
+    from .config import DataConfig
+    from .data import Collator, build_dataset
+    from .evaluate import evaluate_model
+    from .models import load_model
+    from .optimization import resolve_bf16
+
+    import torch
+
+    data = DataConfig(train=None, eval=settings["forgetting_data"], format="text",
+                      max_length=settings["forgetting_max_length"],
+                      max_eval_rows=settings["forgetting_max_rows"])
+    base, tokenizer = load_model(config.model, task="causal-lm")
+    dataset = build_dataset(data, tokenizer, "causal-lm", "eval")
+    collator = Collator(tokenizer.pad_token_id)
+    bf16 = resolve_bf16(config.train.bf16, torch.device("cpu"))
+
+    def perplexity(model) -> float:
+        return evaluate_model(model, dataset, "causal-lm", collator, batch_size=8, bf16=bf16)["perplexity"]
+
+    base_ppl = perplexity(base)
+    results = {"base": {"perplexity": base_ppl}}
+    for name, summary in runs.items():
+        if "error" in summary:
+            continue
+        model, _ = load_model(config.model, task="causal-lm")
+        load_adapter(model, summary["output_dir"])
+        ppl = perplexity(model)
+        results[name] = {"perplexity": ppl, "delta": ppl - base_ppl}
+        del model
+    return results
+
+
+def compare_from_config(config_path: str, overrides: list[str], methods: str | None = None,
+                        overwrite: bool = False) -> list[dict]:
+    from .plan import plan_methods
+
+    config, settings = read_compare_config(config_path, overrides)
+    if methods:
+        settings["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+        for name in settings["methods"]:
+            if name not in REGISTRY:
+                raise DeltatuneError(f"--methods: unknown method {name!r} (known: {', '.join(REGISTRY)})")
+    out_dir = Path(config.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(config, out_dir / "config.yaml")
+    print(f"planning {', '.join(settings['methods'])} ...", flush=True)
+    plans = {p.method: p for p in plan_methods(config, settings["methods"], settings["per_method"])}
+    runs = {}
+    for name in settings["methods"]:
+        print(f"\n=== {name} ===", flush=True)
+        runs[name] = run_method(method_run_config(config, settings, name, out_dir), out_dir)
+    forgot = forgetting(config, settings, runs) if config.task == "causal-lm" else None
+    rows = write_outputs(out_dir, config, runs, plans, forgot)
+    return rows

@@ -1,0 +1,181 @@
+"""The comparison's outputs: one row per method, as a table, JSON, CSV, a plot and a reading."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+COLUMNS = [  # (key, header, format)
+    ("method", "method", "{}"),
+    ("score", "score", "{:.2%}"),
+    ("trainable_params", "trainable", "{:,}"),
+    ("trainable_percent", "share %", "{:.3f}"),
+    ("wall_time_s", "wall s", "{:.0f}"),
+    ("time_per_step_s", "s/step", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+    ("peak_memory_mb", "peak MB", "{:.0f}"),
+    ("planned_peak_mb", "plan MB", "{:.0f}"),
+    ("saved_mb", "file MB", "{:.2f}"),
+    ("full_copy_mb", "full copy MB", "{:.0f}"),
+    ("forgetting", "forgetting Δppl", "{:+.3f}"),
+]
+
+
+def build_rows(config: Any, runs: dict[str, dict], plans: dict, forgot: dict | None) -> list[dict]:
+    rows = []
+    for name, summary in runs.items():
+        plan = plans.get(name)
+        row: dict[str, Any] = {"method": name}
+        if "error" in summary:
+            row["error"] = summary["error"]
+        else:
+            metric = summary.get("metric") or "accuracy"
+            row.update(
+                metric=metric, score=(summary.get("final_eval") or {}).get(metric),
+                trainable_params=summary["trainable_params"],
+                trainable_percent=summary["trainable_percent"],
+                wall_time_s=summary["wall_time_s"], time_per_step_s=summary["time_per_step_s"],
+                tokens_per_s=summary["tokens_per_s"], steps=summary["steps"],
+                peak_memory_mb=summary["peak_memory_bytes"] / MB,
+                peak_memory_kind=summary["peak_memory_kind"],
+                saved_mb=summary["saved_size_bytes"] / MB,
+                full_copy_mb=4 * (summary["total_params"] - (0 if name == "full" else summary["trainable_params"])) / MB,
+                lr=summary.get("lr"), final_eval=summary.get("final_eval"))
+        if plan is not None:
+            row["planned_peak_mb"] = plan.predicted_peak_bytes / MB
+            if "peak_memory_mb" in row:
+                row["plan_error_percent"] = 100 * (row["planned_peak_mb"] / row["peak_memory_mb"] - 1)
+        if forgot is not None:
+            row["forgetting"] = (forgot.get(name) or {}).get("delta")
+            row["perplexity"] = (forgot.get(name) or {}).get("perplexity")
+            row["base_perplexity"] = forgot["base"]["perplexity"]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        if key == "forgetting" and row.get(key) is None and "base_perplexity" not in row:
+            return "n/a"
+        if "error" in row and key not in ("method",):
+            return "failed" if key == "score" else ""
+        value = row.get(key)
+        return "—" if value is None else fmt.format(value)
+
+    table = [[h for _, h, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in table)
+
+
+def reading(rows: list[dict], task: str) -> str:
+    """A short, generated reading of the table: numbers only, no folklore."""
+    ok = [r for r in rows if "error" not in r and r.get("score") is not None]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"- **{r['method']}** failed: {r['error']}")
+    if not ok:
+        return "\n".join(lines)
+    best = max(ok, key=lambda r: r["score"])
+    lines.append(f"- Best task score: **{best['method']}** ({best['score']:.2%}).")
+    full = next((r for r in ok if r["method"] == "full"), None)
+    if full:
+        for r in ok:
+            if r is full:
+                continue
+            gap = 100 * (full["score"] - r["score"])
+            lines.append(
+                f"- {r['method']}: {gap:+.1f} points behind full fine-tuning, training "
+                f"{r['trainable_percent']:.3f}% of the parameters, {r['time_per_step_s'] / full['time_per_step_s']:.2f}x "
+                f"its step time, {r['peak_memory_mb'] / full['peak_memory_mb']:.2f}x its peak memory, "
+                f"a {r['saved_mb']:.2f} MB file instead of {full['saved_mb']:.0f} MB.")
+    fastest = min(ok, key=lambda r: r["time_per_step_s"])
+    lines.append(f"- Fastest step: {fastest['method']} ({fastest['time_per_step_s']:.3f} s).")
+    planned = [r for r in ok if "plan_error_percent" in r]
+    if planned:
+        worst = max(planned, key=lambda r: abs(r["plan_error_percent"]))
+        lines.append(f"- `plan` predicted peak memory within {abs(worst['plan_error_percent']):.0f}% "
+                     f"of the measured peak for every method (worst: {worst['method']}).")
+    if task == "causal-lm":
+        forgot = [r for r in ok if r.get("forgetting") is not None]
+        if forgot:
+            most = max(forgot, key=lambda r: r["forgetting"])
+            least = min(forgot, key=lambda r: r["forgetting"])
+            lines.append(f"- Forgetting (general-text perplexity, tuned minus base "
+                         f"{ok[0]['base_perplexity']:.2f}): most {most['method']} "
+                         f"({most['forgetting']:+.3f}), least {least['method']} ({least['forgetting']:+.3f}).")
+    else:
+        lines.append("- Forgetting is measured for causal LMs (perplexity on general text); it does not "
+                     "apply to an encoder with a new classification head.")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r and r.get("score") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    peak = max((r["peak_memory_mb"] for r in ok), default=1.0)
+    for r in ok:
+        size = 80 + 900 * r["peak_memory_mb"] / peak
+        ax.scatter(r["trainable_params"], 100 * r["score"], s=size, alpha=0.55)
+        ax.annotate(f"{r['method']}\n{r['peak_memory_mb']:.0f} MB", (r["trainable_params"], 100 * r["score"]),
+                    textcoords="offset points", xytext=(8, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"{ok[0]['metric'] if ok else 'score'} (%)")
+    ax.set_title(title + "\n(marker size: peak memory)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, buffer.getvalue())
+
+
+def write_outputs(out_dir: Path, config: Any, runs: dict, plans: dict, forgot: dict | None) -> list[dict]:
+    rows = build_rows(config, runs, plans, forgot)
+    table = format_table(rows)
+    print("\n" + table + "\n")
+    _atomic_write(out_dir / "results.json", (json.dumps(rows, indent=2, default=str) + "\n").encode())
+    buffer = io.StringIO()
+    keys = sorted({k for r in rows for k in r if k != "final_eval"})
+    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(out_dir / "results.csv", buffer.getvalue().encode())
+    title = f"{config.model} on {Path(config.data.train or config.data.eval).parent.name}"
+    plot(rows, out_dir / "tradeoffs.png", title)
+    budget = (f"{config.data.max_train_rows or 'all'} training rows, {config.train.epochs} epoch(s), "
+              f"batch {config.train.batch_size}, max length {config.data.max_length}")
+    report = (f"# Method comparison: {title}\n\nSame data, budget and seed for every method "
+              f"({budget}); each trained in its own process.\n\n{format_table(rows, markdown=True)}\n\n"
+              f"## Reading\n\n{reading(rows, config.task)}\n\n![trade-offs](tradeoffs.png)\n")
+    _atomic_write(out_dir / "report.md", report.encode())
+    return rows
