@@ -410,6 +410,10 @@ def resolve_data_path(value: str | None, base_dir: Path) -> str | None:
     beside_config = base_dir / path
     if not beside_config.exists() and path.exists():
         return str(path.resolve())
+    if not beside_config.exists():  # examples/x.yaml names ../shared/data from the repo root
+        for ancestor in base_dir.parents:
+            if (ancestor / path).exists():
+                return str((ancestor / path).resolve())
     return str(beside_config.resolve())
 
 

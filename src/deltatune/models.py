@@ -2,6 +2,7 @@
 the architecture facts methods need to find layers, attention, feed-forward blocks and heads."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -203,6 +204,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None,
                dtype: torch.dtype | str | None = None):
     """Load (model, tokenizer) for `task` from a preset, directory, Hub id or .gguf file.
@@ -235,7 +248,8 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+        with _quiet_transformers():  # the new head is reported "MISSING": expected, not news
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if model.config.pad_token_id is None:

@@ -59,7 +59,7 @@ def build_rows(config: Any, runs: dict[str, dict], plans: dict, forgot: dict | N
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    columns = [c for c in COLUMNS if c[0] in ("method", "score") or any(c[0] in r for r in rows)]
 
     def cell(row: dict, key: str, fmt: str) -> str:
         if key == "forgetting" and row.get(key) is None and "base_perplexity" not in row:
