@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="most requests in one generate()")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its batch")
     p.set_defaults(func=cmd_serve)
     return parser
 
