@@ -181,8 +181,7 @@ class VirtualTokenController(nn.Module):
         self._model = weakref.ref(model)  # not a submodule: the model owns this controller
         self._handles: list = []
         self._routed_from: str | None = None  # attention implementation before prefix routing
-        self._current: VirtualTokens | None = None       # the source used by this forward
-        self._prefix_cache: torch.Tensor | None = None   # its per-layer prefixes, built once
+        self._prefix_cache: torch.Tensor | None = None   # this forward's per-layer prefixes
         self._strip: tuple[int, int] | None = None       # (n, real length) to cut from outputs
 
     # -- adapters ----------------------------------------------------------------------------
@@ -250,15 +249,17 @@ class VirtualTokenController(nn.Module):
         self._routed_from = None
 
     def layer_prefix(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        source = self._current
-        if source is None or source.kind != "prefix":
-            return None
         if self._prefix_cache is None:
-            g = self.geometry
-            flat = source()  # (n, layers * 2 * kv_heads * head_dim), PEFT's order
-            self._prefix_cache = flat.view(source.num_virtual_tokens, g["layers"] * 2, g["kv_heads"],
-                                           g["head_dim"]).permute(1, 2, 0, 3)  # (2·layers, kv_heads, n, hd)
+            return None
         return self._prefix_cache[2 * layer_index], self._prefix_cache[2 * layer_index + 1]
+
+    def _build_prefixes(self, source: VirtualTokens) -> torch.Tensor:
+        # Built once per model forward, before any layer runs: outside gradient-checkpointed
+        # regions, so a layer's recomputation replays exactly the ops of its first run.
+        g = self.geometry
+        flat = source()  # (n, layers * 2 * kv_heads * head_dim), PEFT's order
+        return flat.view(source.num_virtual_tokens, g["layers"] * 2, g["kv_heads"],
+                         g["head_dim"]).permute(1, 2, 0, 3)  # (2·layers, kv_heads, n, head_dim)
 
     # -- hooks ------------------------------------------------------------------------------------
     def _active_source(self) -> VirtualTokens | None:
@@ -268,9 +269,11 @@ class VirtualTokenController(nn.Module):
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict):
         source = self._active_source()
-        self._current, self._prefix_cache, self._strip = source, None, None
+        self._prefix_cache, self._strip = None, None
         if source is None:
             return None
+        if source.kind == "prefix":
+            self._prefix_cache = self._build_prefixes(source)
         names = _forward_parameters(type(model))
         kwargs = {**dict(zip(names, args)), **kwargs}
         if self.is_decoder:
