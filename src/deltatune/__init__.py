@@ -11,6 +11,9 @@ from .methods.adapter import AdapterConfig
 from .methods.base import count_parameters
 from .methods.full import FullConfig
 from .methods.lora import LoraConfig
+from .methods.prefix import PrefixConfig
+from .methods.prompt import PromptTuningConfig
+from .methods.ptuning import PTuningConfig
 from .mixed import mixed_adapters
 from .models import PRESETS, architecture_of, load_model
 
@@ -20,5 +23,6 @@ __all__ = [
     "delete_adapter", "disable_adapters", "get_method", "inspect_adapter", "load_adapter",
     "load_model", "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
     "combine_adapters", "mixed_adapters", "save_merged",
+    "PrefixConfig", "PromptTuningConfig", "PTuningConfig",
 ]
 __version__ = "0.1.0"
