@@ -296,3 +296,21 @@ def test_prefix_gives_the_same_outputs_under_eager_and_sdpa_attention(family):
             outputs.append(model(input_ids=ids, attention_mask=mask).logits)
     keep = mask.bool() if family != "bert" else slice(None)
     assert (outputs[0][keep] - outputs[1][keep]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_decoder_classifier_pools_the_last_real_token_under_right_padding(method, family):
+    model = dt.apply(FAMILIES[family](task="classification"), CONFIGS[method]())
+    enlarge(model)
+    ids = token_batch(batch=2, seq=6)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    ids[1, -3:] = 0  # the pad token
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[1:, :3]).logits
+        with dt.disable_adapters(model):
+            base = model(input_ids=ids[1:, :3]).logits
+    assert (batched[1:] - alone).abs().max().item() < 1e-5
+    assert (alone - base).abs().max().item() > 1e-3

@@ -176,6 +176,9 @@ class VirtualTokenController(nn.Module):
         self.sources = nn.ModuleDict()
         self.active: str | None = None
         self.is_decoder = architecture_of(model).is_decoder
+        # Decoder classifiers pool the last non-pad token, found from input_ids; with prompts
+        # the model gets inputs_embeds instead and pools the last position (see _pad_left).
+        self.pools_last_token = type(model).__name__.endswith("ForSequenceClassification")
         self.geometry = attention_geometry(model)
         self._state = delta_state(model)
         self._model = weakref.ref(model)  # not a submodule: the model owns this controller
@@ -277,6 +280,8 @@ class VirtualTokenController(nn.Module):
         names = _forward_parameters(type(model))
         kwargs = {**dict(zip(names, args)), **kwargs}
         if self.is_decoder:
+            if source.kind == "input" and self.pools_last_token:
+                self._pad_left(kwargs)
             self._prepare_decoder(model, source, kwargs)
         elif source.kind == "input":
             self._prepare_encoder(model, source, kwargs)
@@ -289,6 +294,23 @@ class VirtualTokenController(nn.Module):
                 f"input of {real} tokens + {total - real} virtual tokens needs {total} positions but "
                 f"the model has max_position_embeddings={limit}; shorten the input (data.max_length) "
                 "or lower num_virtual_tokens")
+
+    @staticmethod
+    def _pad_left(kwargs: dict) -> None:
+        """Move each row's trailing padding to its front, so the last position is a real token."""
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2 or bool(mask[:, -1].all()):
+            return
+        length = mask.shape[1]
+        columns = torch.arange(length, device=mask.device)
+        last_real = (mask.long() * (columns + 1)).argmax(1)  # (batch,) each row's last real token
+        trailing = length - 1 - last_real                      # pads after it: roll right by that
+        index = (columns - trailing[:, None]) % length         # (batch, seq)
+        for key in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids"):
+            value = kwargs.get(key)
+            if value is not None and value.dim() >= 2 and value.shape[:2] == mask.shape:
+                gather = index.view(*index.shape, *[1] * (value.dim() - 2)).expand_as(value)
+                kwargs[key] = value.gather(1, gather)
 
     def _prepare_decoder(self, model: nn.Module, source: VirtualTokens, kwargs: dict) -> None:
         n = source.num_virtual_tokens
@@ -313,7 +335,7 @@ class VirtualTokenController(nn.Module):
         elif source.kind == "input" and mask is None and length > 1 and bool(
                 (positions[..., 1:] < positions[..., :-1]).any()):
             raise DeltatuneError("prompt tuning / P-tuning cannot run on packed sequences (position_ids "
-                                 "restart inside a row); use padded batches")
+                                 "restart inside a row); set data.packing: false")
         real_length = mask.shape[1] if mask is not None else real_past + length
         self._check_length(n + real_length, real_length)
         kwargs["position_ids"] = positions + n
