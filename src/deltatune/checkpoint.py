@@ -10,6 +10,7 @@ leaves the previous checkpoint intact; only the newest `keep` are kept.
 """
 from __future__ import annotations
 
+import io
 import random
 import re
 import shutil
@@ -54,6 +55,17 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_to_bytes(state: dict[str, Any]) -> bytes:
+    """For sending between ranks (all_gather_object cannot carry these tensors in torch 2.13)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def rng_from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _as_tuple(value: Any) -> Any:

@@ -83,6 +83,12 @@ def setup_distributed() -> Distributed:
                        local_rank=local_rank, device=device)
 
 
-def teardown_distributed(dist: Distributed) -> None:
+def teardown_distributed(dist: Distributed, wait: bool = True) -> None:
+    """Leave the process group. `wait`: first let every peer finish (gloo aborts a peer that is
+    still sending to a closed socket); skipped after an error, when peers may never arrive."""
     if dist.enabled and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+        try:
+            if wait:
+                torch_dist.barrier()
+        finally:
+            torch_dist.destroy_process_group()

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng, rng_from_bytes,
+                         rng_to_bytes, save_checkpoint)
 from .deltas import active_config
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .errors import DeltatuneError
@@ -201,7 +202,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
                     log.message(f"early stopping at step {progress.step}: no better {metric} in "
                                 f"{tc.early_stopping_patience} evaluations")
             if tc.save_every and progress.step % tc.save_every == 0:
-                rng = dist.gather(capture_rng())
+                rng = [rng_from_bytes(b) for b in dist.gather(rng_to_bytes(capture_rng()))]
                 if dist.is_main:
                     save_checkpoint(run_dir, progress.step, bare, optimizer, scheduler,
                                     {"progress": asdict(progress), "rng": rng}, tc.keep_checkpoints)
@@ -212,6 +213,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     finally:
         log.close()
     bare.eval()
+    in_sync = _ranks_in_sync(trainable, dist)
     summary = None
     if dist.is_main:
         trainable_count, total_count = count_parameters(bare)
@@ -229,17 +231,31 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
             "tokens_per_s": round(progress.train_tokens / max(progress.train_seconds, 1e-9), 1),
             "final_eval": final_metrics, "metric": metric,
             "best": {"metric": metric, "value": progress.best_metric, "step": progress.best_step},
-            "stopped_early": progress.stopped_early,
+            "stopped_early": progress.stopped_early, "ranks_in_sync": in_sync,
         }, started, dist.device)
     dist.barrier()
     finish_run_dir(run_dir, final_dir, dist)
     return dist.broadcast(summary)
 
 
+def _ranks_in_sync(trainable: list[torch.Tensor], dist: Distributed) -> bool | None:
+    """DDP keeps every rank's weights bit-identical; check it (cheaply) instead of assuming it."""
+    if not dist.enabled:
+        return None
+    with torch.no_grad():
+        checksum = [float(p.double().sum()) for p in trainable] + \
+                   [float(p.double().square().sum()) for p in trainable]
+    sums = dist.gather(checksum)
+    if any(s != sums[0] for s in sums):
+        raise DeltatuneError("distributed training diverged: the ranks' weights differ at the end")
+    return True
+
+
 def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] = (),
-                      resume: bool = False, overwrite: bool = False) -> dict:
+                      resume: bool = False, overwrite: bool = False,
+                      on_step: Callable[[int], None] | None = None) -> dict:
     """`deltatune train CONFIG.yaml [key=value ...]`: load, apply the method, train, evaluate,
-    save. Under torchrun every rank runs this; rank 0 writes."""
+    save. Under torchrun every rank runs this; rank 0 writes. `on_step`: see `train`."""
     from .config import load_run_config
     from .data import build_dataset, num_labels_of
     from .deltas import apply
@@ -250,6 +266,7 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
     method_config = config.method_config()
     check_output_dir(Path(config.output_dir), resume, overwrite)  # fail before loading anything
     dist = setup_distributed()
+    finished = False
     try:
         set_seed(config.train.seed)  # the new head / delta initialisation is seeded too
         num_labels = config.num_labels if config.task == "classification" else None
@@ -269,9 +286,10 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
         apply(model, method_config)
         summary = train(model, tokenizer, config, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, resume=resume, overwrite=overwrite, dist=dist,
-                        started=started)
+                        on_step=on_step, started=started)
+        finished = True
     finally:
-        teardown_distributed(dist)
+        teardown_distributed(dist, wait=finished)
     if dist.is_main:
         final = summary.get("final_eval") or {}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("examples",))
