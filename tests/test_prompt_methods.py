@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 import deltatune as dt
@@ -314,3 +315,26 @@ def test_decoder_classifier_pools_the_last_real_token_under_right_padding(method
             base = model(input_ids=ids[1:, :3]).logits
     assert (batched[1:] - alone).abs().max().item() < 1e-5
     assert (alone - base).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_reloaded_adapter_continues_training_exactly(method, tmp_path):
+    """A checkpoint reload keeps the same trainable tensors (encoders included) in place."""
+    def step(model):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        ids = token_batch()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    model = dt.apply(tiny_llama(), CONFIGS[method]()).train()
+    enlarge(model)
+    dt.save_adapter(model, tmp_path / "ckpt")
+    reloaded = dt.apply(tiny_llama(), CONFIGS[method]()).train()  # as a resumed run does
+    before = {n: p for n, p in reloaded.named_parameters() if p.requires_grad}
+    tensors = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    dt.get_method(method.split("-")[0]).load_state_dict(reloaded, "default", tensors, "ckpt")
+    after = {n: p for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert before.keys() == after.keys() and all(before[n] is after[n] for n in before)
+    assert (step(model) - step(reloaded)).abs().max().item() < 1e-5

@@ -61,7 +61,8 @@ def test_peft_loads_ours_with_the_same_logits(method, tmp_path):
         assert (real_logits(model, ids) - ours).abs().max().item() > 1e-2
     dt.save_adapter(model, tmp_path / "ours")
     tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"prompt_embeddings": shape}
+    peft_keys = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("deltatune_reparam.")}
+    assert peft_keys == {"prompt_embeddings": shape}  # plus, with an encoder, its weights for resuming
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     assert (real_logits(theirs, ids) - ours).abs().max().item() < 1e-5
 

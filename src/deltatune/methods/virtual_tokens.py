@@ -66,10 +66,20 @@ class VirtualTokens(nn.Module):
             return self().detach().clone()
 
     def load_folded(self, values: torch.Tensor) -> None:
-        """Replace table + encoder by the plain (already encoded) tokens."""
+        """Become the plain (already encoded) tokens `values`; the encoder, if any, is dropped."""
+        if self.encoder is None:  # same Parameter object: an optimizer holding it stays valid
+            with torch.no_grad():
+                self.prompt_embeddings.copy_(values.to(self.prompt_embeddings.dtype))
+            return
         trainable = self.prompt_embeddings.requires_grad
         self.encoder = None
         self.prompt_embeddings = nn.Parameter(values.to(self.prompt_embeddings), requires_grad=trainable)
+
+    def reparameterisation(self) -> dict[str, torch.Tensor]:
+        """Table + encoder weights (empty without an encoder): what continuing training needs."""
+        if self.encoder is None:
+            return {}
+        return {name: tensor.detach() for name, tensor in self.state_dict().items()}
 
 
 # ------------------------------------------------------------------ model geometry
@@ -446,8 +456,15 @@ def _saved_module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor
             for key, tensor in peft_key_map(model, name).items()}
 
 
+# P-tuning's encoder and prefix tuning's projection are saved beside the folded tokens so that a
+# checkpoint resumes training exactly; PEFT ignores these keys, inference never needs them.
+REPARAM_PREFIX = "deltatune_reparam."
+
+
 def virtual_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    tensors = {PROMPT_KEY: source_of(model, name).fold()}
+    source = source_of(model, name)
+    tensors = {PROMPT_KEY: source.fold()}
+    tensors.update({REPARAM_PREFIX + k: v for k, v in source.reparameterisation().items()})
     tensors.update({k: v.detach() for k, v in _saved_module_tensors(model, name).items()})
     return tensors
 
@@ -463,7 +480,9 @@ def load_virtual_state_dict(model: nn.Module, name: str, tensors: dict[str, torc
                              f"{tuple(tensors[PROMPT_KEY].shape)} but this base model expects "
                              f"{expected} — adapter saved for another base or num_virtual_tokens?")
     live = _saved_module_tensors(model, name)
-    extra = sorted(set(tensors) - set(live) - {PROMPT_KEY})
+    reparam = {k[len(REPARAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(REPARAM_PREFIX)}
+    extra = sorted(k for k in set(tensors) - set(live) - {PROMPT_KEY}
+                   if not k.startswith(REPARAM_PREFIX))
     if extra:
         raise DeltatuneError(f"{source_file}: tensor {extra[0]!r} has no place in this base model")
     for key, target in live.items():
@@ -474,7 +493,12 @@ def load_virtual_state_dict(model: nn.Module, name: str, tensors: dict[str, torc
                                  f"but this base model expects {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(tensors[key].to(target.dtype))
-    source.load_folded(tensors[PROMPT_KEY])
+    live_reparam = source.state_dict() if source.encoder is not None else {}
+    if reparam and set(reparam) == set(live_reparam) and all(
+            reparam[k].shape == live_reparam[k].shape for k in reparam):
+        source.load_state_dict(reparam)  # the encoder too: training continues exactly
+    else:
+        source.load_folded(tensors[PROMPT_KEY])
 
 
 def common_peft_fields(model: nn.Module, num_virtual_tokens: int) -> dict[str, Any]:
