@@ -198,7 +198,8 @@ def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(args[0])}"
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(
+            args[0], str(args[0]))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
             dict: "a mapping"}.get(hint, str(hint))
 
