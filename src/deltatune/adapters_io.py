@@ -100,6 +100,19 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise DeltatuneError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None
 
 
+def config_from_peft(method: Any, values: dict[str, Any], path: Path) -> Any:
+    """The method config an adapter_config.json describes; errors name that file."""
+    try:
+        return method.from_peft(values)
+    except KeyError as exc:
+        raise DeltatuneError(f"{path}: missing key {exc.args[0]!r} for a {values['peft_type']} "
+                             f"adapter") from None
+    except DeltatuneError as exc:
+        if CONFIG_NAME in str(exc):
+            raise
+        raise DeltatuneError(f"{path}: {exc}") from None
+
+
 def _check_directory(directory: Path) -> None:
     if not directory.is_dir():
         raise DeltatuneError(f"{directory}: adapter directory not found")
@@ -116,8 +129,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEF
     values = read_adapter_config(directory)
     method = method_for_peft_type(values["peft_type"], str(directory / CONFIG_NAME))
     tensors = read_tensors(directory / WEIGHTS_NAME)
-    config = method.from_peft(values)
-    apply(model, config, name)
+    config = config_from_peft(method, values, directory / CONFIG_NAME)
+    try:
+        apply(model, config, name)
+    except DeltatuneError as exc:  # e.g. its target modules do not exist in this architecture
+        raise DeltatuneError(f"{directory}: adapter saved for base "
+                             f"{values.get('base_model_name_or_path')!r} does not fit this model "
+                             f"({exc})") from None
     try:
         method.load_state_dict(model, name, tensors, str(directory / WEIGHTS_NAME))
     except DeltatuneError:
@@ -176,8 +194,10 @@ def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
         info = {"method": method.name, "peft_type": values["peft_type"],
                 "base_model": values.get("base_model_name_or_path"),
                 "task_type": values.get("task_type"),
-                "options": method.from_peft(values).to_dict()}
+                "options": config_from_peft(method, values, directory / CONFIG_NAME).to_dict()}
     else:
+        if not (directory / "config.json").is_file():
+            raise DeltatuneError(f"{directory}: no {CONFIG_NAME} (not an adapter directory)")
         tensors = {}
         for file in _full_weight_files(directory):
             tensors.update(read_tensors(file))

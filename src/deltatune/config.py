@@ -32,6 +32,7 @@ FORMATS_BY_TASK = {
 FORMATS = FORMATS_BY_TASK["classification"] + FORMATS_BY_TASK["causal-lm"]
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("accuracy", "f1", "exact_match", "perplexity")
+METRICS_BY_TASK = {"classification": ("accuracy", "f1"), "causal-lm": ("perplexity", "exact_match")}
 ON_NAN = ("stop", "skip")
 DATA_ENV = "DELTATUNE_DATA"      # where ../shared/data lives on this machine, when set
 SHARED_DATA_PREFIX = "../shared/data"
@@ -141,6 +142,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = 1.0   # None: no clipping
     bf16: bool | str = "auto"       # auto: on where the CPU/GPU supports bf16
     gradient_checkpointing: bool = False
+    group_by_length: bool = True    # batch rows of similar length (less padding; order still random)
     eval_every: int | None = None   # steps; None: only at the end
     save_every: int | None = None   # steps; None: only the final delta
     keep_checkpoints: int = 2
@@ -377,6 +379,10 @@ def _check_consistency(config: RunConfig) -> None:
             f"{' | '.join(FORMATS_BY_TASK[config.task])})")
     if data.train is None and data.eval is None:
         raise DeltatuneError("data.train: missing (give data.train and/or data.eval)")
+    metric = config.train.metric
+    if metric is not None and metric not in METRICS_BY_TASK[config.task]:
+        raise DeltatuneError(f"train.metric: {metric!r} is not computed for task {config.task!r} "
+                             f"(use one of {' | '.join(METRICS_BY_TASK[config.task])})")
     if data.packing and config.task != "causal-lm":
         raise DeltatuneError("data.packing: only causal-lm data can be packed")
     if config.num_labels is not None:

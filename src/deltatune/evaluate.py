@@ -249,11 +249,12 @@ def _load(model_name: str, task: str, adapter: str | None, data, args):
         return load_model(adapter, task=task, num_labels=num_labels or
                           json.loads((Path(adapter) / "config.json").read_text()).get("num_labels"))
     if adapter and task == "classification" and num_labels is None:
-        from safetensors import safe_open
+        from .adapters_io import read_tensors
 
-        with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
-            heads = [k for k in f.keys() if k.endswith(("classifier.weight", "score.weight"))]
-            num_labels = f.get_slice(heads[0]).get_shape()[0] if heads else None
+        # read_tensors: one-line errors for a missing, truncated or pickled weights file
+        tensors = read_tensors(Path(adapter) / "adapter_model.safetensors")
+        heads = [k for k in tensors if k.endswith(("classifier.weight", "score.weight"))]
+        num_labels = tensors[heads[0]].shape[0] if heads else None
     model, tokenizer = load_model(model_name, task=task, num_labels=num_labels)
     if adapter:
         load_adapter(model, adapter)

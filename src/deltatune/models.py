@@ -216,6 +216,21 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    """transformers draws a "Loading weights" bar on stderr; a load takes seconds here, and a
+    bad-input error right after it must stay the one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None,
                dtype: torch.dtype | str | None = None):
     """Load (model, tokenizer) for `task` from a preset, directory, Hub id or .gguf file.
@@ -248,10 +263,11 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
-        with _quiet_transformers():  # the new head is reported "MISSING": expected, not news
+        with _quiet_transformers(), _no_progress_bar():  # the new head is reported "MISSING"
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        with _no_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "hf_quantizer", None) is not None:

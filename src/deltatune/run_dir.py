@@ -34,6 +34,9 @@ def partial_dir(final: Path) -> Path:
 def check_output_dir(final: Path, resume: bool, overwrite: bool) -> None:
     """Raise the one-line error a run would hit, before anything is loaded or written."""
     partial = partial_dir(final)
+    if resume and overwrite:
+        raise DeltatuneError(f"{final}: --resume continues the checkpoints that --overwrite would "
+                             "delete; pass one of them")
     if resume:
         if latest_checkpoint(partial) is None and latest_checkpoint(final) is None:
             raise DeltatuneError(f"{final}: --resume found no checkpoint to continue from (looked "

@@ -91,4 +91,6 @@ def config_from_dict(values: dict) -> MethodConfig:
     name = values.get("name", values.get("method"))
     if name is None:
         raise DeltatuneError("method.name: missing (one of: " + ", ".join(REGISTRY) + ")")
+    if name not in REGISTRY:
+        raise DeltatuneError(f"method.name: unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
     return get_method(name).config.from_dict(values)
