@@ -196,3 +196,22 @@ def test_binds_loopback_by_default_and_checks_adapter_specs(served, tmp_path):
     with pytest.raises(dt.DeltatuneError, match="given twice"):
         parse_adapter_specs([f"x={tmp_path}", f"x={tmp_path}"])
     json.dumps(served["client"].models.list().model_dump())  # the listing is plain JSON
+
+
+def test_eos_ends_a_row_unless_ignored():
+    """A model that always says EOS: rows stop at once, or run to max_tokens with ignore_eos,
+    even next to each other in one batch."""
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = tiny_chat_llama()
+    with torch.no_grad():  # make the model's first greedy token after "hi" its end-of-sequence
+        first = model(input_ids=torch.tensor([tokenizer("hi").input_ids])).logits[0, -1].argmax()
+    model.generation_config.eos_token_id = int(first)
+    app = build_app(model, tokenizer, base_name="tiny", batch_wait_ms=200)
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "temperature": 0}
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        stopped, ignored = pool.map(lambda extra: client.post("/v1/completions", json={**body, **extra}).json(),
+                                    [{}, {"ignore_eos": True}])
+    assert stopped["usage"]["completion_tokens"] == 0 and stopped["choices"][0]["finish_reason"] == "stop"
+    assert ignored["usage"]["completion_tokens"] == 5 and ignored["choices"][0]["finish_reason"] == "length"
+    assert app.state.engine.batches_run == 1

@@ -46,6 +46,10 @@ def build_app(model: nn.Module, tokenizer, adapters: Mapping[str, str | os.PathL
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise DeltatuneError(f"serve: max_batch must be a positive integer, got {max_batch!r}")
+    if not batch_wait_ms >= 0:
+        raise DeltatuneError(f"serve: batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
     base_name = base_name or str(getattr(model, "name_or_path", None) or "base")
     names = [base_name] + _load_adapters(model, adapters, base_name)
     model.eval()

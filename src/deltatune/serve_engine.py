@@ -210,22 +210,21 @@ class BatchingEngine:
         first = jobs[0]
         sampling = {} if first.temperature == 0 else dict(temperature=first.temperature,
                                                            top_p=first.top_p, top_k=0)
-        # eos_token_id=None: the tracker ends rows itself (some may ignore EOS); generate stops
-        # when every row is finished.
+        # eos_token_id=[]: the tracker ends rows itself (some may ignore EOS); generate stops when
+        # every row is finished. (None would be filled in from the model's generation_config.)
         config = GenerationConfig(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=bool(sampling),
-                                  pad_token_id=self.pad_id, eos_token_id=None, bos_token_id=None,
-                                  **sampling)
+                                  pad_token_id=self.pad_id, eos_token_id=[], **sampling)
         tracker = RowTracker(jobs, self.tokenizer, self.eos_ids)
         device = next(self.model.parameters()).device
         if first.seed is not None:
             torch.manual_seed(first.seed)
+        self.batches_run += 1  # counted before generating: replies go out while it runs
+        self.rows_run += len(jobs)
+        self.mixed_batches += len({j.adapter for j in jobs}) > 1
         with torch.inference_mode(), self._adapters([j.adapter for j in jobs]):
             self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                 generation_config=config,
                                 stopping_criteria=StoppingCriteriaList([tracker]))
-        self.batches_run += 1
-        self.rows_run += len(jobs)
-        self.mixed_batches += len({j.adapter for j in jobs}) > 1
         for job in jobs:  # generate() ended (max_new_tokens) before the tracker saw an end
             if job.finish_reason is None:
                 tracker.finish(job, "length")
