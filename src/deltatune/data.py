@@ -209,6 +209,7 @@ class Collator:
     position_ids restart at 0 for every example and no attention_mask is returned, so transformers
     builds a block-diagonal causal mask from the position ids: no token attends across an example
     boundary. Each example's first label is -100 so no loss is computed across a boundary either.
+    Call the model with use_cache=False: with a KV cache transformers ignores packed positions.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", packing: bool = False,

@@ -131,4 +131,5 @@ def encode_segments(tokenizer: Any, segments: list[Segment], prefix_ids: list[in
         input_ids += ids
         labels += ids if (segment.is_response or train_on_prompt) else [-100] * len(ids)
     truncated = len(input_ids) > max_length
-    return Encoded(input_ids[:max_length], labels[:max_length], prompt_length, target, truncated)
+    return Encoded(input_ids[:max_length], labels[:max_length], min(prompt_length, max_length),
+                   target, truncated)
