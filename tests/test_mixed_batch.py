@@ -148,8 +148,29 @@ def test_bad_names():
 
 
 def test_non_lora_method_cannot_mix():
-    model = tiny_llama()
-    dt.apply(model, dt.FullConfig(), "full")
-    with pytest.raises(dt.DeltatuneError, match="'full' is a full delta.*only LoRA"):
-        with dt.mixed_adapters(model, ["full", None]):
+    model = two_lora()
+    dt.apply(model, dt.AdapterConfig(bottleneck_size=8), "bottleneck")
+    with pytest.raises(dt.DeltatuneError, match="'bottleneck' uses method 'adapter'.*only LoRA"):
+        with dt.mixed_adapters(model, ["a", "bottleneck"]):
             pass
+    full = tiny_llama()
+    dt.apply(full, dt.FullConfig(), "full")
+    with pytest.raises(dt.DeltatuneError, match="'full' uses method 'full'.*only LoRA"):
+        with dt.mixed_adapters(full, ["full", None]):
+            pass
+
+
+def test_other_loaded_deltas_are_off_inside_the_block():
+    """A bottleneck adapter active on the model must not leak into mixed LoRA rows."""
+    model = two_lora()
+    ids = token_batch(2, 5)
+    with torch.no_grad(), dt.mixed_adapters(model, ["a", None]):
+        before = model(input_ids=ids).logits
+    dt.apply(model, dt.AdapterConfig(bottleneck_size=8), "bottleneck")
+    randomize_trainable(model, seed=9, std=0.3)
+    with torch.no_grad():
+        with_bottleneck = model(input_ids=ids).logits
+        with dt.mixed_adapters(model, ["a", None]):
+            after = model(input_ids=ids).logits
+    assert (with_bottleneck - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-10)

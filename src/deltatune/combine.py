@@ -15,6 +15,7 @@ The new adapter has scale 1 (alpha = r, no rsLoRA): each method folds the scales
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import torch
@@ -119,7 +120,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     paths = {id(l): p for p, l in model.named_modules() if isinstance(l, LoraLayer)}
     state = delta_state(model)
     previous = state.active
-    targets = "^(" + "|".join(paths[id(l)].replace(".", r"\.") for l in layers) + ")$"
+    targets = "^(" + "|".join(re.escape(paths[id(l)]) for l in layers) + ")$"
     config = LoraConfig(r=new_rank, alpha=new_rank, target_modules=targets, modules_to_save=[])
     with torch.no_grad():
         factors = []

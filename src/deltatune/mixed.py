@@ -40,7 +40,7 @@ def check_mixable(model: nn.Module, names: Sequence[str | None]) -> tuple[str | 
         method = configs[name].method
         if method not in MIXABLE_METHODS:
             raise DeltatuneError(
-                f"mixed_adapters: adapter {name!r} is a {method} delta, which cannot vary per "
+                f"mixed_adapters: adapter {name!r} uses method {method!r}, which cannot vary per "
                 f"batch row (only LoRA can); run its rows as a separate batch with set_adapter")
     return tuple(names)
 

@@ -147,7 +147,8 @@ def build_app(model: nn.Module, tokenizer, adapters: Mapping[str, str | os.PathL
     @app.post("/v1/completions")
     async def completions(request: Request):
         prompt, options = parse_completion(await read_json(request), names)
-        prompt_ids = tokenizer(prompt).input_ids
+        with engine.tokenizer_lock:
+            prompt_ids = tokenizer(prompt).input_ids
         job, rid = submit(prompt_ids, options), new_id("cmpl")
         if options.stream:
             return sse(stream_chunks(job, lambda text, reason: completion_body(
@@ -160,11 +161,13 @@ def build_app(model: nn.Module, tokenizer, adapters: Mapping[str, str | os.PathL
         messages, options = parse_chat(await read_json(request), names)
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"model {options.model!r} has no chat template; use /v1/completions")
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # e.g. a template that insists on alternating roles
-            raise ApiError(400, f"messages do not fit this model's chat template: {exc}", "messages") from None
-        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        with engine.tokenizer_lock:
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # e.g. a template that insists on alternating roles
+                raise ApiError(400, f"messages do not fit this model's chat template: {exc}",
+                               "messages") from None
+            prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
         job, rid = submit(prompt_ids, options), new_id("chatcmpl")
         if options.stream:
             async def chunks() -> AsyncIterator[dict]:

@@ -73,8 +73,9 @@ class RowTracker(StoppingCriteria):
     """Called by generate() after every step: hands each live row's new token to its job and
     tells generate() which rows are finished (EOS, stop string, max_tokens, client gone)."""
 
-    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int]) -> None:
+    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int], tokenizer_lock: threading.Lock) -> None:
         self.jobs, self.tokenizer, self.eos_ids = jobs, tokenizer, eos_ids
+        self.tokenizer_lock = tokenizer_lock
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new_tokens = input_ids[:, -1].tolist()
@@ -91,7 +92,7 @@ class RowTracker(StoppingCriteria):
             self.finish(job, "stop")
             return
         job.token_ids.append(token)
-        text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True)
+        text = self.decode(job.token_ids)
         for stop in job.stop:
             at = text.find(stop)
             if at >= 0:
@@ -104,6 +105,10 @@ class RowTracker(StoppingCriteria):
             return
         self._emit(job, text[: len(text) - held_back(text, job.stop)])
 
+    def decode(self, token_ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def _emit(self, job: Job, text: str) -> None:
         if text.startswith(job.text) and len(text) > len(job.text):
             job.send("text", text[len(job.text):])
@@ -111,7 +116,7 @@ class RowTracker(StoppingCriteria):
 
     def finish(self, job: Job, reason: str, flush: bool = True) -> None:
         if flush:
-            self._emit(job, self.tokenizer.decode(job.token_ids, skip_special_tokens=True))
+            self._emit(job, self.decode(job.token_ids))
         job.finish_reason = reason
         job.send("done", reason)
 
@@ -127,6 +132,9 @@ class BatchingEngine:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.queue: queue.Queue[Job | None] = queue.Queue()
+        # A fast tokenizer's Rust state is not safe to share between threads (request handlers
+        # encode while this engine decodes): every use goes through this lock.
+        self.tokenizer_lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.batches_run = 0          # statistics, for tests and benchmarks
         self.rows_run = 0
@@ -214,7 +222,7 @@ class BatchingEngine:
         # every row is finished. (None would be filled in from the model's generation_config.)
         config = GenerationConfig(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=bool(sampling),
                                   pad_token_id=self.pad_id, eos_token_id=[], **sampling)
-        tracker = RowTracker(jobs, self.tokenizer, self.eos_ids)
+        tracker = RowTracker(jobs, self.tokenizer, self.eos_ids, self.tokenizer_lock)
         device = next(self.model.parameters()).device
         if first.seed is not None:
             torch.manual_seed(first.seed)
