@@ -98,8 +98,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     **trainer_state}, tmp / STATE_FILE)
         commit_directory(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a lost mount: say so, and what is still safe
+            previous = latest_checkpoint(run_dir)
+            safe = (f"the last complete checkpoint, {previous.name}, is intact" if previous
+                    else "no earlier checkpoint exists")
+            raise DeltatuneError(f"{final}: cannot write the checkpoint ({exc.strerror or exc}); "
+                                 f"{safe} — free the space and rerun with --resume") from None
         raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

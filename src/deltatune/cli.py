@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except DeltatuneError as exc:
         print(f"deltatune: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a denied permission: the file and the reason, one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"deltatune: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters_io import commit_directory, directory_size, save_adapter
-from .checkpoint import latest_checkpoint
+from .checkpoint import CHECKPOINTS, latest_checkpoint
 from .distributed import Distributed
 from .errors import DeltatuneError
 
@@ -64,12 +64,26 @@ def prepare_run_dir(final: Path, resume: bool, overwrite: bool, dist: Distribute
             elif not resume:
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
+            if resume:
+                discard_interrupted_writes(partial)
         except DeltatuneError as exc:
             error = str(exc)
     error = dist.broadcast(error)
     if error is not None:
         raise DeltatuneError(error)
     return partial
+
+
+def discard_interrupted_writes(run_dir: Path) -> None:
+    """Remove what a killed process left half-written: the temp directories (and temp files)
+    of a checkpoint, `best` or the final delta. They were never renamed into place, so they are
+    incomplete by construction, and the finished run must not carry them."""
+    for parent in (run_dir, run_dir / CHECKPOINTS):
+        if not parent.is_dir():
+            continue
+        for path in parent.iterdir():
+            if path.name.startswith(".") and (".tmp-" in path.name or path.name == ".final"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 
 
 def finish_run_dir(partial: Path, final: Path, dist: Distributed) -> None:
