@@ -26,7 +26,7 @@ from .errors import DeltatuneError
 TASKS = ("classification", "causal-lm")
 FORMATS_BY_TASK = {
     "classification": ("classification", "pairs"),
-    "causal-lm": ("alpaca", "chat", "text", "gsm8k"),
+    "causal-lm": ("alpaca", "chat", "text", "gsm8k", "verbalized"),
 }
 FORMATS = FORMATS_BY_TASK["classification"] + FORMATS_BY_TASK["causal-lm"]
 SCHEDULES = ("linear", "cosine", "constant")
@@ -45,7 +45,7 @@ class DataConfig(ConfigSection):
 
     train: str | None = None        # file (.jsonl .json .csv .tsv .parquet .txt) or hf:NAME
     eval: str | None = None
-    format: str = "classification"  # classification | pairs | alpaca | chat | text | gsm8k
+    format: str = "classification"  # classification | pairs | alpaca | chat | text | gsm8k | verbalized
     text_field: str = "text"        # pairs: "text" (the default) means "text_a"
     text_pair_field: str | None = None  # pairs: None means "text_b"
     label_field: str = "label"
@@ -55,6 +55,10 @@ class DataConfig(ConfigSection):
     max_eval_rows: int | None = None
     packing: bool = False           # several examples per row (causal-lm formats only)
     train_on_prompt: bool = False   # instruction data: loss on the responses only by default
+    # verbalized: classification rows taught to a causal LM as instructions; the prompt is this
+    # template filled from the row ("Review: {text}\nPositive or negative?"), the answer is the
+    # label's name from label_names; scored by exact match of the generated answer
+    prompt_template: str | None = None
 
     def validate(self) -> None:
         self.one_of("format", FORMATS)
@@ -64,6 +68,11 @@ class DataConfig(ConfigSection):
             if self.text_pair_field is None:
                 self.text_field = "text_a" if self.text_field == "text" else self.text_field
                 self.text_pair_field = "text_b"
+        if self.format == "verbalized":
+            if not self.prompt_template:
+                self.fail("prompt_template", "is required by format verbalized (e.g. 'Review: {text}')")
+            if not self.label_names:
+                self.fail("label_names", "is required by format verbalized: the answers to teach")
         if self.label_names is not None:
             if len(self.label_names) < 2:
                 self.fail("label_names", f"needs at least 2 names, got {self.label_names!r}")

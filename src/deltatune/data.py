@@ -114,6 +114,17 @@ def encode_classification(rows: list[Row], data: DataConfig, tokenizer: Any,
 
 
 # ------------------------------------------------------------------------------- causal LM
+def verbalized_parts(row: Row, data: DataConfig, rows: list[Row]) -> tuple[str, str, str]:
+    """(prompt from data.prompt_template, "", the label's name) of a classification row."""
+    try:
+        prompt = data.prompt_template.format(**row.values)
+    except KeyError as exc:
+        raise row.error(f"data.prompt_template names field {exc.args[0]!r}, which this row "
+                        f"lacks (fields: {', '.join(row.values)})") from None
+    index = label_index(row, data.label_field, data.label_names, None, rows)
+    return prompt, "", data.label_names[index]
+
+
 def encode_instructions(rows: list[Row], data: DataConfig,
                         tokenizer: Any) -> tuple[list[Example], int, int]:
     """(examples, truncated rows, dropped rows): rows whose response was cut away entirely
@@ -132,7 +143,8 @@ def encode_instructions(rows: list[Row], data: DataConfig,
             target = [m["content"] for m in messages if m["role"] == "assistant"][-1]
             segments = template_segments(tokenizer, messages, row)
         else:
-            parts = alpaca_parts(row) if data.format == "alpaca" else gsm8k_parts(row)
+            parts = (alpaca_parts(row) if data.format == "alpaca" else gsm8k_parts(row)
+                     if data.format == "gsm8k" else verbalized_parts(row, data, rows))
             target = parts[2]
             segments = (template_segments(tokenizer, parts_to_messages(*parts), row)
                         if use_template else plain_segments(tokenizer, *parts))

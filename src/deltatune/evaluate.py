@@ -60,9 +60,21 @@ def final_answer(text: str) -> str | None:
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not references:
         return float("nan")
-    hits = sum(1 for p, r in zip(predictions, references)
-               if final_answer(p) is not None and final_answer(p) == final_answer(r))
+    hits = sum(1 for p, r in zip(predictions, references) if answers_match(p, r))
     return hits / len(references)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.strip().splitlines()[0] if text.strip() else "").lower().split())
+
+
+def answers_match(prediction: str, reference: str) -> bool:
+    """Numeric references (GSM8K) compare final numbers; word answers (verbalized labels)
+    compare the first line, case and punctuation aside."""
+    expected = final_answer(reference)
+    if expected is not None:
+        return final_answer(prediction) == expected
+    return _words(prediction) == _words(reference)
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:
@@ -151,6 +163,11 @@ def _exact_match(model, dataset, tokenizer, batch_size, dist, autocast, max_new_
     indices = list(range(len(dataset)))[dist.rank::dist.world_size]
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
+    references = [split_prompt(dataset[i])[1] for i in indices[:64]]
+    if references and all(isinstance(r, str) and final_answer(r) is None for r in references):
+        # short word answers (verbalized labels): a few tokens past the longest one suffice
+        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+        max_new_tokens = min(max_new_tokens, longest + 4)
     for start in range(0, len(indices), batch_size):
         pairs = [split_prompt(dataset[i]) for i in indices[start:start + batch_size]]
         width = max(len(p) for p, _ in pairs)
