@@ -70,11 +70,12 @@ def leftovers(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".tmp-" in p.name)
 
 
-def kill_at(config: Path, out: Path, fault: str, step: int, tmp_path: Path) -> None:
+def kill_at(config: Path, out: Path, fault: str, step: int, tmp_path: Path,
+            extra: list[str] = EXTRA) -> None:
     """Start `deltatune train` with the fault armed, wait until it freezes there, SIGKILL it."""
     ready = tmp_path / "ready"
     command = [sys.executable, str(DRIVER), f"{fault}:{step}", str(ready), "--",
-               "train", str(config), f"output_dir={out}", *EXTRA]
+               "train", str(config), f"output_dir={out}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -154,10 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may also follow a flag (`train c.yaml --resume
+    train.max_steps=9`), which argparse alone rejects as "unrecognized arguments"."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         args.func(args)
     except DeltatuneError as exc:
         print(f"deltatune: error: {exc}", file=sys.stderr)
