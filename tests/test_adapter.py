@@ -314,3 +314,20 @@ def test_presets_start_as_the_base_for_every_placement(preset, request):
         assert dt.count_parameters(model)[0] == closed_form(hidden, hidden // 16, layers, head)
         dt.delete_adapter(model, placement)
     assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+
+def test_parallel_on_bert_gives_the_same_gradients_under_gradient_checkpointing():
+    """The captured feed-forward input must be captured again when a checkpoint recomputes."""
+    grads = []
+    for checkpointing in (False, True):
+        model = dt.apply(tiny_bert(), AdapterConfig(placement="parallel", bottleneck_size=8))
+        randomize_trainable(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=token_batch(), labels=torch.tensor([0, 1])).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    assert any(g.abs().max() > 0 for n, g in grads[1].items() if "adapter_down" in n)
