@@ -9,7 +9,10 @@ from deltatune import LoraConfig, apply, load_model, save_adapter
 from deltatune.cli import main
 from deltatune.generation import generate_text
 from conftest import randomize_trainable
+from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import tiny_llama_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

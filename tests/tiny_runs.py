@@ -5,6 +5,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from byte_tokenizer import byte_tokenizer, tiny_chat_llama
@@ -92,3 +94,13 @@ def causal_config(root: Path, model_dir: Path, rows: int = 32, **train) -> Path:
         "train": {"batch_size": 4, "lr": 1e-2, "log_every": 1, "bf16": False, **train},
         "output_dir": str(root / "runs" / "lm"),
     })
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU makes spinning OpenMP
+    threads very slow; restored afterwards for tests that use real models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

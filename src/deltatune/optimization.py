@@ -111,26 +111,48 @@ class BatchStream:
     """Global batches of row indices over endless epochs; batch k is a pure function of
     (seed, k), so the data position of a checkpoint is one integer.
 
-    Each epoch is a fresh seeded permutation. A final batch smaller than the number of
-    processes is dropped (some rank would get no rows).
+    Each epoch is a fresh seeded permutation. With `lengths` (group by length), the permutation
+    is cut into mega-batches of MEGA_BATCHES batches, each sorted by length and cut into batches,
+    and the batches are shuffled again: rows of similar length share a batch, so dynamic padding
+    wastes little (SST-2: ~13 real tokens per row; random batches pad to ~40). A final batch
+    smaller than the number of processes is dropped (some rank would get no rows).
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, world_size: int = 1) -> None:
+    MEGA_BATCHES = 50
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, world_size: int = 1,
+                 lengths: list[int] | None = None) -> None:
         if batch_size % world_size:
             raise DeltatuneError(f"train.batch_size: {batch_size} must be divisible by the number "
                                  f"of processes ({world_size}); it is the global batch")
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.world_size, self.lengths = world_size, lengths
         full, rest = divmod(num_rows, batch_size)
         self.per_epoch = full + (1 if rest >= world_size else 0)
         if self.per_epoch == 0:
             raise DeltatuneError(f"training data has {num_rows} rows: fewer than the "
                                  f"{world_size} processes")
-        self._epoch, self._order = -1, None
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_rows, generator=generator).tolist()
+        size = self.batch_size
+        if self.lengths is None:
+            return [order[i:i + size] for i in range(0, len(order), size)]
+        mega = size * self.MEGA_BATCHES
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
+        # Keep the one short batch last (it is the one dropped when too small for the ranks).
+        short = [b for b in batches if len(b) < size]
+        full = [b for b in batches if len(b) == size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return shuffled + short
 
     def rows(self, index: int) -> list[int]:
         epoch, position = divmod(index, self.per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(self.num_rows, generator=generator).tolist()
-            self._epoch = epoch
-        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+            self._batches, self._epoch = self._epoch_batches(epoch), epoch
+        return self._batches[position]

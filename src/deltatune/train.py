@@ -88,7 +88,9 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         enable_gradient_checkpointing(bare)
     name, method_config = active_config(bare)
     lr = tc.lr or get_method(method_config.method).default_lr
-    stream = BatchStream(len(train_dataset), tc.batch_size, tc.seed, dist.world_size)
+    grouped = getattr(tc, "group_by_length", True) and not config.data.packing
+    stream = BatchStream(len(train_dataset), tc.batch_size, tc.seed, dist.world_size,
+                         [len(e.input_ids) for e in train_dataset] if grouped else None)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * stream.per_epoch / tc.grad_accum))
     warmup_steps = math.ceil(tc.warmup_ratio * total_steps)
     optimizer = build_optimizer(bare, lr, tc.weight_decay)
@@ -163,15 +165,15 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
                     (loss * (dist.world_size / max(targets, 1.0))).backward()
                 step_loss += loss.detach().double().cpu()
             step_loss = float(dist.all_reduce_sum(step_loss)) / max(targets, 1.0)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-                         if tc.max_grad_norm else None)
-            finite = math.isfinite(step_loss) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+            # With max_grad_norm None the norm is still measured (logged, and checked for nan).
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm or math.inf)
+            finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
             lr_now = scheduler.get_last_lr()[0]
             if finite:
                 optimizer.step()
             elif tc.on_nan == "stop":
                 raise DeltatuneError(f"step {progress.step + 1}: the loss is {step_loss} (grad norm "
-                                     f"{float(grad_norm) if grad_norm is not None else 'n/a'}); "
+                                     f"{float(grad_norm)}); "
                                      "lower train.lr, or set train.on_nan=skip to skip such steps")
             else:
                 log.message(f"step {progress.step + 1}: non-finite loss, step skipped")
@@ -189,7 +191,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
             if progress.step % tc.log_every == 0 or progress.step == total_steps:
                 log.log({"step": progress.step, "epoch": round(progress.batch / stream.per_epoch, 4),
                          "loss": window_loss / max(window_steps, 1), "lr": lr_now,
-                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                         "grad_norm": float(grad_norm),
                          "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
                          "elapsed_s": round(time.time() - started, 2)})
                 window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
