@@ -100,18 +100,32 @@ def current_rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
-def plan_methods(run_config: Any, methods: list[str], per_method: dict[str, dict] | None = None,
-                 model: nn.Module | None = None) -> list[MethodPlan]:
+def longest_training_row(run_config: Any, tokenizer: Any) -> int:
+    """The longest training example in tokens: batches are padded to their longest row, so the
+    step that holds the most activations is the one with this row (not always max_length)."""
+    from .data import build_dataset
+
+    data = run_config.data
+    if data.train is None:
+        return data.max_length
+    if data.packing:
+        return data.max_length
+    dataset = build_dataset(data, tokenizer, run_config.task, "train", run_config.train.seed)
+    return max((len(example.input_ids) for example in dataset), default=data.max_length)
+
+
+def plan_methods(run_config: Any, methods: list[str],
+                 per_method: dict[str, dict] | None = None) -> list[MethodPlan]:
     """Plans for several methods on the run's model, data shape and batch size."""
     from . import train as _train  # noqa: F401  (training imports count toward the baseline)
     from .models import load_model
     from .optimization import resolve_bf16
 
-    if model is None:
-        num_labels = run_config.num_labels or (len(run_config.data.label_names)
-                                               if run_config.data.label_names else 2)
-        model, _ = load_model(run_config.model, task=run_config.task,
-                              num_labels=num_labels if run_config.task == "classification" else None)
+    num_labels = run_config.num_labels or (len(run_config.data.label_names)
+                                           if run_config.data.label_names else 2)
+    model, tokenizer = load_model(run_config.model, task=run_config.task,
+                                  num_labels=num_labels if run_config.task == "classification" else None)
+    seq_len = longest_training_row(run_config, tokenizer)
     baseline = current_rss()
     bf16 = resolve_bf16(run_config.train.bf16, torch.device("cpu"))
     plans = []
@@ -121,7 +135,7 @@ def plan_methods(run_config: Any, methods: list[str], per_method: dict[str, dict
             values = {**run_config.method, **values}
         batch = (per_method or {}).get(name, {}).get("train", {}).get("batch_size",
                                                                        run_config.train.batch_size)
-        plans.append(plan_method(model, values, batch, run_config.data.max_length, bf16, baseline))
+        plans.append(plan_method(model, values, batch, seq_len, bf16, baseline))
     return plans
 
 

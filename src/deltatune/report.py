@@ -106,8 +106,9 @@ def reading(rows: list[dict], task: str) -> str:
     planned = [r for r in ok if "plan_error_percent" in r]
     if planned:
         worst = max(planned, key=lambda r: abs(r["plan_error_percent"]))
-        lines.append(f"- `plan` predicted peak memory within {abs(worst['plan_error_percent']):.0f}% "
-                     f"of the measured peak for every method (worst: {worst['method']}).")
+        lines.append(f"- `plan`'s predicted peak memory was off from the measured peak by at most "
+                     f"{abs(worst['plan_error_percent']):.0f}% (worst: {worst['method']}, "
+                     f"{worst['planned_peak_mb']:.0f} MB planned vs {worst['peak_memory_mb']:.0f} MB measured).")
     if task == "causal-lm":
         forgot = [r for r in ok if r.get("forgetting") is not None]
         if forgot:
