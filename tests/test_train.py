@@ -272,3 +272,19 @@ def test_bad_input_gives_one_line_and_exit_2(workspace, capsys, case, expect):
     for part in expect:
         assert part in line, line
     assert not (root / "runs" / "out" / "summary.json").exists()
+
+
+def test_fused_loss_computes_no_gradients_under_no_grad(monkeypatch):
+    """Evaluation reuses the loss; under no_grad it must skip the gradient matmuls."""
+    from deltatune import losses
+
+    head = torch.nn.Linear(8, 20)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (5,))
+    calls = []
+    real_exp = torch.exp
+    monkeypatch.setattr(losses.torch, "exp", lambda x: calls.append(1) or real_exp(x))
+    with torch.no_grad():
+        value = losses.linear_cross_entropy(hidden, head, targets)
+    assert not calls  # softmax (the first step of the gradient) never computed
+    assert torch.allclose(value, torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum"))

@@ -55,11 +55,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):  # noqa: D401
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, grad_enabled: bool):
         device_type = hidden.device.type
         dtype = _compute_dtype(device_type, weight.dtype)
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
+        # needs_input_grad ignores torch.no_grad(), so the caller's grad mode comes in explicitly:
+        # evaluation must not pay for gradients.
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
+        need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
@@ -96,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * scale).to(ctx.dtypes[0]),
                 None if grad_bias is None else (grad_bias * scale).to(ctx.dtypes[1]),
-                None, None)
+                None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
@@ -108,15 +111,17 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.T
     checkpointing, which recomputes each chunk's logits in backward.
     """
     if type(head) is nn.Linear:
-        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows,
+                                         torch.is_grad_enabled())
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h).float(), t, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
-        total = total + checkpoint(chunk_loss, hidden[start:start + chunk_rows],
-                                   targets[start:start + chunk_rows], use_reentrant=False)
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False)
+                         if torch.is_grad_enabled() else chunk_loss(h, t))
     return total
 
 
