@@ -13,9 +13,9 @@ from torch import nn
 
 from ..errors import DeltatuneError
 from .base import MethodConfig
-from .virtual_tokens import (WHY_NO_MERGE, VirtualTokens, attach, common_peft_fields,
-                             load_virtual_state_dict, validate_num_virtual_tokens,
-                             virtual_state_dict)
+from .virtual_tokens import VirtualTokens, attach
+from .virtual_tokens_io import (WHY_NO_MERGE, common_peft_fields, load_virtual_state_dict,
+                                validate_num_virtual_tokens, virtual_state_dict)
 
 INITS = ("random", "vocab", "text")
 PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}

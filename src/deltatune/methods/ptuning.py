@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .base import MethodConfig
-from .virtual_tokens import (WHY_NO_MERGE, VirtualTokens, attach, attention_geometry,
-                             common_peft_fields, load_virtual_state_dict,
-                             validate_num_virtual_tokens, virtual_state_dict)
+from .virtual_tokens import VirtualTokens, attach, attention_geometry
+from .virtual_tokens_io import (WHY_NO_MERGE, common_peft_fields, load_virtual_state_dict,
+                                validate_num_virtual_tokens, virtual_state_dict)
 
 ENCODERS = ("lstm", "mlp")
 
