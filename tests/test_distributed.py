@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from deltatune.train import train_from_config
+from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import causal_config, tiny_llama_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_match_one_process(tmp_path):
