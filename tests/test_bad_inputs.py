@@ -125,7 +125,7 @@ def check_one_line(case: dict, code: int, err: str) -> None:
 
 def test_corpus_is_large_and_covers_every_kind_of_input():
     assert len(CASES) >= 40
-    assert {c["table"] for c in CASES} == {"adapters", "cli", "configs", "data"}
+    assert {c["table"] for c in CASES} == {"adapters", "cli", "configs", "data", "models"}
     assert sum(bool(c.get("subprocess")) for c in CASES) >= 3
 
 

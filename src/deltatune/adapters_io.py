@@ -76,12 +76,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     return final
 
 
-def read_adapter_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_NAME
+def _read_json(path: Path) -> Any:
     try:
-        values = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DeltatuneError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise DeltatuneError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    values = _read_json(path)
     if not isinstance(values, dict) or "peft_type" not in values:
         raise DeltatuneError(f"{path}: no 'peft_type' key — not an adapter config")
     return values
@@ -201,7 +207,7 @@ def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
         tensors = {}
         for file in _full_weight_files(directory):
             tensors.update(read_tensors(file))
-        config = json.loads((directory / "config.json").read_text())
+        config = _read_json(directory / "config.json")
         info = {"method": "full", "peft_type": None,
                 "base_model": config.get("deltatune_base") or config.get("_name_or_path"),
                 "task_type": (config.get("architectures") or ["?"])[0], "options": {}}

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--adapter")
     p.add_argument("--data")
-    p.add_argument("--task", default=None)
+    p.add_argument("--task", default=None, choices=["classification", "causal-lm"])
     p.add_argument("--format", default=None)
     p.set_defaults(func=cmd_eval)
 

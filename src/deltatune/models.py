@@ -216,6 +216,23 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _weights_errors(name_or_path: str):
+    """A truncated or mismatched weights file is one line naming the model, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DeltatuneError(f"{name_or_path}: cannot load the model weights "
+                             f"({_first_line(exc)})") from None
+
+
 @contextlib.contextmanager
 def _no_progress_bar():
     """transformers draws a "Loading weights" bar on stderr; a load takes seconds here, and a
@@ -254,6 +271,9 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         raise DeltatuneError(
             f"cannot load model {name_or_path!r}: not found locally and the Hub is not reachable "
             f"({type(exc).__name__})") from None
+    except (ValueError, KeyError) as exc:  # an unknown model_type, a damaged tokenizer file
+        raise DeltatuneError(f"{name_or_path}: cannot load the model's config or tokenizer "
+                             f"({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     kwargs = {"dtype": dtype or torch.float32}
@@ -263,10 +283,11 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
-        with _quiet_transformers(), _no_progress_bar():  # the new head is reported "MISSING"
+        with _quiet_transformers(), _no_progress_bar(), _weights_errors(name_or_path):
+            # (quiet: the new head is reported "MISSING", which is expected, not news)
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
     else:
-        with _no_progress_bar():
+        with _no_progress_bar(), _weights_errors(name_or_path):
             model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id

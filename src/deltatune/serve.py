@@ -224,6 +224,8 @@ def serve_from_cli(args) -> None:
 
     from .models import load_model
 
+    if not 0 <= args.port <= 65535:  # checked before the model loads, not deep inside uvicorn
+        raise DeltatuneError(f"--port: must be in 0..65535, got {args.port}")
     adapters = parse_adapter_specs(args.adapter)
     model, tokenizer = load_model(args.model, task="causal-lm")
     app = build_app(model, tokenizer, adapters, base_name=args.model,
