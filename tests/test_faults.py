@@ -35,6 +35,16 @@ DRIVER = Path(__file__).parent / "fault_driver.py"
 EXTRA = ["method.dropout=0.1", "train.save_every=1", "train.keep_checkpoints=20"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Bit-identity across processes needs the same intra-op thread count in each (the killed
+    subprocesses get OMP_NUM_THREADS=1); one thread is also the fastest for tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny BERT run config and the uninterrupted reference run (every checkpoint kept)."""
@@ -76,7 +86,7 @@ def kill_at(config: Path, out: Path, fault: str, step: int, tmp_path: Path,
     ready = tmp_path / "ready"
     command = [sys.executable, str(DRIVER), f"{fault}:{step}", str(ready), "--",
                "train", str(config), f"output_dir={out}", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not ready.exists():
