@@ -9,12 +9,14 @@ FAULT says where the process freezes (writes READY_FILE, then sleeps until the t
     in-state     halfway through writing checkpoint STEP's trainer_state.pt
     none         no fault (a plain `deltatune` process)
 The freeze points are only reached by patching functions the trainer calls; no library code
-knows about this driver.
+knows about this driver. Tests call `kill_at(...)`, which runs this file and does the killing.
 """
 from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,6 +85,26 @@ def arm(fault: str, step: int, ready: Path) -> None:
         torch.save = torch_save
     elif fault != "none":
         raise SystemExit(f"unknown fault {fault!r}")
+
+
+def kill_at(config: Path, out: Path, fault: str, step: int, tmp_path: Path,
+            extra: list[str]) -> None:
+    """Start `deltatune train` with the fault armed, wait until it freezes there, SIGKILL it."""
+    ready = tmp_path / "ready"
+    command = [sys.executable, __file__, f"{fault}:{step}", str(ready), "--",
+               "train", str(config), f"output_dir={out}", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before the fault (rc {process.returncode}): "
+                                 f"{process.stderr.read().decode()[-2000:]}")
+        assert time.monotonic() < deadline, "the run never reached the fault"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
 
 
 def main(argv: list[str]) -> int:

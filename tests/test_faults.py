@@ -11,10 +11,7 @@ import errno
 import math
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
+import re
 from pathlib import Path
 
 import pytest
@@ -26,10 +23,10 @@ from deltatune.checkpoint import STATE_FILE, checkpoint_dirs
 from deltatune.cli import main
 from deltatune.run_dir import partial_dir
 from deltatune.train import train_from_config
+from fault_driver import kill_at
 from tiny_runs import classification_config, tiny_bert_dir
 
 STEPS = 8
-DRIVER = Path(__file__).parent / "fault_driver.py"
 # LoRA dropout draws from the RNG every step, so a resume that restored the wrong RNG state
 # (or the wrong data position, or optimizer moments) cannot end bit-identical.
 EXTRA = ["method.dropout=0.1", "train.save_every=1", "train.keep_checkpoints=20"]
@@ -80,26 +77,6 @@ def leftovers(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".tmp-" in p.name)
 
 
-def kill_at(config: Path, out: Path, fault: str, step: int, tmp_path: Path,
-            extra: list[str] = EXTRA) -> None:
-    """Start `deltatune train` with the fault armed, wait until it freezes there, SIGKILL it."""
-    ready = tmp_path / "ready"
-    command = [sys.executable, str(DRIVER), f"{fault}:{step}", str(ready), "--",
-               "train", str(config), f"output_dir={out}", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not ready.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before the fault (rc {process.returncode}): "
-                                 f"{process.stderr.read().decode()[-2000:]}")
-        assert time.monotonic() < deadline, "the run never reached the fault"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-
-
 # (fault, seed): the seed draws the step; "in-weights"/"in-state" die with checkpoint STEP
 # half-written, so the last complete one is STEP - 1.
 KILLS = [("after-save", 0), ("in-step", 1), ("in-weights", 2), ("in-state", 3)]
@@ -110,7 +87,7 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path, fault, seed, caps
     config, reference = setup
     step = random.Random(seed).randint(2, STEPS - 2)
     out = tmp_path / "run"
-    kill_at(config, out, fault, step, tmp_path)
+    kill_at(config, out, fault, step, tmp_path, EXTRA)
 
     # Nothing is published until the run completes; the partial directory holds the checkpoints.
     assert not out.exists()
@@ -215,8 +192,6 @@ def test_absurd_learning_rate_stops_at_the_first_non_finite_step(setup, tmp_path
     assert main(["train", str(config), f"output_dir={out}", *EXTRA, "train.lr=1e30"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    import re
-
     found = re.search(r"step (\d+): the loss is (nan|inf)", err)
     assert found, err
     bad_step = int(found.group(1))

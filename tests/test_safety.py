@@ -24,7 +24,7 @@ from deltatune.checkpoint import STATE_FILE, latest_checkpoint
 from deltatune.cli import main
 from deltatune.run_dir import partial_dir
 from deltatune.train import train_from_config
-from test_faults import kill_at
+from fault_driver import kill_at
 from tiny_runs import classification_config, tiny_bert_dir
 
 SRC = Path(dt.__file__).parent
