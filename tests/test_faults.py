@@ -226,3 +226,29 @@ def test_full_disk_while_publishing_the_final_delta_keeps_every_checkpoint(setup
     assert main(["train", str(config), f"output_dir={out}", *EXTRA, "--resume"]) == 0
     assert_bit_identical(final_delta(out), final_delta(reference))
     assert leftovers(out) == [] and not (out / ".final").exists()
+
+
+def test_a_checkpoint_emptied_by_a_power_loss_is_skipped_on_resume(setup, tmp_path, capsys):
+    """A rename can reach the disk before the data does: the newest checkpoint then exists with
+    empty files. --resume says so and continues from the one before, still bit-identical."""
+    config, reference = setup
+    step = random.Random(7).randint(3, STEPS - 1)
+    out = tmp_path / "run"
+
+    class PowerLoss(Exception):
+        pass
+
+    def lose_power(at: int) -> None:
+        if at == step:
+            raise PowerLoss()
+
+    with pytest.raises(PowerLoss):
+        train_from_config(str(config), [f"output_dir={out}", *EXTRA], on_step=lose_power)
+    newest = partial_dir(out) / "checkpoints" / f"step-{step}"
+    for name in (STATE_FILE, "adapter/adapter_model.safetensors"):
+        (newest / name).write_bytes(b"")
+    capsys.readouterr()
+    assert main(["train", str(config), f"output_dir={out}", *EXTRA, "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"skipped a damaged checkpoint ({newest}" in said and f"resuming from step-{step - 1}" in said
+    assert_bit_identical(final_delta(out), final_delta(reference))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.checkpoint import STATE_FILE, latest_checkpoint
+from deltatune.checkpoint import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from deltatune.cli import main
 from deltatune.run_dir import partial_dir
 from deltatune.train import train_from_config
@@ -168,19 +168,28 @@ def test_malicious_trainer_state_in_a_checkpoint_is_refused_without_running(run_
 
     with pytest.raises(Stop):
         train_from_config(str(config), [f"output_dir={out}"], on_step=stop_at_3)
-    checkpoint = latest_checkpoint(partial_dir(out))
+    checkpoints = checkpoint_dirs(partial_dir(out))  # oldest first
+    assert [c.name for c in checkpoints] == ["step-2", "step-3"]
     marker = tmp_path / "pwned"
-    malicious_torch_file(checkpoint / STATE_FILE, marker)
+    # Only the newest is poisoned: resume refuses it (without running it) and uses step-2.
+    malicious_torch_file(checkpoints[-1] / STATE_FILE, marker)
     capsys.readouterr()
+    assert main(["train", str(config), f"output_dir={out}", "--resume", "train.max_steps=3"]) == 0
+    said = capsys.readouterr().out
+    assert f"{checkpoints[-1] / STATE_FILE}: unreadable checkpoint state" in said
+    assert "resuming from step-2" in said
+    assert not marker.exists()
+    # Every checkpoint poisoned (state or adapter): one line, exit 2, and still nothing runs.
+    out = tmp_path / "run2"
+    with pytest.raises(Stop):
+        train_from_config(str(config), [f"output_dir={out}"], on_step=stop_at_3)
+    older, newest = checkpoint_dirs(partial_dir(out))
+    malicious_torch_file(newest / STATE_FILE, marker)
+    (older / "adapter" / "adapter_model.safetensors").unlink()
+    (older / "adapter" / "adapter_model.bin").write_bytes(malicious_pickle(marker))
     assert main(["train", str(config), f"output_dir={out}", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{checkpoint / STATE_FILE}: unreadable checkpoint state" in err
-    assert not marker.exists()
-    # The checkpoint's adapter is refused the same way when it is a pickle.
-    (checkpoint / "adapter" / "adapter_model.safetensors").unlink()
-    (checkpoint / "adapter" / "adapter_model.bin").write_bytes(malicious_pickle(marker))
-    assert main(["train", str(config), f"output_dir={out}", "--resume"]) == 2
-    assert "pickle files are never loaded" in capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{newest / STATE_FILE}: unreadable checkpoint state" in err
     assert not marker.exists()
 
 

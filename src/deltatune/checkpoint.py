@@ -131,6 +131,20 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     return state
 
 
+def load_latest_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any) -> tuple[Path, dict[str, Any], list[str]]:
+    """Restore the newest checkpoint that loads: (its directory, its trainer state, the errors of
+    newer ones that did not). A checkpoint is renamed into place only once written, but a power
+    loss can still leave its files empty on disk; the one before it is then the last good one."""
+    damaged: list[str] = []
+    for directory in reversed(checkpoint_dirs(run_dir)):
+        try:  # each load replaces the whole delta, optimizer and scheduler state
+            return directory, load_checkpoint(directory, model, optimizer, scheduler), damaged
+        except DeltatuneError as exc:
+            damaged.append(str(exc))
+    raise DeltatuneError(damaged[0] if damaged else f"{run_dir}: no checkpoint to resume from")
+
+
 def restore_delta(model: nn.Module, directory: Path) -> None:
     """Copy the tensors saved in `directory` into the model's live (already applied) delta."""
     name, config = active_config(model)

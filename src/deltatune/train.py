@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng, rng_from_bytes,
+from .checkpoint import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
                          rng_to_bytes, save_checkpoint)
 from .deltas import active_config
 from .distributed import Distributed, setup_distributed, teardown_distributed
@@ -98,9 +98,9 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     trainable = [p for _, p in trainable_parameters(bare)]
     progress = Progress()
     set_seed(tc.seed)
+    damaged: list[str] = []  # newer checkpoints that did not load (resume uses an older one)
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        state = load_checkpoint(checkpoint, bare, optimizer, scheduler)
+        checkpoint, state, damaged = load_latest_checkpoint(run_dir, bare, optimizer, scheduler)
         progress = Progress(**state["progress"])
         rng = state["rng"]
         restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
@@ -118,6 +118,8 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     metric = tc.metric or default_metric(task)
     log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
+    for problem in damaged:
+        log.message(f"skipped a damaged checkpoint ({problem}); resuming from {checkpoint.name}")
     eval_kwargs = dict(batch_size=tc.eval_batch_size or tc.batch_size, dist=dist, bf16=bf16,
                        tokenizer=tokenizer)
     window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
