@@ -129,6 +129,22 @@ def test_corpus_is_large_and_covers_every_kind_of_input():
     assert sum(bool(c.get("subprocess")) for c in CASES) >= 3
 
 
+def test_the_unbroken_workspace_works(template, tmp_path, monkeypatch, capsys):
+    """The control: every command the cases break succeeds on the good workspace, so each
+    case's error comes from its one breakage."""
+    root = prepare({}, template, tmp_path / "ws")
+    monkeypatch.chdir(root)
+    for argv in (["train", "run.yaml"], ["train", "lm.yaml"], ["inspect", "adapter"],
+                 ["inspect", "bert"], ["eval", "--model", "bert", "--adapter", "adapter",
+                                       "--data", "data/dev.jsonl"],
+                 ["merge", "--model", "bert", "--adapter", "adapter", "--out", "merged"],
+                 ["generate", "hello", "--model", "llama", "--adapter", "llama_adapter",
+                  "--max-new-tokens", "2"],
+                 ["plan", "run.yaml"]):
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+    assert (root / "out" / "summary.json").is_file() and (root / "merged" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, template, tmp_path, monkeypatch, capsys):
     root = prepare(case, template, tmp_path / "ws")
