@@ -97,6 +97,9 @@ class TrainConfig(ConfigSection):
     bf16: bool | str = "auto"       # auto: on where the CPU/GPU supports bf16
     gradient_checkpointing: bool = False
     group_by_length: bool = True    # batch rows of similar length (less padding; order still random)
+    # causal LM on plain-causal decoders (Llama family): a batch is one row of its examples end to
+    # end, each attending only to itself; no padding is computed (group_by_length is then moot)
+    padding_free: bool = True
     eval_every: int | None = None   # steps; None: only at the end
     save_every: int | None = None   # steps; None: only the final delta
     keep_checkpoints: int = 2

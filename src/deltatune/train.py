@@ -30,6 +30,7 @@ from .evaluate import default_metric, evaluate_model, is_better
 from .losses import batch_loss, count_targets
 from .methods import get_method
 from .methods.base import count_parameters
+from .packed_attention import ONE_ROW, packed_attention, supports_packed_attention
 from .optimization import (BatchStream, build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
@@ -79,8 +80,12 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         eval_dataset = build_dataset(config.data, tokenizer, task, "eval", tc.seed, num_labels)
     if len(train_dataset) == 0:
         raise DeltatuneError(f"{config.data.train}: the training set is empty")
-    collator = Collator(tokenizer.pad_token_id, packing=config.data.packing,
-                        max_length=config.data.max_length)
+    # Padding-free (causal LM): a batch's examples are laid end to end in one row and each
+    # attends only to itself (packed_attention), so no layer computes a padding token.
+    padding_free = (task == "causal-lm" and getattr(tc, "padding_free", True)
+                    and not config.data.packing and supports_packed_attention(model))
+    collator = Collator(tokenizer.pad_token_id, packing=config.data.packing or padding_free,
+                        max_length=ONE_ROW if padding_free else config.data.max_length)
     eval_collator = Collator(tokenizer.pad_token_id)
 
     bare = model.to(dist.device)
@@ -88,7 +93,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         enable_gradient_checkpointing(bare)
     name, method_config = active_config(bare)
     lr = tc.lr or get_method(method_config.method).default_lr
-    grouped = getattr(tc, "group_by_length", True) and not config.data.packing
+    grouped = getattr(tc, "group_by_length", True) and not collator.packing
     stream = BatchStream(len(train_dataset), tc.batch_size, tc.seed, dist.world_size,
                          [len(e.input_ids) for e in train_dataset] if grouped else None)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * stream.per_epoch / tc.grad_accum))
@@ -161,7 +166,9 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
                 last = k == len(batches) - 1
                 # DDP syncs gradients on the last micro-batch only.
                 sync = ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()
-                with sync:
+                # Backward too: gradient checkpointing re-runs the attention there.
+                attention = packed_attention(bare) if collator.packing else contextlib.nullcontext()
+                with sync, attention:
                     with autocast:
                         loss = batch_loss(ddp, task, batch, head_owner=bare)
                     (loss * (dist.world_size / max(targets, 1.0))).backward()

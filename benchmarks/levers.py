@@ -1,0 +1,92 @@
+"""Each speed lever of a LoRA SFT step measured on its own, in one process, variants taking turns.
+
+    python benchmarks/levers.py [--batches 3] [--rounds 2]
+
+Same model, LoRA and batches for every variant (the first batches of the SFT benchmark, see
+sft_setup.py); each variant runs forward + backward + fused AdamW on each batch, round after round,
+so machine noise hits them alike. Reported: median step time, real (non-padding) tokens/s and
+the step loss (identical batches => the losses must agree).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+
+import sft_setup as S
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    import deltatune as dt
+    from deltatune.data import Collator
+    from deltatune.losses import batch_loss, count_targets
+    from deltatune.optimization import build_optimizer
+    from deltatune.packed_attention import packed_attention
+
+    torch.manual_seed(S.SEED)
+    base, tokenizer = dt.load_model(S.MODEL)
+    dataset = S.load_examples(tokenizer)
+    order = S.row_order(len(dataset), args.batches)
+    examples = [[dataset[i] for i in order[k * S.BATCH:(k + 1) * S.BATCH]] for k in range(args.batches)]
+    padded = [Collator(tokenizer.pad_token_id)(b) for b in examples]
+    packed = [Collator(tokenizer.pad_token_id, packing=True, max_length=10**9)(b) for b in examples]
+    model = dt.apply(base, dt.LoraConfig(r=S.RANK, alpha=S.ALPHA, target_modules=S.LORA_TARGETS))
+    start_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
+    optimizer = build_optimizer(model, S.LR, 0.0)
+    model.train()
+
+    def hf_logits_loss(batch):  # what peft + HF Trainer compute: full logits, mean over targets
+        return model(**batch).loss
+
+    def chunked(batch):
+        return batch_loss(model, "causal-lm", batch) / count_targets("causal-lm", batch["labels"])
+
+    def per_example(batch):
+        with packed_attention(model):
+            return chunked(batch)
+
+    variants = {  # name: (batches, loss function, bf16 autocast)
+        "padded, full-logits loss (HF)": (padded, hf_logits_loss, True),
+        "padded, chunked loss": (padded, chunked, True),
+        "one packed row, dense block mask": (packed, chunked, True),
+        "one packed row, per-example attention": (packed, per_example, True),
+        "one packed row, per-example, fp32": (packed, per_example, False),
+    }
+    times = {name: [] for name in variants}
+    losses = {name: [] for name in variants}
+    for round_index in range(args.rounds + 1):  # round 0 warms up
+        for name, (batches, loss_fn, bf16) in variants.items():
+            for k, batch in enumerate(batches):
+                model.load_state_dict(start_state, strict=False)
+                tick = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn(batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                seconds = time.perf_counter() - tick
+                if round_index:
+                    times[name].append(seconds)
+                    losses[name].append(float(loss))
+    real = sum(int(b["attention_mask"].sum()) for b in padded)
+    width = sum(b["input_ids"].numel() for b in padded)
+    print(f"SmolLM2-135M LoRA r{S.RANK} all-linear, {args.batches} batches of {S.BATCH} alpaca rows "
+          f"({real} real tokens, {width} padded), {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads")
+    for name in variants:
+        step = statistics.median(times[name])
+        print(f"  {name:40s} step {step:6.2f} s   {real / args.batches / step:6.0f} real tok/s   "
+              f"mean loss {statistics.mean(losses[name]):.4f}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

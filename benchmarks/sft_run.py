@@ -1,0 +1,190 @@
+"""One LoRA SFT run of one tool, in this process; prints one JSON line of measurements.
+
+    python benchmarks/sft_run.py deltatune|peft-trainer|trl|deltatune-full [--steps 14] [--warmup 2]
+                                 [--max-length 512] [--rank 8]
+
+The work is sft_setup.py's. Step times are the intervals between consecutive ends of optimizer
+steps (data loading, logging and everything else a step costs included); the first `--warmup`
+steps are not measured. Real tokens are the non-padding tokens of the step's examples, counted
+from the examples themselves, so every tool is credited alike. Peak RSS is the process's
+(model loading included, as for every tool).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import sft_setup as S
+import torch
+
+TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full")
+
+
+def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list[float]]:
+    import deltatune as dt
+    from deltatune.config import build_run_config
+    from deltatune.train import train
+
+    ends: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        config = build_run_config({
+            "model": S.MODEL, "task": "causal-lm", "output_dir": f"{out}/run",
+            "data": {"train": str(S.DATA), "format": "alpaca", "max_length": args.max_length},
+            "method": method,
+            "train": {"max_steps": args.steps, "batch_size": S.BATCH, "lr": S.LR,
+                      "schedule": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
+                      "max_grad_norm": 1.0, "bf16": True, "seed": S.SEED, "log_every": 1,
+                      "group_by_length": False},
+        })
+        model, tokenizer = dt.load_model(S.MODEL)
+        dt.apply(model, config.method_config())
+        train(model, tokenizer, config, train_dataset=dataset,
+              on_step=lambda step: ends.append(time.perf_counter()))
+        with open(f"{out}/run/metrics.jsonl") as log:
+            losses = [r["loss"] for r in map(json.loads, log) if "loss" in r]
+    return ends, losses
+
+
+class _Ordered(torch.utils.data.Dataset):
+    """The examples in training order, as the token ids / labels / masks the peers take."""
+
+    def __init__(self, dataset, order, trl: bool) -> None:
+        self.rows = []
+        for i in order:
+            example = dataset[i]
+            if trl:  # TRL derives labels itself from the completion mask (response tokens)
+                mask = [int(label != -100) for label in example.labels]
+                self.rows.append({"input_ids": example.input_ids, "completion_mask": mask})
+            else:
+                self.rows.append({"input_ids": example.input_ids, "labels": example.labels,
+                                  "attention_mask": [1] * len(example.input_ids)})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def _timing_callback(ends: list[float], losses: list[float]):
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Timing()
+
+
+def _peer_arguments(cls, out: str, steps: int, **extra):
+    return cls(output_dir=out, max_steps=steps, per_device_train_batch_size=S.BATCH,
+               learning_rate=S.LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+               max_grad_norm=1.0, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
+               report_to=[], seed=S.SEED, dataloader_num_workers=0, disable_tqdm=True,
+               train_sampling_strategy="sequential", **extra)
+
+
+def _peft_lora(rank: int):
+    import peft
+
+    return peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                           target_modules=S.LORA_TARGETS, task_type="CAUSAL_LM")
+
+
+def run_peft_trainer(dataset, order, args) -> tuple[list[float], list[float]]:
+    import peft
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
+                              Trainer, TrainingArguments)
+
+    ends: list[float] = []
+    losses: list[float] = []
+    path = S.model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.get_peft_model(model, _peft_lora(args.rank))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model=model, args=_peer_arguments(TrainingArguments, out, args.steps,
+                                              remove_unused_columns=False),
+            train_dataset=_Ordered(dataset, order, trl=False),
+            # dynamic padding: each batch padded to its longest row, labels with -100
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            callbacks=[_timing_callback(ends, losses)])
+        trainer.train()
+    return ends, losses
+
+
+def run_trl(dataset, order, args) -> tuple[list[float], list[float]]:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    ends: list[float] = []
+    losses: list[float] = []
+    path = S.model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = _Ordered(dataset, order, trl=True).rows
+    train_dataset = datasets.Dataset.from_list(rows)
+    with tempfile.TemporaryDirectory() as out:
+        config = _peer_arguments(SFTConfig, out, args.steps, max_length=args.max_length,
+                                 padding_free=True, completion_only_loss=True,
+                                 # TRL turns checkpointing on by default; off is faster here
+                                 gradient_checkpointing=False)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset,
+                             processing_class=tokenizer, peft_config=_peft_lora(args.rank),
+                             callbacks=[_timing_callback(ends, losses)])
+        trainer.train()
+    return ends, losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tool", choices=TOOLS)
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
+    parser.add_argument("--rank", type=int, default=S.RANK)
+    parser.add_argument("--last", type=int, default=5, help="steps averaged for the final loss")
+    args = parser.parse_args()
+    torch.manual_seed(S.SEED)
+    from transformers import AutoTokenizer
+
+    dataset = S.load_examples(AutoTokenizer.from_pretrained(S.model_path()), args.max_length)
+    order = S.row_order(len(dataset), args.steps)
+    started = time.perf_counter()
+    if args.tool == "deltatune":
+        ends, losses = run_deltatune(dataset, order, args, {
+            "name": "lora", "r": args.rank, "alpha": 2 * args.rank, "target_modules": S.LORA_TARGETS})
+    elif args.tool == "deltatune-full":
+        ends, losses = run_deltatune(dataset, order, args, {"name": "full"})
+    elif args.tool == "peft-trainer":
+        ends, losses = run_peft_trainer(dataset, order, args)
+    else:
+        ends, losses = run_trl(dataset, order, args)
+    if len(ends) != args.steps:
+        sys.exit(f"{args.tool}: {len(ends)} step ends recorded, expected {args.steps}")
+    step_times = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])] \
+        if args.warmup else [ends[0] - started] + [b - a for a, b in zip(ends, ends[1:])]
+    step_tokens = [sum(len(dataset[i].input_ids) for i in order[k * S.BATCH:(k + 1) * S.BATCH])
+                   for k in range(args.warmup, args.steps)]
+    print(json.dumps({
+        "tool": args.tool, "steps": args.steps, "warmup": args.warmup, "rank": args.rank,
+        "max_length": args.max_length, "threads": torch.get_num_threads(),
+        "step_s_median": statistics.median(step_times),
+        "real_tokens_per_s": sum(step_tokens) / sum(step_times),
+        "peak_rss_gb": S.peak_rss_gb(), "losses": losses,
+        "last_loss_mean": statistics.mean(losses[-args.last:]), "step_s": step_times,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The work every SFT benchmark runs, defined once so that all tools get the same examples.
+
+SmolLM2-135M-Instruct (`smollm2-135m`), the 999 alpaca demo rows rendered with the model's chat
+template, loss on the response tokens only, max length 512, LoRA r=8 (alpha 16, no dropout) on
+the seven linear projections of every layer, batch 8, bf16 autocast, lr 2e-4 decaying linearly
+to 0, no warmup, gradient clipping at 1.0, no weight decay.
+
+The examples are tokenized once by deltatune (`build_dataset`); the peers are given the very same
+token ids and response masks. The row order is deltatune's seeded, ungrouped `BatchStream`; the
+peers read the same rows in the same order (sequential sampler over that order).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.jsonl"
+MODEL = "smollm2-135m"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 8, 16
+BATCH, MAX_LENGTH, LR, SEED = 8, 512, 2e-4, 0
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def data_config(max_length: int = MAX_LENGTH):
+    from deltatune.config import DataConfig
+
+    return DataConfig(train=str(DATA), format="alpaca", max_length=max_length)
+
+
+def load_examples(tokenizer, max_length: int = MAX_LENGTH):
+    from deltatune.data import build_dataset
+
+    return build_dataset(data_config(max_length), tokenizer, "causal-lm", "train", SEED)
+
+
+def row_order(num_rows: int, steps: int, batch: int = BATCH) -> list[int]:
+    """The rows of the first `steps` batches, in training order."""
+    from deltatune.optimization import BatchStream
+
+    stream = BatchStream(num_rows, batch, SEED)
+    return [i for k in range(steps) for i in stream.rows(k)]
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def model_path() -> str:
+    from deltatune.models import resolve_model_path
+
+    return str(resolve_model_path(MODEL))
