@@ -114,7 +114,7 @@ def test_merged_model_matches_unmerged_and_unmerge_restores_the_base(case, seed)
         assert relative_error(layer.base_layer.weight, base[id(layer)], size) <= FP32_ROUND_TRIP
     with torch.no_grad():
         again = model(input_ids=ids).logits
-    assert relative_error(again, unmerged, float(unmerged.abs().max())) < 1e-5
+    assert relative_error(again, unmerged, float(unmerged.abs().max())) < 1e-4  # fp32 rounding of W + Δ - Δ, amplified through the layers
 
 
 # ------------------------------------------------------------------------- save / load
