@@ -27,6 +27,7 @@ demo: setup
 	$(VENV)/bin/deltatune compare examples/demo-compare-minilm.yaml
 
 bench: setup
+	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PY) benchmarks/run.py
 
 clean:

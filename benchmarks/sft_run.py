@@ -135,7 +135,8 @@ def run_trl(dataset, order, args) -> tuple[list[float], list[float]]:
     rows = _Ordered(dataset, order, trl=True).rows
     train_dataset = datasets.Dataset.from_list(rows)
     with tempfile.TemporaryDirectory() as out:
-        config = _peer_arguments(SFTConfig, out, args.steps, max_length=args.max_length,
+        # the examples are already cut to max_length (TRL refuses max_length with padding_free)
+        config = _peer_arguments(SFTConfig, out, args.steps, max_length=None,
                                  padding_free=True, completion_only_loss=True,
                                  # TRL turns checkpointing on by default; off is faster here
                                  gradient_checkpointing=False)

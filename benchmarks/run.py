@@ -1,0 +1,94 @@
+"""`make bench`: deltatune vs peft + HF Trainer vs TRL, LoRA vs full, generate() latency, scaling.
+
+    python benchmarks/run.py [--sections main,generate,scaling,levers] [--repeats 2] [--steps 14]
+    python benchmarks/run.py --report-only      # rewrite RESULTS.md from benchmarks/results.json
+
+Every measured run is its own process, started under `flock /tmp/deltatune-heavy.lock` so that no
+other heavy job on this shared machine overlaps it; the tools take turns (deltatune, peft +
+Trainer, TRL, deltatune full fine-tuning, then again). Raw results go to benchmarks/results.json
+after every run (an interrupted bench keeps what it measured); benchmarks/RESULTS.md is written
+from them by report.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LOCK = "/tmp/deltatune-heavy.lock"
+RAW = HERE / "results.json"
+SECTIONS = ("main", "generate", "scaling", "levers")
+MAIN_TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full")
+SEQ_LENGTHS = (128, 256, 512, 1024, 2048)
+RANKS = (4, 8, 16, 32, 64)
+VIRTUAL_TOKENS = (8, 32, 128)
+
+
+def command(script: str, *args: object) -> list[str]:
+    return ["flock", LOCK, sys.executable, str(HERE / script), *map(str, args)]
+
+
+def measure(cmd: list[str], raw: dict, key: str) -> dict | str | None:
+    """Run one measurement; its last stdout line is JSON (or, for levers, the whole text)."""
+    shown = " ".join(["flock", LOCK, "python", *[c.replace(str(HERE.parent) + "/", "")
+                                                  for c in cmd[3:]]])
+    print(f"[bench] {shown}", flush=True)
+    started = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        print(f"[bench] FAILED ({done.returncode}): {shown}", flush=True)
+        return None
+    lines = [l for l in done.stdout.splitlines() if l.strip()]
+    result = json.loads(lines[-1]) if key != "levers" else "\n".join(lines)
+    entry = {"command": shown, "wall_s": round(time.time() - started, 1), "result": result}
+    raw.setdefault(key, []).append(entry)
+    RAW.write_text(json.dumps(raw, indent=1))
+    print(f"[bench]   done in {entry['wall_s']} s", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tools", default=",".join(MAIN_TOOLS))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="add to results.json, do not reset it")
+    args = parser.parse_args()
+    import report
+
+    if args.report_only:
+        report.write(json.loads(RAW.read_text()))
+        return
+    sections = args.sections.split(",")
+    raw = json.loads(RAW.read_text()) if args.keep and RAW.exists() else {}
+    raw.setdefault("settings", {"steps": args.steps, "warmup": args.warmup,
+                                "repeats": args.repeats, "started": time.strftime("%Y-%m-%d %H:%M")})
+    if "main" in sections:
+        for _ in range(args.repeats):
+            for tool in args.tools.split(","):
+                measure(command("sft_run.py", tool, "--steps", args.steps, "--warmup", args.warmup),
+                        raw, f"main:{tool}")
+    if "generate" in sections:
+        measure(command("generate_latency.py"), raw, "generate")
+    if "scaling" in sections:
+        points = ([("seq", n) for n in SEQ_LENGTHS] + [("rank", r) for r in RANKS]
+                  + [(m, n) for m in ("prompt", "prefix") for n in VIRTUAL_TOKENS])
+        for axis, value in points:
+            measure(command("scaling.py", axis, value), raw, f"scaling:{axis}")
+    if "levers" in sections:
+        measure(command("levers.py", "--batches", 3, "--rounds", 1), raw, "levers")
+    raw["settings"]["finished"] = time.strftime("%Y-%m-%d %H:%M")
+    RAW.write_text(json.dumps(raw, indent=1))
+    report.write(raw)
+
+
+if __name__ == "__main__":
+    main()

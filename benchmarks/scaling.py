@@ -1,0 +1,69 @@
+"""One point of a scaling table, in its own process (so its peak RSS is its own); prints JSON.
+
+    python benchmarks/scaling.py seq 1024            # LoRA r8, batch 8 x 1024 tokens
+    python benchmarks/scaling.py rank 32             # LoRA r32, batch 8 x 512
+    python benchmarks/scaling.py prompt 64           # prompt tuning, 64 virtual tokens, 8 x 256
+    python benchmarks/scaling.py prefix 64           # prefix tuning, 64 virtual tokens, 8 x 256
+
+SmolLM2-135M, random token rows of the given length (every row full, so padding plays no part),
+loss on every token; deltatune's training step as the trainer runs it: bf16 autocast, the LM head
+and loss chunked, fused AdamW over the trainable parameters. `--steps` steps after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import sft_setup as S
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("axis", choices=("seq", "rank", "prompt", "prefix"))
+    parser.add_argument("value", type=int)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=S.BATCH)
+    args = parser.parse_args()
+
+    import deltatune as dt
+    from deltatune.losses import batch_loss, count_targets
+    from deltatune.optimization import build_optimizer
+    from deltatune.packed_attention import packed_attention
+
+    torch.manual_seed(S.SEED)
+    model, _ = dt.load_model(S.MODEL)
+    length = {"seq": args.value, "rank": 512}.get(args.axis, 256)
+    if args.axis in ("seq", "rank"):
+        rank = args.value if args.axis == "rank" else S.RANK
+        config = dt.LoraConfig(r=rank, alpha=2 * rank, target_modules=S.LORA_TARGETS)
+    elif args.axis == "prompt":
+        config = dt.PromptTuningConfig(num_virtual_tokens=args.value)
+    else:
+        config = dt.PrefixConfig(num_virtual_tokens=args.value)
+    dt.apply(model, config)
+    optimizer = build_optimizer(model, 1e-4, 0.0)
+    model.train()
+    ids = torch.randint(100, 40000, (args.batch, length))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    targets = count_targets("causal-lm", batch["labels"])
+    times = []
+    for step in range(args.steps + 1):
+        tick = time.perf_counter()
+        with packed_attention(model), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = batch_loss(model, "causal-lm", batch) / targets
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            times.append(time.perf_counter() - tick)
+    step = statistics.median(times)
+    print(json.dumps({"axis": args.axis, "value": args.value, "batch": args.batch,
+                      "seq": length, "step_s": step, "tokens_per_s": ids.numel() / step,
+                      "peak_rss_gb": S.peak_rss_gb(), "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
