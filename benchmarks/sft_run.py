@@ -22,6 +22,30 @@ import sft_setup as S
 import torch
 
 TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full")
+# Llama-3.2-1B's shape (benchmarks/gpu_lora_sft.py): speed does not depend on the weights' values,
+# so a seeded random initialisation stands in for the checkpoint, which is not on this machine.
+LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                      vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                      max_position_embeddings=131072, rms_norm_eps=1e-5)
+RANDOM_1B = False  # set by --llama-1b-shape
+
+
+def load_base():
+    """The model every tool starts from: SmolLM2-135M, or a random model of Llama-3.2-1B's shape."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if not RANDOM_1B:
+        return AutoModelForCausalLM.from_pretrained(S.model_path(), dtype=torch.float32)
+    torch.manual_seed(S.SEED)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_1B_SHAPE), dtype=torch.float32)
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return S.peak_rss_gb()
 
 
 def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list[float]]:
@@ -41,6 +65,8 @@ def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list
                       "group_by_length": False},
         })
         model, tokenizer = dt.load_model(S.MODEL)
+        if RANDOM_1B:
+            model = load_base()
         dt.apply(model, config.method_config())
         train(model, tokenizer, config, train_dataset=dataset,
               on_step=lambda step: ends.append(time.perf_counter()))
@@ -87,7 +113,7 @@ def _timing_callback(ends: list[float], losses: list[float]):
 def _peer_arguments(cls, out: str, steps: int, **extra):
     return cls(output_dir=out, max_steps=steps, per_device_train_batch_size=S.BATCH,
                learning_rate=S.LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-               max_grad_norm=1.0, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
+               max_grad_norm=1.0, bf16=True, use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
                report_to=[], seed=S.SEED, dataloader_num_workers=0, disable_tqdm=True,
                train_sampling_strategy="sequential", **extra)
 
@@ -101,15 +127,13 @@ def _peft_lora(rank: int):
 
 def run_peft_trainer(dataset, order, args) -> tuple[list[float], list[float]]:
     import peft
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
-                              Trainer, TrainingArguments)
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     ends: list[float] = []
     losses: list[float] = []
     path = S.model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = peft.get_peft_model(model, _peft_lora(args.rank))
+    model = peft.get_peft_model(load_base(), _peft_lora(args.rank))
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model=model, args=_peer_arguments(TrainingArguments, out, args.steps,
@@ -124,14 +148,14 @@ def run_peft_trainer(dataset, order, args) -> tuple[list[float], list[float]]:
 
 def run_trl(dataset, order, args) -> tuple[list[float], list[float]]:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     ends: list[float] = []
     losses: list[float] = []
     path = S.model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_base()
     rows = _Ordered(dataset, order, trl=True).rows
     train_dataset = datasets.Dataset.from_list(rows)
     with tempfile.TemporaryDirectory() as out:
@@ -155,7 +179,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
     parser.add_argument("--rank", type=int, default=S.RANK)
     parser.add_argument("--last", type=int, default=5, help="steps averaged for the final loss")
+    parser.add_argument("--llama-1b-shape", action="store_true",
+                        help="a random model of Llama-3.2-1B's shape instead of SmolLM2-135M")
     args = parser.parse_args()
+    global RANDOM_1B
+    RANDOM_1B = args.llama_1b_shape
     torch.manual_seed(S.SEED)
     from transformers import AutoTokenizer
 
@@ -182,7 +210,8 @@ def main() -> None:
         "max_length": args.max_length, "threads": torch.get_num_threads(),
         "step_s_median": statistics.median(step_times),
         "real_tokens_per_s": sum(step_tokens) / sum(step_times),
-        "peak_rss_gb": S.peak_rss_gb(), "losses": losses,
+        "peak_rss_gb": S.peak_rss_gb(), "peak_memory_gb": peak_memory_gb(), "losses": losses,
+        "model": "random Llama-3.2-1B shape" if RANDOM_1B else S.MODEL,
         "last_loss_mean": statistics.mean(losses[-args.last:]), "step_s": step_times,
     }))
 
