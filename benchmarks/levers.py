@@ -38,10 +38,21 @@ def main() -> None:
     examples = [[dataset[i] for i in order[k * S.BATCH:(k + 1) * S.BATCH]] for k in range(args.batches)]
     padded = [Collator(tokenizer.pad_token_id)(b) for b in examples]
     packed = [Collator(tokenizer.pad_token_id, packing=True, max_length=10**9)(b) for b in examples]
+    import peft
+
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=S.RANK, lora_alpha=S.ALPHA, lora_dropout=0.0, target_modules=S.LORA_TARGETS,
+        task_type="CAUSAL_LM")).train()
+    peft_start = copy.deepcopy({k: v for k, v in peft_model.state_dict().items() if "lora_" in k})
+    peft_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                       lr=S.LR, fused=True)
     model = dt.apply(base, dt.LoraConfig(r=S.RANK, alpha=S.ALPHA, target_modules=S.LORA_TARGETS))
     start_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
     optimizer = build_optimizer(model, S.LR, 0.0)
     model.train()
+
+    def peft_step(batch):  # peft's LoRA layers, transformers' loss over full logits
+        return peft_model(**batch).loss
 
     def hf_logits_loss(batch):  # what peft + HF Trainer compute: full logits, mean over targets
         return model(**batch).loss
@@ -54,6 +65,7 @@ def main() -> None:
             return chunked(batch)
 
     variants = {  # name: (batches, loss function, bf16 autocast)
+        "peft LoRA, padded, full-logits loss": (padded, peft_step, True),
         "padded, full-logits loss (HF)": (padded, hf_logits_loss, True),
         "padded, chunked loss": (padded, chunked, True),
         "one packed row, dense block mask": (packed, chunked, True),
@@ -66,12 +78,14 @@ def main() -> None:
         for name, (batches, loss_fn, bf16) in variants.items():
             for k, batch in enumerate(batches):
                 model.load_state_dict(start_state, strict=False)
+                peft_model.load_state_dict(peft_start, strict=False)
+                opt = peft_optimizer if loss_fn is peft_step else optimizer
                 tick = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(batch)
                 loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
                 seconds = time.perf_counter() - tick
                 if round_index:
                     times[name].append(seconds)
@@ -81,10 +95,12 @@ def main() -> None:
     print(f"SmolLM2-135M LoRA r{S.RANK} all-linear, {args.batches} batches of {S.BATCH} alpaca rows "
           f"({real} real tokens, {width} padded), {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
+    reference = statistics.median(times["peft LoRA, padded, full-logits loss"])
+    print("  (x: speed relative to the peft variant)")
     for name in variants:
         step = statistics.median(times[name])
         print(f"  {name:40s} step {step:6.2f} s   {real / args.batches / step:6.0f} real tok/s   "
-              f"mean loss {statistics.mean(losses[name]):.4f}")
+              f"x{reference / step:4.2f}   mean loss {statistics.mean(losses[name]):.4f}")
 
 
 if __name__ == "__main__":

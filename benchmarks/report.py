@@ -59,17 +59,21 @@ def main_section(raw: dict) -> list[str]:
                       "step": _median([r["step_s_median"] for r in runs]),
                       "rss": _median([r["peak_rss_gb"] for r in runs]),
                       "loss": statistics.mean(r["last_loss_mean"] for r in runs),
-                      "each": [r["real_tokens_per_s"] for r in runs]} for tool, runs in rows.items()}
+                      "each": [r["real_tokens_per_s"] for r in runs],
+                      "cpu": [r.get("cpu_utilization") for r in runs]} for tool, runs in rows.items()}
     first = next(iter(rows.values()))[0]
     out = ["## LoRA SFT of SmolLM2-135M: deltatune vs peft + HF Trainer vs TRL", "",
            f"{first['steps']} optimizer steps per run, the first {first['warmup']} not measured; "
            f"{len(next(iter(rows.values())))} runs per tool, alternated. Medians over runs.", "",
+           "CPU use = the run's CPU seconds / (wall seconds x threads) over the measured steps: "
+           "about 1 when it had the cores to itself, lower when other processes competed.", "",
            "| tool | real tokens/s (each run) | step median (s) | peak RSS (GB) | "
-           "mean loss, last 5 steps |", "|---|---|---|---|---|"]
+           "mean loss, last 5 steps | CPU use (each run) |", "|---|---|---|---|---|---|"]
     for tool, s in summary.items():
         each = ", ".join(f"{v:.0f}" for v in s["each"])
+        cpu = ", ".join("?" if c is None else f"{c:.2f}" for c in s["cpu"])
         out.append(f"| {NAMES[tool]} | {s['tps']:.0f} ({each}) | {s['step']:.2f} | {s['rss']:.2f} | "
-                   f"{s['loss']:.4f} |")
+                   f"{s['loss']:.4f} | {cpu} |")
     ours = summary.get("deltatune")
     peer, trl, full = summary.get("peft-trainer"), summary.get("trl"), summary.get("deltatune-full")
     out += ["", "| target | measured | |", "|---|---|---|"]

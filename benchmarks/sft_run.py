@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,7 @@ LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layer
                       vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                       max_position_embeddings=131072, rms_norm_eps=1e-5)
 RANDOM_1B = False  # set by --llama-1b-shape
+CPU: list[float] = []  # process CPU seconds at each step end: shows whether others took the cores
 
 
 def load_base():
@@ -69,7 +71,7 @@ def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list
             model = load_base()
         dt.apply(model, config.method_config())
         train(model, tokenizer, config, train_dataset=dataset,
-              on_step=lambda step: ends.append(time.perf_counter()))
+              on_step=lambda step: (ends.append(time.perf_counter()), CPU.append(cpu_seconds())))
         with open(f"{out}/run/metrics.jsonl") as log:
             losses = [r["loss"] for r in map(json.loads, log) if "loss" in r]
     return ends, losses
@@ -96,12 +98,18 @@ class _Ordered(torch.utils.data.Dataset):
         return self.rows[index]
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timing_callback(ends: list[float], losses: list[float]):
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
+            CPU.append(cpu_seconds())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -205,7 +213,12 @@ def main() -> None:
         if args.warmup else [ends[0] - started] + [b - a for a, b in zip(ends, ends[1:])]
     step_tokens = [sum(len(dataset[i].input_ids) for i in order[k * S.BATCH:(k + 1) * S.BATCH])
                    for k in range(args.warmup, args.steps)]
+    # CPU seconds used / (wall seconds x threads) over the measured steps: ~1 when the run had the
+    # cores to itself, well below 1 when other processes competed for them.
+    window = ends[-1] - ends[args.warmup - 1] if args.warmup else ends[-1] - started
+    used = CPU[-1] - CPU[args.warmup - 1] if args.warmup else CPU[-1]
     print(json.dumps({
+        "cpu_utilization": used / (window * torch.get_num_threads()),
         "tool": args.tool, "steps": args.steps, "warmup": args.warmup, "rank": args.rank,
         "max_length": args.max_length, "threads": torch.get_num_threads(),
         "step_s_median": statistics.median(step_times),
