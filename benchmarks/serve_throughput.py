@@ -68,6 +68,30 @@ def run_load(client, models: list[str], requests: int, max_tokens: int) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def generate_only(model, names: list[str], rows: int, tokens: int, repeats: int) -> dict:
+    """The same comparison without HTTP: one generate() of `rows` rows, mixed vs one adapter."""
+    from transformers import GenerationConfig
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(vocab // 10, vocab, (rows, 24), generator=torch.Generator().manual_seed(0))
+    config = GenerationConfig(max_new_tokens=tokens, do_sample=False, pad_token_id=0, eos_token_id=[])
+    times: dict[str, list[float]] = {"mixed": [], "single": []}
+    for _ in range(repeats):
+        for scenario in times:  # alternate, so drifting load hits both alike
+            if scenario == "mixed":
+                context = dt.mixed_adapters(model, [names[i % len(names)] for i in range(rows)])
+            else:
+                dt.set_adapter(model, names[0])
+                context = torch.inference_mode()
+            start = time.perf_counter()
+            with torch.inference_mode(), context:
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            times[scenario].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"rows": rows, "tokens": tokens, "seconds": times, "median_seconds": median,
+            "mixed_over_single_speed": median["single"] / median["mixed"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -78,13 +102,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 is steadier when other jobs share the CPU)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import openai
 
     model, tokenizer = dt.load_model(args.model)
     names = add_adapters(model, args.adapters, args.rank, seed=0)
+    direct = generate_only(model, names, args.max_batch, args.max_tokens, args.repeats)
+    print(f"generate() alone, {args.max_batch} rows x {args.max_tokens} tokens: mixed "
+          f"{direct['median_seconds']['mixed']:.2f} s, single {direct['median_seconds']['single']:.2f} s "
+          f"(mixed speed / single speed = {direct['mixed_over_single_speed']:.2f})", flush=True)
     app = build_app(model, tokenizer, base_name=args.model, max_batch=args.max_batch,
                     batch_wait_ms=args.batch_wait_ms)
     engine = app.state.engine
@@ -95,16 +127,23 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[dict]] = {name: [] for name in scenarios}
     try:
         run_load(client, names, len(names), 4)  # warm-up: every adapter once
+        order = list(scenarios)
         for round_ in range(args.repeats):
-            for scenario, (models, max_batch) in scenarios.items():
+            # rotate the order every round so that drifting CPU load hits every scenario alike
+            for scenario in order[round_ % len(order):] + order[:round_ % len(order)]:
+                models, max_batch = scenarios[scenario]
                 engine.max_batch = max_batch
-                batches_before = engine.batches_run
+                batches_before, busy_before = engine.batches_run, engine.generate_seconds
                 result = run_load(client, models, args.requests, args.max_tokens)
+                while engine.busy or not engine.queue.empty():  # replies leave before generate() ends
+                    time.sleep(0.01)
                 result["batches"] = engine.batches_run - batches_before
+                result["generate_seconds"] = engine.generate_seconds - busy_before
                 results[scenario].append(result)
                 print(f"round {round_ + 1} {scenario:>9}: {result['tokens_per_s']:7.1f} tokens/s "
                       f"({result['tokens']} tokens in {result['seconds']:.1f} s, "
-                      f"{result['batches']} batches)", flush=True)
+                      f"{result['batches']} batches, {result['generate_seconds']:.1f} s in generate)",
+                      flush=True)
     finally:
         server.stop()
     median = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in results.items()}
@@ -114,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(), "median_tokens_per_s": median,
         "mixed_over_single": median["mixed"] / median["single"],
         "single_over_unbatched": median["single"] / median["unbatched"],
+        "generate_only": direct,
         "runs": results,
     }
     print(f"median tokens/s: mixed {median['mixed']:.1f}, single {median['single']:.1f}, "

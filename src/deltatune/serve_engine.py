@@ -139,6 +139,8 @@ class BatchingEngine:
         self.batches_run = 0          # statistics, for tests and benchmarks
         self.rows_run = 0
         self.mixed_batches = 0        # batches whose rows used more than one adapter
+        self.generate_seconds = 0.0   # time spent inside generate()
+        self.busy = False             # a batch is being generated right now
 
     def start(self) -> None:
         if self.thread is None:
@@ -229,10 +231,15 @@ class BatchingEngine:
         self.batches_run += 1  # counted before generating: replies go out while it runs
         self.rows_run += len(jobs)
         self.mixed_batches += len({j.adapter for j in jobs}) > 1
-        with torch.inference_mode(), self._adapters([j.adapter for j in jobs]):
-            self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                generation_config=config,
-                                stopping_criteria=StoppingCriteriaList([tracker]))
+        start, self.busy = time.perf_counter(), True
+        try:
+            with torch.inference_mode(), self._adapters([j.adapter for j in jobs]):
+                self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                    generation_config=config,
+                                    stopping_criteria=StoppingCriteriaList([tracker]))
+        finally:
+            self.generate_seconds += time.perf_counter() - start
+            self.busy = False
         for job in jobs:  # generate() ended (max_new_tokens) before the tracker saw an end
             if job.finish_reason is None:
                 tracker.finish(job, "length")
