@@ -28,7 +28,7 @@ def test_inspect_reports_method_rank_targets_and_size(lora_dir, capsys):
 
 def test_inspect_real_preset_adapter_compares_with_base(tmp_path, capsys):
     model, _ = dt.load_model("minilm", task="classification", num_labels=2)
-    dt.apply(model, dt.LoraConfig(r=8))
+    dt.apply(model, dt.LoraConfig(r=8, target_modules=["query", "value"]))
     dt.save_adapter(model, tmp_path / "a")
     assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
     import json

@@ -34,7 +34,6 @@ class Architecture:
     heads: tuple[str, ...]         # task heads at the model root (trained with the delta)
     linear_names: tuple[str, ...]  # names of the linear projections inside a layer ("all-linear")
     is_decoder: bool
-    lora_targets: tuple[str, ...] = ()  # LoRA's default targets: the attention query/value
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -51,7 +50,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         linear_names=("query", "key", "value", "attention.output.dense", "intermediate.dense",
                       "output.dense", "query_proj", "key_proj", "value_proj"),
         is_decoder=False,
-        lora_targets=("query", "value", "query_proj", "value_proj"),
     ),
     # Llama, Mistral, Qwen2/3, SmolLM (pre-norm, gated MLP, grouped-query attention).
     "llama": Architecture(
@@ -64,7 +62,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         heads=("score",),
         linear_names=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         is_decoder=True,
-        lora_targets=("q_proj", "v_proj"),
     ),
     # GPT-2 (Conv1D projections, fused c_attn).
     "gpt2": Architecture(
@@ -77,7 +74,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         heads=("score",),
         linear_names=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),
         is_decoder=True,
-        lora_targets=("c_attn",),
     ),
 }
 _MODEL_TYPE_TO_FAMILY = {
