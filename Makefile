@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: setup
-	$(VENV)/bin/deltatune compare examples/demo-compare-minilm.yaml
+	$(VENV)/bin/deltatune compare examples/demo-compare-minilm.yaml --overwrite
 
 bench: setup
 	$(PIP) install -q -r benchmarks/requirements.txt
