@@ -231,3 +231,9 @@ def test_pickle_is_never_loaded(tmp_path):
     with pytest.raises(dt.DeltatuneError, match=r"adapter_model.bin: pickle files are never loaded"):
         dt.load_adapter(tiny_llama(), directory)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["half", "a.b", "", "train"])
+def test_unusable_adapter_names_are_one_line(name):
+    with pytest.raises(dt.DeltatuneError, match=r"adapter name .* is not usable"):
+        dt.apply(tiny_llama(), dt.LoraConfig(r=2), name=name)

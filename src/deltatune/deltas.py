@@ -23,6 +23,7 @@ def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -
     if not isinstance(config, MethodConfig):
         raise DeltatuneError(f"apply: expected a method config (LoraConfig, ...), got {type(config).__name__}")
     method = get_method(config.method)
+    check_adapter_name(name)
     state = delta_state(model)
     if name in state.configs:
         raise DeltatuneError(f"adapter {name!r} already exists on this model; pass another name=")
@@ -44,6 +45,13 @@ def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -
     state.configs[name] = config
     set_trainable(model, name)
     return model
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become nn.ModuleDict keys: no dots, not an nn.Module attribute."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict, name):
+        raise DeltatuneError(f"adapter name {name!r} is not usable: give a non-empty name without "
+                             f"dots that is not an nn.Module attribute (e.g. 'sst2')")
 
 
 def active_config(model: nn.Module) -> tuple[str, MethodConfig]:
