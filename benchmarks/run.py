@@ -28,14 +28,19 @@ RANKS = (4, 8, 16, 32, 64)
 VIRTUAL_TOKENS = (8, 32, 128)
 
 
+HELD = False  # --held: the caller already holds the lock (flock LOCK python run.py --held)
+
+
 def command(script: str, *args: object) -> list[str]:
-    return ["flock", LOCK, sys.executable, str(HERE / script), *map(str, args)]
+    lock = [] if HELD else ["flock", LOCK]
+    return [*lock, sys.executable, str(HERE / script), *map(str, args)]
 
 
 def measure(cmd: list[str], raw: dict, key: str) -> dict | str | None:
     """Run one measurement; its last stdout line is JSON (or, for levers, the whole text)."""
+    script = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
     shown = " ".join(["flock", LOCK, "python", *[c.replace(str(HERE.parent) + "/", "")
-                                                  for c in cmd[3:]]])
+                                                  for c in cmd[script:]]])
     print(f"[bench] {shown}", flush=True)
     started = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
@@ -61,7 +66,11 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(MAIN_TOOLS))
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="add to results.json, do not reset it")
+    parser.add_argument("--held", action="store_true",
+                        help="the caller holds /tmp/deltatune-heavy.lock for the whole bench")
     args = parser.parse_args()
+    global HELD
+    HELD = args.held
     import report
 
     if args.report_only:
