@@ -96,8 +96,9 @@ def reading(rows: list[dict], task: str) -> str:
             if r is full:
                 continue
             gap = 100 * (full["score"] - r["score"])
+            where = f"{gap:.1f} points behind" if gap > 0 else f"{-gap:.1f} points ahead of"
             lines.append(
-                f"- {r['method']}: {gap:+.1f} points behind full fine-tuning, training "
+                f"- {r['method']}: {where} full fine-tuning, training "
                 f"{r['trainable_percent']:.3f}% of the parameters, {r['time_per_step_s'] / full['time_per_step_s']:.2f}x "
                 f"its step time, {r['peak_memory_mb'] / full['peak_memory_mb']:.2f}x its peak memory, "
                 f"a {r['saved_mb']:.2f} MB file instead of {full['saved_mb']:.0f} MB.")
@@ -128,6 +129,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
