@@ -151,6 +151,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.annotate(f"{r['method']}\n{r['peak_memory_mb']:.0f} MB", (r["trainable_params"], 100 * r["score"]),
                     textcoords="offset points", xytext=(8, 6), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)  # room for the labels beside the largest markers
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"{ok[0]['metric'] if ok else 'score'} (%)")
     ax.set_title(title + "\n(marker size: peak memory)", fontsize=10)
