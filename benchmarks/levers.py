@@ -89,7 +89,7 @@ def main() -> None:
                 seconds = time.perf_counter() - tick
                 if round_index:
                     times[name].append(seconds)
-                    losses[name].append(float(loss))
+                    losses[name].append(float(loss.detach()))
     real = sum(int(b["attention_mask"].sum()) for b in padded)
     width = sum(b["input_ids"].numel() for b in padded)
     print(f"SmolLM2-135M LoRA r{S.RANK} all-linear, {args.batches} batches of {S.BATCH} alpaca rows "
