@@ -96,7 +96,8 @@ def reading(rows: list[dict], task: str) -> str:
             if r is full:
                 continue
             gap = 100 * (full["score"] - r["score"])
-            where = f"{gap:.1f} points behind" if gap > 0 else f"{-gap:.1f} points ahead of"
+            where = ("level with" if abs(gap) < 0.05 else
+                     f"{gap:.1f} points behind" if gap > 0 else f"{-gap:.1f} points ahead of")
             lines.append(
                 f"- {r['method']}: {where} full fine-tuning, training "
                 f"{r['trainable_percent']:.3f}% of the parameters, {r['time_per_step_s'] / full['time_per_step_s']:.2f}x "
