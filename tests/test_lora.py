@@ -237,3 +237,12 @@ def test_pickle_is_never_loaded(tmp_path):
 def test_unusable_adapter_names_are_one_line(name):
     with pytest.raises(dt.DeltatuneError, match=r"adapter name .* is not usable"):
         dt.apply(tiny_llama(), dt.LoraConfig(r=2), name=name)
+
+
+def test_second_all_linear_adapter_joins_the_existing_wrappers():
+    model = dt.apply(tiny_llama(), dt.LoraConfig(r=2))
+    dt.apply(model, dt.LoraConfig(r=4), name="second")
+    layers = [m for m in model.modules() if type(m).__name__ == "LoraLayer"]
+    assert len(layers) == 14 and all(set(m.deltas) == {"default", "second"} for m in layers)
+    assert dt.count_parameters(model)[0] == 2 * sum(
+        4 * (m.base_layer.in_features + m.base_layer.out_features) for m in layers[:7])

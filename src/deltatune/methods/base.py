@@ -161,9 +161,8 @@ def head_names(model: nn.Module) -> list[str]:
     """The task head(s) at the model root that a classification delta trains and saves."""
     from ..models import architecture_of
 
-    arch = architecture_of(model)
-    return [h for h in arch.heads if h == "classifier" or h == "score"
-            if getattr(model, h, None) is not None]
+    return [h for h in architecture_of(model).heads
+            if h in ("classifier", "score") and getattr(model, h, None) is not None]
 
 
 class ModuleCopy(DeltaLayer):
@@ -218,9 +217,7 @@ def resolve_modules_to_save(model: nn.Module, config: MethodConfig, task: str) -
 
 
 def task_of(model: nn.Module) -> str:
-    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-    name = type(model).__name__
-    return "classification" if "SequenceClassification" in name else "causal-lm"
+    return "classification" if "SequenceClassification" in type(model).__name__ else "causal-lm"
 
 
 def set_trainable(model: nn.Module, name: str | None) -> None:
@@ -242,7 +239,6 @@ def set_trainable(model: nn.Module, name: str | None) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the bare base model inside the block; the active adapter is restored after."""
     state = delta_state(model)
-    previous = state.active
     saved = {id(layer): layer.active for _, layer in delta_layers(model)}
     was_disabled = state.disabled
     state.disabled = True
@@ -254,4 +250,3 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for _, layer in delta_layers(model):
             layer.active = saved.get(id(layer))
         state.disabled = was_disabled
-        state.active = previous

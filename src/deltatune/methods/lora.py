@@ -187,31 +187,30 @@ def _inside_layers(path: str, model: nn.Module) -> bool:
     return any(path.startswith(p + ".") for p in architecture_of(model).layers)
 
 
+def _matches(path: str, target_modules: list[str] | str, model: nn.Module) -> bool:
+    if target_modules == "all-linear":
+        return _inside_layers(path, model)
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
 def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
-    """Paths of the linear modules LoRA wraps; never a head, never an existing wrapper's base."""
+    """Paths of the linear modules LoRA wraps (or already wrapped, for a second adapter);
+    never a head, never a delta's own layers, never another method's wrapper."""
     paths = []
     for path, module in model.named_modules():
-        if ".deltas." in path or path.endswith(".base_layer") or isinstance(module, DeltaLayer):
+        if ".deltas." in path or path.endswith(".base_layer"):
             continue
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, (nn.Linear, LoraLayer)) or _is_conv1d(module)):
             continue
-        if target_modules == "all-linear":
-            hit = _inside_layers(path, model)
-        elif isinstance(target_modules, str):
-            hit = re.fullmatch(target_modules, path) is not None
-        else:
-            hit = any(path == t or path.endswith("." + t) for t in target_modules)
-        if hit:
+        if _matches(path, target_modules, model):
             paths.append(path)
     return paths
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
     targets = find_targets(model, config.target_modules)
-    already = [p[: -len(".base_layer")] for p, m in model.named_modules()
-               if p.endswith(".base_layer") and isinstance(model.get_submodule(p[: -len(".base_layer")]), LoraLayer)]
-    if config.target_modules != "all-linear":
-        targets += [p for p in already if p not in targets and _matches(p, config.target_modules)]
     if not targets:
         raise DeltatuneError(
             f"LoraConfig.target_modules: {config.target_modules!r} matched no linear module "
@@ -226,12 +225,6 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
         if module.base_layer.weight.dtype == torch.float64:
             delta = delta.double()
         module.add_delta(name, delta)
-
-
-def _matches(path: str, target_modules: list[str] | str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, path) is not None
-    return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
