@@ -3,19 +3,30 @@
 The prediction adds, to the memory the process already holds once the model is loaded (measured,
 not guessed: the interpreter, torch, the weights), what training adds on top:
 
-    trainable parameters · 4 B  for gradients, · 8 B for AdamW's two moments (fp32)
-    activations kept for backward: layers · batch · seq · hidden · bytes-per-element-per-layer,
-        where seq includes virtual tokens and the per-layer factor depends on the family and on
-        bf16 autocast (calibrated against measured runs; see README "plan vs measured")
-    bf16 copies of the frozen linear weights that autocast makes and backward keeps (bf16 only)
-    the chunked LM-head logits of a causal LM (never the whole batch x seq x vocab)
+    the delta's own weights; gradients (4 B) and AdamW's two fp32 moments (8 B) per trainable
+        parameter
+    activations kept for backward, *measured*: the trainer's heaviest batch (found by replaying
+        its seeded batch order over the run's real examples, padded or padding-free exactly as
+        the trainer will batch them for this method) goes once through the adapted model's
+        forward and loss under the trainer's autocast, and every tensor autograd saves for
+        backward is counted (parameters excluded, shared storage once). What a method saves
+        differs a lot: a frozen linear layer keeps nothing, a LoRA-wrapped or fully trained one
+        keeps its input, prompt methods lengthen every row, padded batches pay for their padding.
+    the LM head's logits for one chunk of labelled rows (never the whole batch x seq x vocab)
+    the allocator's share: a process's RSS runs ahead of the memory it actually uses, because
+        glibc keeps the blocks freed by earlier steps (whose token counts differ under
+        padding-free batching) in its heaps instead of returning them; measured at 1.3-2.5x the
+        live activations, so activations count ALLOCATOR_FACTOR times
+    a runtime allowance: the backward pass's transient gradients, evaluation, checkpoint buffers
+(both calibrated on measured runs: README "plan vs measured").
 
-It is an estimate for the step at the longest sequence; `compare` prints it beside the measured
-peak so the estimate is checked on every run.
+`compare` prints the prediction beside the measured peak, so the estimate is checked on every run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,18 +38,19 @@ from torch import nn
 from .deltas import apply
 from .methods import config_from_dict, get_method
 from .methods.base import count_parameters
-from .models import architecture_of, transformer_layers
+from .models import transformer_layers
 
-# Bytes kept per (layer · token · hidden unit) for backward; measured on the presets (fp32 model).
-ACTIVATION_BYTES = {("bert", True): 60, ("bert", False): 100,
-                    ("llama", True): 72, ("llama", False): 120,
-                    ("gpt2", True): 60, ("gpt2", False): 100}
 LOGIT_CHUNK_ROWS = 1024  # matches losses.CHUNK_ROWS: rows of logits alive at once
-# What a training process holds beyond the planning process's model and the terms above:
-# allocator arenas kept after the first steps, evaluation and checkpoint buffers, the data.
-# Measured: MiniLM/SST-2 training processes peaked 150-700 MB above the terms above (runs of
-# `deltatune compare examples/demo-compare-minilm.yaml`); 400 MB keeps all six within 25%.
-RUNTIME_ALLOWANCE_BYTES = 400 * 1024 * 1024
+LOGIT_COPIES = 3         # a chunk's logits, its log-sum-exp pass and softmax - onehot
+# Calibrated on `deltatune compare` runs of examples/demo-compare-minilm.yaml (MiniLM) and
+# examples/compare-smollm2.yaml (SmolLM2), whose training processes' peak RSS exceeded
+# baseline + deltas + gradients + optimizer by 1.3-2.5x the live activations counted here
+# (allocator retention; with MALLOC_MMAP_THRESHOLD_=65536 the same forward grew RSS by exactly
+# the counted bytes). README "plan vs measured" has the figures.
+ALLOCATOR_FACTOR = 1.6
+RUNTIME_ALLOWANCE_BYTES = 250 * 1024 * 1024
+# At most this many batches of the run are replayed to find the heaviest (lengths only: cheap).
+MAX_REPLAYED_BATCHES = 100_000
 
 
 @dataclass
@@ -50,48 +62,112 @@ class MethodPlan:
     weights_bytes: int
     gradient_bytes: int
     optimizer_bytes: int
-    activation_bytes: int
+    activation_bytes: int         # live: saved for backward at the heaviest step, plus logits
     baseline_bytes: int          # what the process holds with the model loaded (measured)
     predicted_peak_bytes: int
     predicted_file_bytes: int
+    heaviest_batch_tokens: int = 0  # tokens the layers compute at that step (padding included)
 
 
-def virtual_tokens(config: Any) -> int:
-    return int(getattr(config, "num_virtual_tokens", 0) or 0)
+def current_rss() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
 
 
-def plan_method(model: nn.Module, method_values: dict, batch_size: int, seq_len: int, bf16: bool,
-                baseline_bytes: int) -> MethodPlan:
+# ------------------------------------------------------------------------------ the heaviest step
+def heaviest_batch(dataset: Any, train: Any, collator: Any, world_size: int = 1) -> dict:
+    """The collated batch of the run that makes its layers compute the most tokens, found by
+    replaying the trainer's own BatchStream (a pure function of seed and batch index)."""
+    import math
+
+    from .optimization import BatchStream
+
+    lengths = [len(e.input_ids) for e in dataset]
+    grouped = train.group_by_length and not collator.packing
+    stream = BatchStream(len(dataset), train.batch_size, train.seed, world_size,
+                         lengths if grouped else None)
+    steps = train.max_steps or max(1, math.ceil(train.epochs * stream.per_epoch / train.grad_accum))
+    batches = min(steps * train.grad_accum, MAX_REPLAYED_BATCHES)
+
+    def cost(rows: list[int]) -> int:  # padding-free: the sum; padded: rows x the longest row
+        sizes = [lengths[i] for i in rows]
+        return sum(sizes) if collator.packing else len(sizes) * max(sizes)
+
+    rows = max((stream.rows(k) for k in range(batches)), key=cost)
+    return collator([dataset[i] for i in rows])
+
+
+def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: bool,
+                             bf16: bool) -> int:
+    """Bytes autograd keeps for backward after one training forward + loss of `batch`."""
+    from .losses import batch_loss
+    from .packed_attention import packed_attention
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    attention = packed_attention(model) if packed else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = batch_loss(model, task, batch)
+    del loss  # frees the graph and everything it saved
+    return sum(saved.values())
+
+
+def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
+    """The chunk of LM-head logits alive while the loss runs (causal LM only)."""
+    vocab = getattr(model.config, "vocab_size", 0) if task == "causal-lm" else 0
+    labelled = int((batch["labels"] != -100).sum()) if task == "causal-lm" else 0
+    return min(labelled, LOGIT_CHUNK_ROWS) * vocab * 4 * LOGIT_COPIES
+
+
+# ------------------------------------------------------------------------------------- per method
+def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_id: int | None,
+                run_config: Any, train: Any, baseline_bytes: int) -> MethodPlan:
     """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched."""
+    from .data import Collator
+    from .optimization import resolve_bf16
+    from .packed_attention import ONE_ROW, supports_packed_attention
+
     config = config_from_dict(method_values)
     method = get_method(config.method)
     adapted = apply(copy.deepcopy(model), config)
     trainable, total = count_parameters(adapted)
-    arch = architecture_of(adapted)
-    layers = len(transformer_layers(adapted))
-    hidden = adapted.config.hidden_size
-    seq = seq_len + virtual_tokens(config)
-    per_element = ACTIVATION_BYTES[(arch.family, bf16)]
-    activations = layers * batch_size * seq * hidden * per_element
-    linear_weights = sum(m.weight.numel() for m in adapted.modules()
-                         if isinstance(m, nn.Linear) and m.weight.dim() == 2)
-    cast_copies = 2 * linear_weights if bf16 else 0
-    if arch.is_decoder and getattr(adapted.config, "vocab_size", 0):
-        activations += min(batch_size * seq, LOGIT_CHUNK_ROWS) * adapted.config.vocab_size * 4 * 2
+    task = run_config.task
+    packed = (task == "causal-lm" and train.padding_free and not run_config.data.packing
+              and supports_packed_attention(adapted))
+    collator = Collator(pad_token_id or 0,
+                        packing=run_config.data.packing or packed,
+                        max_length=ONE_ROW if packed else run_config.data.max_length)
+    batch = heaviest_batch(dataset, train, collator)
+    tokens = int(batch["input_ids"].numel())
+    bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
+    activations = saved_for_backward_bytes(adapted, task, batch, packed, bf16)
+    if train.gradient_checkpointing:
+        # only each layer's input is kept, and one layer's activations exist again in backward
+        layers = max(1, len(transformer_layers(adapted)))
+        activations = activations // layers + layers * tokens * adapted.config.hidden_size * 4
+    activations += logit_bytes(adapted, task, batch)
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
     gradients = 4 * trainable
     optimizer = 8 * trainable
     # the delta's own tensors are new memory on top of the loaded base
     delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
-    peak = (baseline_bytes + delta_weights + gradients + optimizer + activations + cast_copies
-            + RUNTIME_ALLOWANCE_BYTES)
+    peak = (baseline_bytes + delta_weights + gradients + optimizer
+            + ALLOCATOR_FACTOR * activations + RUNTIME_ALLOWANCE_BYTES)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     return MethodPlan(
         method=config.method, trainable_params=trainable, total_params=total,
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
-        optimizer_bytes=optimizer, activation_bytes=activations + cast_copies,
-        baseline_bytes=baseline_bytes, predicted_peak_bytes=int(peak),
-        predicted_file_bytes=int(file_bytes))
+        optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
+        predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),
+        heaviest_batch_tokens=tokens)
 
 
 def _delta_file_bytes(adapted: nn.Module, method) -> int:
@@ -102,59 +178,54 @@ def _delta_file_bytes(adapted: nn.Module, method) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) + 4096  # + header/config
 
 
-def current_rss() -> int:
-    return psutil.Process(os.getpid()).memory_info().rss
-
-
-def longest_training_row(run_config: Any, tokenizer: Any) -> int:
-    """The longest training example in tokens: batches are padded to their longest row, so the
-    step that holds the most activations is the one with this row (not always max_length)."""
-    from .data import build_dataset
-
-    data = run_config.data
-    if data.train is None:
-        return data.max_length
-    if data.packing:
-        return data.max_length
-    dataset = build_dataset(data, tokenizer, run_config.task, "train", run_config.train.seed)
-    return max((len(example.input_ids) for example in dataset), default=data.max_length)
-
-
 def plan_methods(run_config: Any, methods: list[str],
                  per_method: dict[str, dict] | None = None) -> list[MethodPlan]:
-    """Plans for several methods on the run's model, data shape and batch size."""
+    """Plans for several methods on the run's model, its real training rows and batch order."""
     from . import train as _train  # noqa: F401  (training imports count toward the baseline)
+    from .data import build_dataset
+    from .errors import DeltatuneError
     from .models import load_model
-    from .optimization import resolve_bf16
 
     num_labels = run_config.num_labels or (len(run_config.data.label_names)
                                            if run_config.data.label_names else 2)
     model, tokenizer = load_model(run_config.model, task=run_config.task,
                                   num_labels=num_labels if run_config.task == "classification" else None)
-    seq_len = longest_training_row(run_config, tokenizer)
+    if run_config.data.train is None:
+        raise DeltatuneError("plan: data.train is not set (the plan replays the training rows)")
+    datasets: dict[str, Any] = {}
+    with torch.no_grad():  # weights load memory-mapped; training touches every page of them
+        for parameter in model.parameters():
+            parameter.sum()
     baseline = current_rss()
-    bf16 = resolve_bf16(run_config.train.bf16, torch.device("cpu"))
     plans = []
     for name in methods:
-        values = {"name": name, **((per_method or {}).get(name, {}).get("method", {}))}
+        own = (per_method or {}).get(name, {})
+        values = {"name": name, **own.get("method", {})}
         if name == (run_config.method or {}).get("name"):
             values = {**run_config.method, **values}
-        batch = (per_method or {}).get(name, {}).get("train", {}).get("batch_size",
-                                                                       run_config.train.batch_size)
-        plans.append(plan_method(model, values, batch, seq_len, bf16, baseline))
+        train = dataclasses.replace(run_config.train, **own.get("train", {}))
+        data = dataclasses.replace(run_config.data, **own.get("data", {}))
+        key = repr(sorted(own.get("data", {}).items()))
+        if key not in datasets:
+            datasets[key] = build_dataset(data, tokenizer, run_config.task, "train", train.seed,
+                                          num_labels)
+        plans.append(plan_method(model, values, datasets[key], tokenizer.pad_token_id,
+                                 dataclasses.replace(run_config, data=data), train, baseline))
     return plans
 
 
 def format_plans(plans: list[MethodPlan]) -> str:
     mb = 1024 * 1024
     header = (f"{'method':8s} {'trainable':>12s} {'share':>7s} {'grads MB':>9s} {'optim MB':>9s} "
-              f"{'activ. MB':>9s} {'peak MB':>8s} {'file MB':>8s}")
+              f"{'activ. MB':>9s} {'tokens':>7s} {'peak MB':>8s} {'file MB':>8s}")
     rows = [header, "-" * len(header)]
     for p in plans:
         rows.append(f"{p.method:8s} {p.trainable_params:>12,d} {100 * p.trainable_share:>6.2f}% "
                     f"{p.gradient_bytes / mb:>9.1f} {p.optimizer_bytes / mb:>9.1f} "
-                    f"{p.activation_bytes / mb:>9.1f} {p.predicted_peak_bytes / mb:>8.0f} "
-                    f"{p.predicted_file_bytes / mb:>8.2f}")
+                    f"{p.activation_bytes / mb:>9.1f} {p.heaviest_batch_tokens:>7d} "
+                    f"{p.predicted_peak_bytes / mb:>8.0f} {p.predicted_file_bytes / mb:>8.2f}")
+    rows.append(f"(baseline with the model loaded: {plans[0].baseline_bytes / mb:.0f} MB; "
+                f"activations measured on each method's heaviest training batch)" if plans else "")
     return "\n".join(rows)
 
 

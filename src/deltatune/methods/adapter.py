@@ -134,7 +134,7 @@ class AdapterLayer(DeltaLayer):
                 raise DeltatuneError("parallel adapter: the feed-forward input was not captured "
                                      "(the ffn_input module did not run before ffn_output)")
         weight = delta.adapter_down.weight
-        if not torch.is_autocast_enabled():
+        if not torch.is_autocast_enabled(source.device.type):  # (the no-argument form is CUDA's)
             source = source.to(weight.dtype)  # e.g. bf16 base, fp32 adapter
         return out + delta(source).to(out.dtype)
 
