@@ -120,40 +120,44 @@ def generate_section(raw: dict) -> list[str]:
 
 
 def _growth(points: list[dict], key: str) -> list[str]:
-    """Per doubling of the axis: how much the step time grew (2.0 = linear in tokens)."""
+    """Per doubling of the axis: how much the time per token grew (1.0 = linear in tokens)."""
     notes = []
     for a, b in zip(points, points[1:]):
-        factor = b[key] / a[key]
-        grew = b["step_s"] / a["step_s"]
-        notes.append(f"{a[key]}->{b[key]}: x{grew:.2f} time for x{factor:.0f}")
+        grew = a["tokens_per_s"] / b["tokens_per_s"]
+        notes.append(f"{a[key]}->{b[key]}: x{grew:.2f}")
     return notes
+
+
+def _cpu(run: dict) -> str:
+    return "?" if run.get("cpu_utilization") is None else f"{run['cpu_utilization']:.2f}"
 
 
 def scaling_section(raw: dict) -> list[str]:
     out = []
     seq = sorted(_runs(raw, "scaling:seq"), key=lambda r: r["value"])
     if seq:
-        out += ["## Scaling: sequence length (LoRA r8, batch 8, every row full)", "",
-                "| tokens per row | step (s) | tokens/s | peak RSS (GB) |", "|---|---|---|---|"]
-        out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_rss_gb']:.2f} |" for r in seq]
-        out += ["", "Step time per doubling of the row length: "
+        out += ["## Scaling: sequence length (LoRA r8, every row full)", "",
+                "| tokens per row | rows | step (s) | tokens/s | peak RSS (GB) | CPU use |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['value']} | {r['batch']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} |" for r in seq]
+        out += ["", "Time per token, row length doubled (1.00 = cost linear in tokens): "
                 + "; ".join(_growth(seq, "value")) + ".", ""]
     rank = sorted(_runs(raw, "scaling:rank"), key=lambda r: r["value"])
     if rank:
         out += ["## Scaling: LoRA rank (batch 8 x 512)", "",
-                "| rank | step (s) | tokens/s | peak RSS (GB) |", "|---|---|---|---|"]
+                "| rank | step (s) | tokens/s | peak RSS (GB) | CPU use |", "|---|---|---|---|---|"]
         out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_rss_gb']:.2f} |" for r in rank]
+                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} |" for r in rank]
         out.append("")
     for method in ("prompt", "prefix"):
         runs = sorted(_runs(raw, f"scaling:{method}"), key=lambda r: r["value"])
         if runs:
             out += [f"## Scaling: {method} tuning, number of virtual tokens (batch 8 x 256)", "",
-                    "| virtual tokens | step (s) | real tokens/s | peak RSS (GB) |",
-                    "|---|---|---|---|"]
+                    "| virtual tokens | step (s) | real tokens/s | peak RSS (GB) | CPU use |",
+                    "|---|---|---|---|---|"]
             out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                    f"{r['peak_rss_gb']:.2f} |" for r in runs]
+                    f"{r['peak_rss_gb']:.2f} | {_cpu(r)} |" for r in runs]
             out.append("")
     return out
 

@@ -49,8 +49,9 @@ def main() -> None:
     ids = torch.randint(100, 40000, (args.batch, length))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     targets = count_targets("causal-lm", batch["labels"])
-    times = []
+    times, cpu_seconds = [], 0.0
     for step in range(args.steps + 1):
+        cpu_tick = time.process_time()
         tick = time.perf_counter()
         with packed_attention(model), torch.autocast("cpu", dtype=torch.bfloat16):
             loss = batch_loss(model, "causal-lm", batch) / targets
@@ -59,10 +60,13 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - tick)
+            cpu_seconds += time.process_time() - cpu_tick
     step = statistics.median(times)
     print(json.dumps({"axis": args.axis, "value": args.value, "batch": args.batch,
                       "seq": length, "step_s": step, "tokens_per_s": ids.numel() / step,
-                      "peak_rss_gb": S.peak_rss_gb(), "threads": torch.get_num_threads()}))
+                      "peak_rss_gb": S.peak_rss_gb(), "threads": torch.get_num_threads(),
+                      # about 1 when the step had the cores to itself (see sft_run.py)
+                      "cpu_utilization": cpu_seconds / (sum(times) * torch.get_num_threads())}))
 
 
 if __name__ == "__main__":

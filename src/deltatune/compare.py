@@ -128,7 +128,7 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
 
 def compare_from_config(config_path: str, overrides: list[str], methods: str | None = None,
                         overwrite: bool = False) -> list[dict]:
-    from .plan import plan_methods
+    from .plan import plan_methods, release_freed_memory
 
     config, settings = read_compare_config(config_path, overrides)
     if methods:
@@ -143,6 +143,7 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     save_run_config(config, out_dir / "config.yaml")
     print(f"planning {', '.join(settings['methods'])} ...", flush=True)
     plans = {p.method: p for p in plan_methods(config, settings["methods"], settings["per_method"])}
+    release_freed_memory()
     runs = {}
     for name in settings["methods"]:
         print(f"\n=== {name} ===", flush=True)

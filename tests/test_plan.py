@@ -1,0 +1,80 @@
+"""`plan` internals: the heaviest batch is the trainer's own, and activations are measured, not
+guessed (saved-for-backward bytes grow with tokens, exclude weights, differ by method)."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+from conftest import tiny_llama, token_batch
+
+import deltatune as dt
+from deltatune.data import Collator, Example
+from deltatune.optimization import BatchStream
+from deltatune.plan import heaviest_batch, saved_for_backward_bytes
+
+LENGTHS = [3, 17, 5, 9, 30, 2, 11, 8, 25, 4, 6, 14, 1, 19, 7, 12, 10]
+
+
+def examples() -> list[Example]:
+    return [Example(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in LENGTHS]
+
+
+def train_settings(**values) -> SimpleNamespace:
+    settings = dict(batch_size=4, seed=3, group_by_length=True, max_steps=None, epochs=2,
+                    grad_accum=1)
+    return SimpleNamespace(**{**settings, **values})
+
+
+def brute_force(train, packing: bool) -> int:
+    """The most tokens any step of the run computes, by walking the trainer's batch stream."""
+    grouped = train.group_by_length and not packing
+    stream = BatchStream(len(LENGTHS), train.batch_size, train.seed, 1, LENGTHS if grouped else None)
+    costs = []
+    for k in range(stream.per_epoch * train.epochs):
+        sizes = [LENGTHS[i] for i in stream.rows(k)]
+        costs.append(sum(sizes) if packing else len(sizes) * max(sizes))
+    return max(costs)
+
+
+def test_heaviest_padded_batch_is_rows_times_the_longest_row():
+    train = train_settings()
+    batch = heaviest_batch(examples(), train, Collator(0))
+    assert batch["input_ids"].numel() == brute_force(train, packing=False)
+    assert batch["input_ids"].shape[1] == max(LENGTHS)  # grouping puts the longest rows together
+
+
+def test_heaviest_padding_free_batch_is_the_largest_sum_of_lengths():
+    train = train_settings(group_by_length=False, seed=5)
+    batch = heaviest_batch(examples(), train, Collator(0, packing=True, max_length=10**9))
+    assert batch["input_ids"].shape[0] == 1  # one row, no padding
+    assert batch["input_ids"].numel() == brute_force(train, packing=True)
+    assert batch["input_ids"].numel() < 4 * max(LENGTHS)
+
+
+def lm_batch(rows: int, seq: int) -> dict:
+    ids = token_batch(rows, seq)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_saved_bytes_scale_with_tokens_and_exclude_the_weights():
+    model = dt.apply(tiny_llama(), dt.FullConfig())
+    one = saved_for_backward_bytes(model, "causal-lm", lm_batch(2, 16), packed=False, bf16=False)
+    two = saved_for_backward_bytes(model, "causal-lm", lm_batch(4, 16), packed=False, bf16=False)
+    assert 1.8 < two / one < 2.2
+    # full fine-tuning saves each linear layer's input, never the (trainable) weights themselves
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tiny = saved_for_backward_bytes(model, "causal-lm", lm_batch(1, 1), packed=False, bf16=False)
+    assert tiny < weights / 4
+
+
+def test_frozen_linear_layers_save_less_than_trained_ones():
+    """A frozen linear layer keeps nothing for backward; LoRA or full training keeps its input."""
+    base = tiny_llama()
+    batch = lm_batch(2, 32)
+    saved = {}
+    for name, config in {"full": dt.FullConfig(), "lora": dt.LoraConfig(r=4),
+                         "prefix": dt.PrefixConfig(num_virtual_tokens=4)}.items():
+        model = dt.apply(copy.deepcopy(base), config)
+        saved[name] = saved_for_backward_bytes(model, "causal-lm", batch, packed=False, bf16=False)
+    assert saved["prefix"] < saved["lora"] <= saved["full"] * 1.1
