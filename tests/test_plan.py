@@ -78,3 +78,33 @@ def test_frozen_linear_layers_save_less_than_trained_ones():
         model = dt.apply(copy.deepcopy(base), config)
         saved[name] = saved_for_backward_bytes(model, "causal-lm", batch, packed=False, bf16=False)
     assert saved["prefix"] < saved["lora"] <= saved["full"] * 1.1
+
+
+def test_a_child_reports_its_own_peak_not_its_large_parents(tmp_path):
+    """ru_maxrss survives fork + exec on Linux; compare's children must not inherit its peak."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM is Linux's")
+    ballast = bytearray(600 * 1024 * 1024)  # the parent holds 600 MB ...
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = "from deltatune.run_dir import peak_memory; print(peak_memory()[0])"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    del ballast
+    assert child < 500 * 1024 * 1024  # ... the child (python + torch) holds far less
+
+
+def test_measuring_keeps_no_activation_alive():
+    """The measuring forward is never followed by backward; its graph must still be freed."""
+    import gc
+
+    model = dt.apply(tiny_llama(), dt.LoraConfig(r=4))
+    assert saved_for_backward_bytes(model, "causal-lm", lm_batch(2, 16), packed=False, bf16=False) > 0
+    gc.collect()
+    in_graph = [o for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and getattr(o, "grad_fn", None) is not None]
+    assert in_graph == []

@@ -119,7 +119,10 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # Detached: the graph then holds the memory (so no later tensor reuses an address
+        # counted here) without a tensor that points back into the graph, a cycle Python's
+        # garbage collector cannot see (it kept every planned method's activations alive).
+        return tensor.detach()
 
     model.train()
     attention = packed_attention(model) if packed else contextlib.nullcontext()

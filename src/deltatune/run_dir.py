@@ -96,8 +96,24 @@ def peak_memory() -> tuple[int, str]:
     """(bytes, what was measured): peak allocated GPU memory, else the process's peak RSS."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    high_water = _linux_high_water_rss()
+    if high_water is not None:
+        return high_water, "cpu_peak_rss"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+def _linux_high_water_rss() -> int | None:
+    """VmHWM: the peak RSS of this process's own memory. Not ru_maxrss, which Linux carries
+    across fork + exec: a child started by a large parent (`compare` after planning) would report
+    the parent's size as its own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
 
 
 def save_final(run_dir: Path, model: nn.Module, tokenizer: Any) -> int:
