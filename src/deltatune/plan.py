@@ -42,18 +42,14 @@ from .methods import config_from_dict, get_method
 from .methods.base import count_parameters
 from .models import transformer_layers
 
-LOGIT_CHUNK_ROWS = 1024  # matches losses.CHUNK_ROWS: rows of logits alive at once
-LOGIT_COPIES = 3         # a chunk's logits, its log-sum-exp pass and softmax - onehot
-# Calibrated on `deltatune compare` runs of examples/demo-compare-minilm.yaml (MiniLM) and
-# examples/compare-smollm2.yaml (SmolLM2), whose training processes' peak RSS exceeded
-# baseline + deltas + gradients + optimizer by 1.3-2.5x the live activations counted here
-# (allocator retention; with MALLOC_MMAP_THRESHOLD_=65536 the same forward grew RSS by exactly
-# the counted bytes). README "plan vs measured" has the figures.
-# Peak RSS above the other terms, per byte of live activations, fitted per method on both presets
-# (MiniLM/SST-2 and SmolLM2/SST-2 runs; each factor predicts both within 9%). Full fine-tuning's
-# large long-lived gradient and optimizer buffers leave the allocator little to keep; LoRA keeps
-# the most (2.6-2.8x on both models; not root-caused: the per-wrapper input gradients that
-# backward adds up are the suspect). Other methods get DEFAULT_RETENTION.
+LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
+# Peak RSS above the other terms, per byte of live activations: glibc keeps blocks freed by
+# earlier steps (with MALLOC_MMAP_THRESHOLD_=65536 a forward grew RSS by exactly the counted
+# bytes). Fitted per method on `deltatune compare` runs of examples/demo-compare-minilm.yaml and
+# examples/compare-smollm2.yaml (each factor predicts both within 9%; README "plan vs measured").
+# Full fine-tuning's large long-lived gradient and optimizer buffers leave the allocator little
+# to keep; LoRA keeps the most (2.6-2.8x on both models; not root-caused: the per-wrapper input
+# gradients that backward adds up are the suspect). Other methods get DEFAULT_RETENTION.
 RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 1.75, "prompt": 1.5, "ptuning": 1.5,
              "prefix": 1.35}
 DEFAULT_RETENTION = 1.6
@@ -91,24 +87,19 @@ def release_freed_memory() -> None:
 
 
 # ------------------------------------------------------------------------------ the heaviest step
-def heaviest_batch(dataset: Any, train: Any, collator: Any, world_size: int = 1) -> dict:
+def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
     """The collated batch of the run that makes its layers compute the most tokens, found by
-    replaying the trainer's own BatchStream (a pure function of seed and batch index)."""
-    import math
+    replaying the trainer's own batch stream (a pure function of seed and batch index)."""
+    from .train import training_stream
 
-    from .optimization import BatchStream
-
+    stream, steps = training_stream(dataset, train, collator)
     lengths = [len(e.input_ids) for e in dataset]
-    grouped = train.group_by_length and not collator.packing
-    stream = BatchStream(len(dataset), train.batch_size, train.seed, world_size,
-                         lengths if grouped else None)
-    steps = train.max_steps or max(1, math.ceil(train.epochs * stream.per_epoch / train.grad_accum))
-    batches = min(steps * train.grad_accum, MAX_REPLAYED_BATCHES)
 
     def cost(rows: list[int]) -> int:  # padding-free: the sum; padded: rows x the longest row
         sizes = [lengths[i] for i in rows]
         return sum(sizes) if collator.packing else len(sizes) * max(sizes)
 
+    batches = min(steps * train.grad_accum, MAX_REPLAYED_BATCHES)
     rows = max((stream.rows(k) for k in range(batches)), key=cost)
     return collator([dataset[i] for i in rows])
 
@@ -142,33 +133,31 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
 
 def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
     """The chunk of LM-head logits alive while the loss runs (causal LM only)."""
-    vocab = getattr(model.config, "vocab_size", 0) if task == "causal-lm" else 0
-    labelled = int((batch["labels"] != -100).sum()) if task == "causal-lm" else 0
-    return min(labelled, LOGIT_CHUNK_ROWS) * vocab * 4 * LOGIT_COPIES
+    from .losses import CHUNK_ROWS, IGNORE_INDEX
+
+    if task != "causal-lm":
+        return 0
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    return min(labelled, CHUNK_ROWS) * getattr(model.config, "vocab_size", 0) * 4 * LOGIT_COPIES
 
 
 # ------------------------------------------------------------------------------------- per method
 def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_id: int | None,
                 run_config: Any, train: Any, baseline_bytes: int) -> MethodPlan:
     """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched."""
-    from .data import Collator
     from .optimization import resolve_bf16
-    from .packed_attention import ONE_ROW, supports_packed_attention
+    from .train import training_collator
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
     adapted = apply(copy.deepcopy(model), config)
     trainable, total = count_parameters(adapted)
     task = run_config.task
-    packed = (task == "causal-lm" and train.padding_free and not run_config.data.packing
-              and supports_packed_attention(adapted))
-    collator = Collator(pad_token_id or 0,
-                        packing=run_config.data.packing or packed,
-                        max_length=ONE_ROW if packed else run_config.data.max_length)
+    collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
     batch = heaviest_batch(dataset, train, collator)
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    activations = saved_for_backward_bytes(adapted, task, batch, packed, bf16)
+    activations = saved_for_backward_bytes(adapted, task, batch, collator.packing, bf16)
     if train.gradient_checkpointing:
         # only each layer's input is kept, and one layer's activations exist again in backward
         layers = max(1, len(transformer_layers(adapted)))

@@ -57,6 +57,29 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+def training_collator(model: nn.Module, pad_token_id: int | None, task: str, data: Any,
+                      tc: Any) -> Collator:
+    """How the trainer batches rows for this (adapted) model. Padding-free (causal LM): a
+    batch's examples are laid end to end in one row and each attends only to itself
+    (packed_attention), so no layer computes a padding token."""
+    from .data import Collator
+
+    padding_free = (task == "causal-lm" and getattr(tc, "padding_free", True)
+                    and not data.packing and supports_packed_attention(model))
+    return Collator(pad_token_id, packing=data.packing or padding_free,
+                    max_length=ONE_ROW if padding_free else data.max_length)
+
+
+def training_stream(dataset: Any, tc: Any, collator: Collator,
+                    world_size: int = 1) -> tuple[BatchStream, int]:
+    """The run's batch order (rows grouped by length unless packed) and its number of steps."""
+    grouped = getattr(tc, "group_by_length", True) and not collator.packing
+    stream = BatchStream(len(dataset), tc.batch_size, tc.seed, world_size,
+                         [len(e.input_ids) for e in dataset] if grouped else None)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * stream.per_epoch / tc.grad_accum))
+    return stream, total_steps
+
+
 def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, eval_dataset=None,
           resume: bool = False, overwrite: bool = False, dist: Distributed | None = None,
           on_step: Callable[[int], None] | None = None, started: float | None = None) -> dict:
@@ -80,12 +103,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         eval_dataset = build_dataset(config.data, tokenizer, task, "eval", tc.seed, num_labels)
     if len(train_dataset) == 0:
         raise DeltatuneError(f"{config.data.train}: the training set is empty")
-    # Padding-free (causal LM): a batch's examples are laid end to end in one row and each
-    # attends only to itself (packed_attention), so no layer computes a padding token.
-    padding_free = (task == "causal-lm" and getattr(tc, "padding_free", True)
-                    and not config.data.packing and supports_packed_attention(model))
-    collator = Collator(tokenizer.pad_token_id, packing=config.data.packing or padding_free,
-                        max_length=ONE_ROW if padding_free else config.data.max_length)
+    collator = training_collator(model, tokenizer.pad_token_id, task, config.data, tc)
     eval_collator = Collator(tokenizer.pad_token_id)
 
     bare = model.to(dist.device)
@@ -93,10 +111,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         enable_gradient_checkpointing(bare)
     name, method_config = active_config(bare)
     lr = tc.lr or get_method(method_config.method).default_lr
-    grouped = getattr(tc, "group_by_length", True) and not collator.packing
-    stream = BatchStream(len(train_dataset), tc.batch_size, tc.seed, dist.world_size,
-                         [len(e.input_ids) for e in train_dataset] if grouped else None)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * stream.per_epoch / tc.grad_accum))
+    stream, total_steps = training_stream(train_dataset, tc, collator, dist.world_size)
     warmup_steps = math.ceil(tc.warmup_ratio * total_steps)
     optimizer = build_optimizer(bare, lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.schedule, warmup_steps, total_steps)
