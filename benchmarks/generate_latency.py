@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import deltatune as dt
-    from deltatune.generation import prompt_ids
+    from deltatune.serving.generate import prompt_ids
 
     torch.manual_seed(S.SEED)
     base, tokenizer = dt.load_model(S.MODEL)

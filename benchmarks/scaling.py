@@ -29,9 +29,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import deltatune as dt
-    from deltatune.losses import batch_loss, count_targets
-    from deltatune.optimization import build_optimizer
-    from deltatune.packed_attention import packed_attention
+    from deltatune.training.losses import batch_loss, count_targets
+    from deltatune.training.optimization import build_optimizer
+    from deltatune.training.packed_attention import packed_attention
 
     torch.manual_seed(S.SEED)
     model, _ = dt.load_model(S.MODEL)

@@ -52,8 +52,8 @@ def peak_memory_gb() -> float:
 
 def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list[float]]:
     import deltatune as dt
-    from deltatune.config import build_run_config
-    from deltatune.train import train
+    from deltatune.config.run import build_run_config
+    from deltatune.training.loop import train
 
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as out:

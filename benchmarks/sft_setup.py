@@ -29,20 +29,20 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def data_config(max_length: int = MAX_LENGTH):
-    from deltatune.config import DataConfig
+    from deltatune.config.run import DataConfig
 
     return DataConfig(train=str(DATA), format="alpaca", max_length=max_length)
 
 
 def load_examples(tokenizer, max_length: int = MAX_LENGTH):
-    from deltatune.data import build_dataset
+    from deltatune.data.dataset import build_dataset
 
     return build_dataset(data_config(max_length), tokenizer, "causal-lm", "train", SEED)
 
 
 def row_order(num_rows: int, steps: int, batch: int = BATCH) -> list[int]:
     """The rows of the first `steps` batches, in training order."""
-    from deltatune.optimization import BatchStream
+    from deltatune.training.optimization import BatchStream
 
     stream = BatchStream(num_rows, batch, SEED)
     return [i for k in range(steps) for i in stream.rows(k)]

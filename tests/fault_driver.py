@@ -38,7 +38,7 @@ def half_write(path, data: bytes, ready: Path) -> None:
 
 def arm(fault: str, step: int, ready: Path) -> None:
     import deltatune.adapters_io as adapters_io
-    import deltatune.train as train
+    import deltatune.training.loop as train
     import torch
 
     def in_checkpoint(path) -> bool:  # checkpoint STEP is written to checkpoints/.step-STEP.tmp-*/

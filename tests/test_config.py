@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deltatune.config import (DataConfig, RunConfig, TrainConfig, load_run_config, parse_scalar,
+from deltatune.config.run import (DataConfig, RunConfig, TrainConfig, load_run_config, parse_scalar,
                               save_run_config)
 from deltatune.errors import DeltatuneError
 from deltatune.methods.full import FullConfig

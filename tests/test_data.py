@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from byte_tokenizer import byte_tokenizer
 from conftest import tiny_llama
-from deltatune.config import DataConfig
-from deltatune.data import IGNORE_INDEX, Collator, Example, build_dataset, num_labels_of
+from deltatune.config.run import DataConfig
+from deltatune.data.dataset import IGNORE_INDEX, Collator, Example, build_dataset, num_labels_of
 from deltatune.errors import DeltatuneError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

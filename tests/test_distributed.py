@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltatune.train import train_from_config
+from deltatune.training.loop import train_from_config
 from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import causal_config, tiny_llama_dir
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from deltatune.cli import main
-from deltatune.data import Collator, Example
-from deltatune.evaluate import (accuracy, evaluate_model, exact_match, final_answer, is_better,
+from deltatune.data.dataset import Collator, Example
+from deltatune.training.evaluation import (accuracy, evaluate_model, exact_match, final_answer, is_better,
                                 macro_f1, split_prompt)
-from deltatune.train import train_from_config
+from deltatune.training.loop import train_from_config
 from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import classification_config, tiny_bert_dir, tiny_llama_dir, write_jsonl
 
@@ -65,8 +65,8 @@ def test_perplexity_is_exp_of_the_token_mean_loss(tmp_path):
 
 def test_split_prompt_gives_the_question_and_the_reference_answer(tmp_path):
     from deltatune import load_model
-    from deltatune.config import DataConfig
-    from deltatune.data import build_dataset
+    from deltatune.config.run import DataConfig
+    from deltatune.data.dataset import build_dataset
 
     _, tok = load_model(str(tiny_llama_dir(tmp_path)))
     path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}])

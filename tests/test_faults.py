@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from deltatune.checkpoint import STATE_FILE, checkpoint_dirs
+from deltatune.training.checkpoints import STATE_FILE, checkpoint_dirs
 from deltatune.cli import main
-from deltatune.run_dir import partial_dir
-from deltatune.train import train_from_config
+from deltatune.training.run_dir import partial_dir
+from deltatune.training.loop import train_from_config
 from fault_driver import kill_at
 from tiny_runs import classification_config, tiny_bert_dir
 
@@ -143,7 +143,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(setup,
 
 def inject_inf_at(monkeypatch, step: int) -> None:
     """The loss of optimizer step `step` (1-based; grad_accum 1) becomes inf."""
-    import deltatune.train as train
+    import deltatune.training.loop as train
 
     real = train.batch_loss
     calls = {"n": 0}

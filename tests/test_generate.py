@@ -7,7 +7,7 @@ import torch
 
 from deltatune import LoraConfig, apply, load_model, save_adapter
 from deltatune.cli import main
-from deltatune.generation import generate_text
+from deltatune.serving.generate import generate_text
 from conftest import randomize_trainable
 from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import tiny_llama_dir

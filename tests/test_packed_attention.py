@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from conftest import tiny_gpt2, tiny_llama
 from deltatune import LoraConfig, PromptTuningConfig, apply
-from deltatune.data import Collator, Example
-from deltatune.losses import batch_loss
-from deltatune.packed_attention import (ONE_ROW, example_spans, packed_attention,
+from deltatune.data.dataset import Collator, Example
+from deltatune.training.losses import batch_loss
+from deltatune.training.packed_attention import (ONE_ROW, example_spans, packed_attention,
                                         supports_packed_attention)
-from deltatune.train import train_from_config
+from deltatune.training.loop import train_from_config
 from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import causal_config, tiny_llama_dir
 

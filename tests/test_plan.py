@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_llama, token_batch
 
 import deltatune as dt
-from deltatune.data import Collator, Example
-from deltatune.optimization import BatchStream
-from deltatune.plan import heaviest_batch, saved_for_backward_bytes
+from deltatune.data.dataset import Collator, Example
+from deltatune.training.optimization import BatchStream
+from deltatune.compare.plan import heaviest_batch, saved_for_backward_bytes
 
 LENGTHS = [3, 17, 5, 9, 30, 2, 11, 8, 25, 4, 6, 14, 1, 19, 7, 12, 10]
 
@@ -91,7 +91,7 @@ def test_a_child_reports_its_own_peak_not_its_large_parents(tmp_path):
         pytest.skip("VmHWM is Linux's")
     ballast = bytearray(600 * 1024 * 1024)  # the parent holds 600 MB ...
     ballast[::4096] = b"x" * len(ballast[::4096])
-    code = "from deltatune.run_dir import peak_memory; print(peak_memory()[0])"
+    code = "from deltatune.training.run_dir import peak_memory; print(peak_memory()[0])"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True).stdout.strip())
     del ballast

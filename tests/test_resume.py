@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.cli import main
-from deltatune.train import train_from_config
+from deltatune.training.loop import train_from_config
 from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import causal_config, classification_config, tiny_bert_dir, tiny_llama_dir
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.checkpoint import STATE_FILE, checkpoint_dirs, latest_checkpoint
+from deltatune.training.checkpoints import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from deltatune.cli import main
-from deltatune.run_dir import partial_dir
-from deltatune.train import train_from_config
+from deltatune.training.run_dir import partial_dir
+from deltatune.training.loop import train_from_config
 from fault_driver import kill_at
 from tiny_runs import classification_config, tiny_bert_dir
 

@@ -13,7 +13,7 @@ from byte_tokenizer import tiny_chat_llama
 from conftest import randomize_trainable
 
 import deltatune as dt
-from deltatune.serve import ServerThread, build_app, parse_adapter_specs
+from deltatune.serving.app import ServerThread, build_app, parse_adapter_specs
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "Once upon"]
 MAX_TOKENS = 12

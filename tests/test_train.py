@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from conftest import tiny_gpt2, tiny_llama
 from deltatune import LoraConfig, apply, count_parameters
 from deltatune.cli import main
-from deltatune.config import load_run_config
-from deltatune.losses import batch_loss, count_targets
-from deltatune.optimization import BatchStream, build_optimizer, lr_factor
-from deltatune.train import train_from_config
+from deltatune.config.run import load_run_config
+from deltatune.training.losses import batch_loss, count_targets
+from deltatune.training.optimization import BatchStream, build_optimizer, lr_factor
+from deltatune.training.loop import train_from_config
 from tiny_runs import one_thread  # noqa: F401
 from tiny_runs import (causal_config, classification_config, tiny_bert_dir, tiny_llama_dir,
                        write_jsonl)
@@ -53,7 +53,7 @@ def test_chunked_lm_loss_matches_full_logits_loss_and_gradients(make, wrapped_he
 
 
 def test_fused_loss_small_chunks_equal_one_chunk():
-    from deltatune.losses import linear_cross_entropy
+    from deltatune.training.losses import linear_cross_entropy
 
     head = torch.nn.Linear(16, 50)
     hidden = torch.randn(37, 16, requires_grad=True)
@@ -276,7 +276,7 @@ def test_bad_input_gives_one_line_and_exit_2(workspace, capsys, case, expect):
 
 def test_fused_loss_computes_no_gradients_under_no_grad(monkeypatch):
     """Evaluation reuses the loss; under no_grad it must skip the gradient matmuls."""
-    from deltatune import losses
+    from deltatune.training import losses
 
     head = torch.nn.Linear(8, 20)
     hidden = torch.randn(5, 8, requires_grad=True)

@@ -7,9 +7,9 @@ import pytest
 from transformers import AutoTokenizer
 
 import deltatune as dt
-from deltatune.config import DataConfig
-from deltatune.data import build_dataset
-from deltatune.evaluate import answers_match, exact_match, split_prompt
+from deltatune.config.run import DataConfig
+from deltatune.data.dataset import build_dataset
+from deltatune.training.evaluation import answers_match, exact_match, split_prompt
 from deltatune.models import resolve_model_path
 
 SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.jsonl"

@@ -1,21 +1,21 @@
 """deltatune: fine-tune pretrained transformers by every common method, and measure each."""
-from .adapters_io import inspect_adapter, load_adapter, save_adapter
-from .combine import combine_adapters
-from .deltas import (active_config, adapter_names, apply, delete_adapter, disable_adapters, merge,
+from deltatune.adapters_io import inspect_adapter, load_adapter, save_adapter
+from deltatune.combine import combine_adapters
+from deltatune.deltas import (active_config, adapter_names, apply, delete_adapter, disable_adapters, merge,
                      merge_and_unload, set_adapter, unmerge)
-from .errors import DeltatuneError
-from .export import save_merged
-from .methods import REGISTRY as METHODS
-from .methods import config_from_dict, get_method
-from .methods.adapter import AdapterConfig
-from .methods.base import count_parameters
-from .methods.full import FullConfig
-from .methods.lora import LoraConfig
-from .methods.prefix import PrefixConfig
-from .methods.prompt import PromptTuningConfig
-from .methods.ptuning import PTuningConfig
-from .mixed import mixed_adapters
-from .models import PRESETS, architecture_of, load_model
+from deltatune.errors import DeltatuneError
+from deltatune.export import save_merged
+from deltatune.methods import REGISTRY as METHODS
+from deltatune.methods import config_from_dict, get_method
+from deltatune.methods.adapter import AdapterConfig
+from deltatune.methods.base import count_parameters
+from deltatune.methods.full import FullConfig
+from deltatune.methods.lora import LoraConfig
+from deltatune.methods.prefix import PrefixConfig
+from deltatune.methods.prompt import PromptTuningConfig
+from deltatune.methods.ptuning import PTuningConfig
+from deltatune.mixed import mixed_adapters
+from deltatune.models import PRESETS, architecture_of, load_model
 
 __all__ = [
     "AdapterConfig", "DeltatuneError", "METHODS", "PRESETS", "FullConfig", "LoraConfig", "active_config",

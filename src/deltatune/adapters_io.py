@@ -17,11 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .deltas import active_config, apply, set_adapter
-from .errors import DeltatuneError
-from .methods import get_method, method_for_peft_type
-from .methods.base import DEFAULT_ADAPTER, delta_state, task_of
-from .methods.full import FullConfig
+from deltatune.deltas import active_config, apply, set_adapter
+from deltatune.errors import DeltatuneError
+from deltatune.methods import get_method, method_for_peft_type
+from deltatune.methods.base import DEFAULT_ADAPTER, delta_state, task_of
+from deltatune.methods.full import FullConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,7 +145,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEF
     try:
         method.load_state_dict(model, name, tensors, str(directory / WEIGHTS_NAME))
     except DeltatuneError:
-        from .deltas import delete_adapter
+        from deltatune.deltas import delete_adapter
         delete_adapter(model, name)
         raise
     set_adapter(model, name)
@@ -179,7 +179,7 @@ def directory_size(directory: Path) -> int:
 
 
 def _base_directory_without_converting(base: str) -> Path | None:
-    from .models import _smollm2_gguf, gguf_cache_path, resolve_model_path
+    from deltatune.models import _smollm2_gguf, gguf_cache_path, resolve_model_path
 
     try:
         if base == "smollm2-135m" or base.endswith(".gguf"):

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def _human(n: int | None) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .adapters_io import inspect_adapter
+    from deltatune.adapters_io import inspect_adapter
 
     info = inspect_adapter(args.directory)
     if args.json:
@@ -47,43 +47,43 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train_from_config
+    from deltatune.training.loop import train_from_config
 
     train_from_config(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_from_cli
+    from deltatune.training.evaluation import evaluate_from_cli
 
     print(json.dumps(evaluate_from_cli(args), indent=2))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import generate_from_cli
+    from deltatune.serving.generate import generate_from_cli
 
     print(generate_from_cli(args))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare_from_config
+    from deltatune.compare.runner import compare_from_config
 
     compare_from_config(args.config, args.overrides, methods=args.methods, overwrite=args.overwrite)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .plan import plan_from_config
+    from deltatune.compare.plan import plan_from_config
 
     plan_from_config(args.config, args.overrides, methods=args.methods)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from .export import merge_from_cli
+    from deltatune.export import merge_from_cli
 
     merge_from_cli(args.model, args.adapter, args.out, overwrite=args.overwrite)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import serve_from_cli
+    from deltatune.serving.app import serve_from_cli
 
     serve_from_cli(args)
 

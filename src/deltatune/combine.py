@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .deltas import apply, set_adapter
-from .errors import DeltatuneError
-from .methods.base import delta_state
-from .methods.lora import LoraConfig, LoraLayer, lora_layers
+from deltatune.deltas import apply, set_adapter
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import delta_state
+from deltatune.methods.lora import LoraConfig, LoraLayer, lora_layers
 
 HOWS = ("linear", "cat", "svd")
 

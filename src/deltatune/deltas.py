@@ -7,9 +7,9 @@ from typing import Iterator
 
 from torch import nn
 
-from .errors import DeltatuneError
-from .methods import Method, get_method
-from .methods.base import (DEFAULT_ADAPTER, DeltaLayer, MethodConfig, delta_layers, delta_state,
+from deltatune.errors import DeltatuneError
+from deltatune.methods import Method, get_method
+from deltatune.methods.base import (DEFAULT_ADAPTER, DeltaLayer, MethodConfig, delta_layers, delta_state,
                            disabled, freeze, resolve_modules_to_save, set_parent, set_trainable,
                            task_of, wrap_modules_to_save)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapters_io import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, commit_directory,
+from deltatune.adapters_io import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, commit_directory,
                           directory_size, load_adapter, read_adapter_config, read_tensors)
-from .deltas import merge_and_unload
-from .errors import DeltatuneError
-from .methods import get_method, method_for_peft_type
-from .methods.base import PEFT_PREFIX, count_parameters, delta_state
+from deltatune.deltas import merge_and_unload
+from deltatune.errors import DeltatuneError
+from deltatune.methods import get_method, method_for_peft_type
+from deltatune.methods.base import PEFT_PREFIX, count_parameters, delta_state
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -71,7 +71,7 @@ def _num_labels(tensors: dict, source: str) -> int:
 
 def merge_from_cli(model: str, adapter: str, out: str, overwrite: bool = False) -> Path:
     """`deltatune merge`: load `model` + `adapter`, fold the adapter in, write a plain model."""
-    from .models import load_model
+    from deltatune.models import load_model
 
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():

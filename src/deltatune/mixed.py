@@ -18,9 +18,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import DeltatuneError
-from .methods.base import ModuleCopy, delta_layers, delta_state, disabled
-from .methods.lora import LoraLayer, row_groups
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import ModuleCopy, delta_layers, delta_state, disabled
+from deltatune.methods.lora import LoraLayer, row_groups
 
 MIXABLE_METHODS = ("lora",)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 TASKS = ("causal-lm", "classification")
 

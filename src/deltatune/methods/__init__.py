@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import DeltatuneError
-from .base import MethodConfig, peft_key_map
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import MethodConfig, peft_key_map
 
 StateDict = dict[str, torch.Tensor]
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DeltatuneError
-from .base import DeltaLayer, MethodConfig, delta_layers
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
@@ -209,7 +209,7 @@ def _add(wrapper: AdapterLayer, name: str, hidden: int, config: AdapterConfig, r
 
 
 def _chosen_layers(model: nn.Module, config: AdapterConfig) -> list[tuple[int, nn.Module]]:
-    from ..models import transformer_layers
+    from deltatune.models import transformer_layers
 
     layers = transformer_layers(model)
     indices = config.layers if config.layers is not None else range(len(layers))
@@ -243,7 +243,7 @@ def _add_parallel(layer: nn.Module, name: str, config: AdapterConfig, arch: Any,
 
 
 def apply_adapter(model: nn.Module, config: AdapterConfig, name: str) -> None:
-    from ..models import architecture_of
+    from deltatune.models import architecture_of
 
     arch = architecture_of(model)
     for index, layer in _chosen_layers(model, config):
@@ -276,7 +276,7 @@ def adapter_from_peft(values: dict) -> AdapterConfig:
     return AdapterConfig(**options, modules_to_save=values.get("modules_to_save"))
 
 
-from . import Method  # noqa: E402  (the registry imports this module)
+from deltatune.methods import Method  # noqa: E402  (the registry imports this module)
 
 METHOD = Method(
     name="adapter", config=AdapterConfig, apply=apply_adapter,

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
-from ..errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 DEFAULT_ADAPTER = "default"
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path to the model
@@ -159,7 +159,7 @@ def module_names_hint(model: nn.Module, limit: int = 12) -> str:
 
 def head_names(model: nn.Module) -> list[str]:
     """The task head(s) at the model root that a classification delta trains and saves."""
-    from ..models import architecture_of
+    from deltatune.models import architecture_of
 
     return [h for h in architecture_of(model).heads
             if h in ("classifier", "score") and getattr(model, h, None) is not None]

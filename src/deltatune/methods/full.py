@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import MethodConfig
-from . import Method
+from deltatune.methods.base import MethodConfig
+from deltatune.methods import Method
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import DeltatuneError
-from .base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
 
 INITS = ("default", "gaussian")
 
@@ -182,7 +182,7 @@ class LoraLayer(DeltaLayer):
 
 # ------------------------------------------------------------------ targeting and apply
 def _inside_layers(path: str, model: nn.Module) -> bool:
-    from ..models import architecture_of
+    from deltatune.models import architecture_of
 
     return any(path.startswith(p + ".") for p in architecture_of(model).layers)
 
@@ -270,7 +270,7 @@ def lora_from_peft(values: dict) -> LoraConfig:
                       modules_to_save=values.get("modules_to_save"))
 
 
-from . import Method  # noqa: E402  (the registry imports this module)
+from deltatune.methods import Method  # noqa: E402  (the registry imports this module)
 
 METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
                 from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora,

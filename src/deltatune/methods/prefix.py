@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MethodConfig
-from .virtual_tokens import VirtualTokens, attach, attention_geometry
-from .virtual_tokens_io import (WHY_NO_MERGE, common_peft_fields, load_virtual_state_dict,
+from deltatune.methods.base import MethodConfig
+from deltatune.methods.prefix_attention import attention_geometry
+from deltatune.methods.virtual_tokens import VirtualTokens, attach
+from deltatune.methods.virtual_tokens_io import (WHY_NO_MERGE, common_peft_fields, load_virtual_state_dict,
                                 validate_num_virtual_tokens, virtual_state_dict)
 
 
@@ -85,7 +86,7 @@ def prefix_from_peft(values: dict) -> PrefixConfig:
                         modules_to_save=values.get("modules_to_save"))
 
 
-from . import Method  # noqa: E402  (the registry imports this module)
+from deltatune.methods import Method  # noqa: E402  (the registry imports this module)
 
 METHOD = Method(name="prefix", config=PrefixConfig, apply=apply_prefix, to_peft=prefix_to_peft,
                 from_peft=prefix_from_peft, state_dict=virtual_state_dict,

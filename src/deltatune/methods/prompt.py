@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import DeltatuneError
-from .base import MethodConfig
-from .virtual_tokens import VirtualTokens, attach
-from .virtual_tokens_io import (WHY_NO_MERGE, common_peft_fields, load_virtual_state_dict,
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import MethodConfig
+from deltatune.methods.virtual_tokens import VirtualTokens, attach
+from deltatune.methods.virtual_tokens_io import (WHY_NO_MERGE, common_peft_fields, load_virtual_state_dict,
                                 validate_num_virtual_tokens, virtual_state_dict)
 
 INITS = ("random", "vocab", "text")
@@ -45,7 +45,7 @@ class PromptTuningConfig(MethodConfig):
 def _tokenize_init_text(model: nn.Module, config: PromptTuningConfig) -> list[int]:
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
+    from deltatune.models import resolve_model_path
 
     name = config.tokenizer_name_or_path or getattr(model, "name_or_path", None)
     if not name:
@@ -96,7 +96,7 @@ def prompt_from_peft(values: dict) -> PromptTuningConfig:
                               modules_to_save=values.get("modules_to_save"))
 
 
-from . import Method  # noqa: E402  (the registry imports this module)
+from deltatune.methods import Method  # noqa: E402  (the registry imports this module)
 
 METHOD = Method(name="prompt", config=PromptTuningConfig, apply=apply_prompt, to_peft=prompt_to_peft,
                 from_peft=prompt_from_peft, state_dict=virtual_state_dict,

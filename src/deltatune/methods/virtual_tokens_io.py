@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DeltatuneError
-from .base import PEFT_PREFIX, peft_key_map
-from .virtual_tokens import attention_geometry, source_of
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import PEFT_PREFIX, peft_key_map
+from deltatune.methods.prefix_attention import attention_geometry
+from deltatune.methods.virtual_tokens import source_of
 
 PROMPT_KEY = "prompt_embeddings"
 # PEFT keeps a prompt method's base model one level higher than LoRA's: base_model.<path>.

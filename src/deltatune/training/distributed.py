@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,16 @@ from typing import Any, AsyncIterator, Mapping
 
 from torch import nn
 
-from .errors import DeltatuneError
-from .serve_engine import BatchingEngine, Job
-from .serve_protocol import (ApiError, Options, chat_body, chat_chunk, completion_body, models_body,
+from deltatune.errors import DeltatuneError
+from deltatune.serving.engine import BatchingEngine, Job
+from deltatune.serving.protocol import (ApiError, Options, chat_body, chat_chunk, completion_body, models_body,
                              new_id, parse_chat, parse_completion, usage)
 
 
 def _load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike] | None,
                    base_name: str) -> list[str]:
-    from .adapters_io import load_adapter
-    from .deltas import adapter_names
+    from deltatune.adapters_io import load_adapter
+    from deltatune.deltas import adapter_names
 
     for name, directory in (adapters or {}).items():
         if name == base_name:
@@ -222,7 +222,7 @@ def serve_from_cli(args) -> None:
     """`deltatune serve --model M --adapter name=DIR ... [--host 127.0.0.1] [--port 8000]`."""
     import uvicorn
 
-    from .models import load_model
+    from deltatune.models import load_model
 
     if not 0 <= args.port <= 65535:  # checked before the model loads, not deep inside uvicorn
         raise DeltatuneError(f"--port: must be in 0..65535, got {args.port}")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 
 # ----------------------------------------------------------------------------- optimizer

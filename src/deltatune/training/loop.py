@@ -21,21 +21,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
+from deltatune.training.checkpoints import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
                          rng_to_bytes, save_checkpoint)
-from .deltas import active_config
-from .distributed import Distributed, setup_distributed, teardown_distributed
-from .errors import DeltatuneError
-from .evaluate import default_metric, evaluate_model, is_better
-from .losses import batch_loss, count_targets
-from .methods import get_method
-from .methods.base import count_parameters
-from .packed_attention import ONE_ROW, packed_attention, supports_packed_attention
-from .optimization import (BatchStream, build_optimizer, build_scheduler,
+from deltatune.deltas import active_config
+from deltatune.training.distributed import Distributed, setup_distributed, teardown_distributed
+from deltatune.errors import DeltatuneError
+from deltatune.training.evaluation import default_metric, evaluate_model, is_better
+from deltatune.training.losses import batch_loss, count_targets
+from deltatune.methods import get_method
+from deltatune.methods.base import count_parameters
+from deltatune.training.packed_attention import ONE_ROW, packed_attention, supports_packed_attention
+from deltatune.training.optimization import (BatchStream, build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
-from .progress import RunLog
-from .run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
+from deltatune.training.progress import RunLog
+from deltatune.training.run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
 
 
 @dataclass
@@ -62,7 +62,7 @@ def training_collator(model: nn.Module, pad_token_id: int | None, task: str, dat
     """How the trainer batches rows for this (adapted) model. Padding-free (causal LM): a
     batch's examples are laid end to end in one row and each attends only to itself
     (packed_attention), so no layer computes a padding token."""
-    from .data import Collator
+    from deltatune.data.dataset import Collator
 
     padding_free = (task == "causal-lm" and getattr(tc, "padding_free", True)
                     and not data.packing and supports_packed_attention(model))
@@ -89,7 +89,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     `on_step(step)` is called after every optimizer step (and its checkpoint); raising from it
     interrupts the run as a crash would, leaving the checkpoints for `resume=True`.
     """
-    from .data import Collator, build_dataset
+    from deltatune.data.dataset import Collator, build_dataset
 
     started = started or time.time()
     dist = dist or setup_distributed()
@@ -125,7 +125,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         rng = state["rng"]
         restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
     elif dist.is_main:
-        from .config import save_run_config
+        from deltatune.config.run import save_run_config
 
         save_run_config(config, run_dir / "config.yaml")
 
@@ -156,7 +156,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
             progress.best_metric, progress.best_step = metrics[metric], progress.step
             progress.evals_since_best = 0
             if tc.eval_every and dist.is_main:
-                from .adapters_io import save_adapter
+                from deltatune.adapters_io import save_adapter
 
                 save_adapter(bare, run_dir / "best")
         else:
@@ -282,10 +282,10 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
                       on_step: Callable[[int], None] | None = None) -> dict:
     """`deltatune train CONFIG.yaml [key=value ...]`: load, apply the method, train, evaluate,
     save. Under torchrun every rank runs this; rank 0 writes. `on_step`: see `train`."""
-    from .config import load_run_config
-    from .data import build_dataset, num_labels_of
-    from .deltas import apply
-    from .models import load_model
+    from deltatune.config.run import load_run_config
+    from deltatune.data.dataset import build_dataset, num_labels_of
+    from deltatune.deltas import apply
+    from deltatune.models import load_model
 
     started = time.time()
     config = load_run_config(config_path, list(overrides))

@@ -15,12 +15,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import FORMATS_BY_TASK, DataConfig
-from .data_files import Row, read_rows
-from .data_instruct import (alpaca_parts, bos_prefix, chat_messages, encode_segments,
+from deltatune.config.run import FORMATS_BY_TASK, DataConfig
+from deltatune.data.files import Row, read_rows
+from deltatune.data.instructions import (alpaca_parts, bos_prefix, chat_messages, encode_segments,
                             gsm8k_parts, has_chat_template, parts_to_messages, plain_segments,
                             template_segments)
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding, packing boundaries)
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .deltas import disable_adapters, set_adapter
-from .methods.base import delta_state
-from .mixed import MIXABLE_METHODS, mixed_adapters
+from deltatune.deltas import disable_adapters, set_adapter
+from deltatune.methods.base import delta_state
+from deltatune.mixed import MIXABLE_METHODS, mixed_adapters
 
 
 @dataclass

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters_io import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, commit_directory, read_tensors, save_adapter
-from .deltas import active_config
-from .errors import DeltatuneError
-from .methods import get_method
+from deltatune.adapters_io import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, commit_directory, read_tensors, save_adapter
+from deltatune.deltas import active_config
+from deltatune.errors import DeltatuneError
+from deltatune.methods import get_method
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"

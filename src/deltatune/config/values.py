@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 
 # ---------------------------------------------------------------------------------- YAML

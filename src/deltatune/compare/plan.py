@@ -37,10 +37,10 @@ import psutil
 import torch
 from torch import nn
 
-from .deltas import apply
-from .methods import config_from_dict, get_method
-from .methods.base import count_parameters
-from .models import transformer_layers
+from deltatune.deltas import apply
+from deltatune.methods import config_from_dict, get_method
+from deltatune.methods.base import count_parameters
+from deltatune.models import transformer_layers
 
 LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # Peak RSS above the other terms, per byte of live activations: glibc keeps blocks freed by
@@ -90,7 +90,7 @@ def release_freed_memory() -> None:
 def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
     """The collated batch of the run that makes its layers compute the most tokens, found by
     replaying the trainer's own batch stream (a pure function of seed and batch index)."""
-    from .train import training_stream
+    from deltatune.training.loop import training_stream
 
     stream, steps = training_stream(dataset, train, collator)
     lengths = [len(e.input_ids) for e in dataset]
@@ -107,8 +107,8 @@ def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
 def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: bool,
                              bf16: bool) -> int:
     """Bytes autograd keeps for backward after one training forward + loss of `batch`."""
-    from .losses import batch_loss
-    from .packed_attention import packed_attention
+    from deltatune.training.losses import batch_loss
+    from deltatune.training.packed_attention import packed_attention
 
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -133,7 +133,7 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
 
 def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
     """The chunk of LM-head logits alive while the loss runs (causal LM only)."""
-    from .losses import CHUNK_ROWS, IGNORE_INDEX
+    from deltatune.training.losses import CHUNK_ROWS, IGNORE_INDEX
 
     if task != "causal-lm":
         return 0
@@ -145,8 +145,8 @@ def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
 def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_id: int | None,
                 run_config: Any, train: Any, baseline_bytes: int) -> MethodPlan:
     """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched."""
-    from .optimization import resolve_bf16
-    from .train import training_collator
+    from deltatune.training.optimization import resolve_bf16
+    from deltatune.training.loop import training_collator
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
@@ -181,7 +181,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
 
 
 def _delta_file_bytes(adapted: nn.Module, method) -> int:
-    from .methods.base import delta_state
+    from deltatune.methods.base import delta_state
 
     name = delta_state(adapted).active
     tensors = method.state_dict(adapted, name)
@@ -191,10 +191,10 @@ def _delta_file_bytes(adapted: nn.Module, method) -> int:
 def plan_methods(run_config: Any, methods: list[str],
                  per_method: dict[str, dict] | None = None) -> list[MethodPlan]:
     """Plans for several methods on the run's model, its real training rows and batch order."""
-    from . import train as _train  # noqa: F401  (training imports count toward the baseline)
-    from .data import build_dataset
-    from .errors import DeltatuneError
-    from .models import load_model
+    from deltatune.training import loop as _train  # noqa: F401  (training imports count toward the baseline)
+    from deltatune.data.dataset import build_dataset
+    from deltatune.errors import DeltatuneError
+    from deltatune.models import load_model
 
     num_labels = run_config.num_labels or (len(run_config.data.label_names)
                                            if run_config.data.label_names else 2)
@@ -240,7 +240,7 @@ def format_plans(plans: list[MethodPlan]) -> str:
 
 
 def plan_from_config(config_path: str, overrides: list[str], methods: str | None = None) -> list[dict]:
-    from .compare import read_compare_config
+    from deltatune.compare.settings import read_compare_config
 
     run_config, settings = read_compare_config(config_path, overrides)
     names = methods.split(",") if methods else settings["methods"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 HUB_PREFIX = "hf:"
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from .config_values import ConfigSection, check_type, parse_scalar, read_yaml
-from .errors import DeltatuneError
+from deltatune.config.values import ConfigSection, check_type, parse_scalar, read_yaml
+from deltatune.errors import DeltatuneError
 
 TASKS = ("classification", "causal-lm")
 FORMATS_BY_TASK = {
@@ -138,7 +138,7 @@ class RunConfig:
 
     def method_config(self):
         """The validated MethodConfig for `method:` (its `name` picks the method)."""
-        from .methods import config_from_dict
+        from deltatune.methods import config_from_dict
 
         return config_from_dict(self.method)
 

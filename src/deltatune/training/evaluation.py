@@ -11,9 +11,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .distributed import Distributed
-from .errors import DeltatuneError
-from .losses import IGNORE_INDEX, batch_loss, count_targets
+from deltatune.training.distributed import Distributed
+from deltatune.errors import DeltatuneError
+from deltatune.training.losses import IGNORE_INDEX, batch_loss, count_targets
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "exact_match": True, "perplexity": False,
                     "loss": False}
@@ -186,9 +186,9 @@ def _exact_match(model, dataset, tokenizer, batch_size, dist, autocast, max_new_
 # ----------------------------------------------------------------------------- command line
 def evaluate_from_cli(args: Any) -> dict[str, Any]:
     """`deltatune eval CONFIG.yaml [k=v ...]` or `deltatune eval --model M [--adapter A] --data F`."""
-    from .config import FORMATS_BY_TASK, DataConfig, load_run_config
-    from .data import Collator, build_dataset, num_labels_of
-    from .optimization import resolve_bf16
+    from deltatune.config.run import FORMATS_BY_TASK, DataConfig, load_run_config
+    from deltatune.data.dataset import Collator, build_dataset, num_labels_of
+    from deltatune.training.optimization import resolve_bf16
 
     adapter = args.adapter
     if args.config:
@@ -229,7 +229,7 @@ def _is_saved_delta(directory: str) -> bool:
 
 
 def _task_from_format(fmt: str | None) -> str | None:
-    from .config import FORMATS_BY_TASK
+    from deltatune.config.run import FORMATS_BY_TASK
 
     return next((t for t, formats in FORMATS_BY_TASK.items() if fmt in formats), None)
 
@@ -244,7 +244,7 @@ def _guess_task(model_name: str, adapter: str | None) -> str:
         return "classification" if task_type == "SEQ_CLS" else "causal-lm"
     from transformers import AutoConfig
 
-    from .models import resolve_model_path
+    from deltatune.models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(adapter or model_name))
     return "causal-lm" if getattr(config, "is_decoder", False) or config.model_type in (
@@ -256,8 +256,8 @@ def _load(model_name: str, task: str, adapter: str | None, data, args):
     import json
     from pathlib import Path
 
-    from .adapters_io import load_adapter
-    from .models import load_model
+    from deltatune.adapters_io import load_adapter
+    from deltatune.models import load_model
 
     num_labels = len(data.label_names) if data.label_names else None
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
@@ -266,7 +266,7 @@ def _load(model_name: str, task: str, adapter: str | None, data, args):
         return load_model(adapter, task=task, num_labels=num_labels or
                           json.loads((Path(adapter) / "config.json").read_text()).get("num_labels"))
     if adapter and task == "classification" and num_labels is None:
-        from .adapters_io import read_tensors
+        from deltatune.adapters_io import read_tensors
 
         # read_tensors: one-line errors for a missing, truncated or pickled weights file
         tensors = read_tensors(Path(adapter) / "adapter_model.safetensors")

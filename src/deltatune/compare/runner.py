@@ -24,45 +24,11 @@ from typing import Any
 
 import yaml
 
-from .config import load_run_config, resolve_data_path, save_run_config
-from .errors import DeltatuneError
-from .methods import REGISTRY
-from .report import write_outputs
-
-ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix"]
-SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length"}
-DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
-
-
-def read_compare_config(path: str, overrides: list[str]):
-    """(the shared RunConfig, the validated `compare:` settings)."""
-    config = load_run_config(path, overrides)
-    settings = dict(config.compare or {})
-    for key in settings:
-        if key not in SETTINGS:
-            raise DeltatuneError(f"compare.{key}: unknown key (known: {', '.join(sorted(SETTINGS))})")
-    methods = settings.get("methods") or [m for m in ALL_METHODS if m in REGISTRY]
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",")]
-    for name in methods:
-        if name not in REGISTRY:
-            raise DeltatuneError(f"compare.methods: unknown method {name!r} (known: {', '.join(REGISTRY)})")
-    per_method = settings.get("per_method") or {}
-    for name, values in per_method.items():
-        if name not in REGISTRY:
-            raise DeltatuneError(f"compare.per_method.{name}: unknown method")
-        for key in values:
-            if key not in ("method", "train", "data"):
-                raise DeltatuneError(f"compare.per_method.{name}.{key}: only method, train and data "
-                                     "can differ per method")
-    base_dir = Path(path).resolve().parent
-    settings.update(
-        methods=methods, per_method=per_method,
-        forgetting_data=resolve_data_path(settings.get("forgetting_data", DEFAULT_FORGETTING_DATA), base_dir),
-        forgetting_max_rows=int(settings.get("forgetting_max_rows", 300)),
-        forgetting_max_length=int(settings.get("forgetting_max_length", 256)))
-    return config, settings
-
+from deltatune.config.run import save_run_config
+from deltatune.errors import DeltatuneError
+from deltatune.methods import REGISTRY
+from deltatune.compare.report import write_outputs
+from deltatune.compare.settings import read_compare_config
 
 def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
     """The full run config (as a dict) that trains method `name` in this comparison."""
@@ -93,12 +59,12 @@ def run_method(values: dict, out_dir: Path) -> dict[str, Any]:
 
 def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]:
     """Perplexity on general text of each tuned model, and of the base, for causal LMs."""
-    from .adapters_io import load_adapter
-    from .config import DataConfig
-    from .data import Collator, build_dataset
-    from .evaluate import evaluate_model
-    from .models import load_model
-    from .optimization import resolve_bf16
+    from deltatune.adapters_io import load_adapter
+    from deltatune.config.run import DataConfig
+    from deltatune.data.dataset import Collator, build_dataset
+    from deltatune.training.evaluation import evaluate_model
+    from deltatune.models import load_model
+    from deltatune.training.optimization import resolve_bf16
 
     import torch
 
@@ -128,7 +94,7 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
 
 def compare_from_config(config_path: str, overrides: list[str], methods: str | None = None,
                         overwrite: bool = False) -> list[dict]:
-    from .plan import plan_methods, release_freed_memory
+    from deltatune.compare.plan import plan_methods, release_freed_memory
 
     config, settings = read_compare_config(config_path, overrides)
     if methods:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DeltatuneError
+from deltatune.errors import DeltatuneError
 
 
 def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> torch.Tensor:
@@ -56,8 +56,8 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
 
 def load_for_generation(model_name: str, adapter: str | None):
     """(model, tokenizer) for generation: the base with the adapter's delta, or a full model dir."""
-    from .adapters_io import load_adapter
-    from .models import load_model
+    from deltatune.adapters_io import load_adapter
+    from deltatune.models import load_model
 
     if adapter is not None:
         directory = Path(adapter)

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters_io import commit_directory, directory_size, save_adapter
-from .checkpoint import CHECKPOINTS, latest_checkpoint
-from .distributed import Distributed
-from .errors import DeltatuneError
+from deltatune.adapters_io import commit_directory, directory_size, save_adapter
+from deltatune.training.checkpoints import CHECKPOINTS, latest_checkpoint
+from deltatune.training.distributed import Distributed
+from deltatune.errors import DeltatuneError
 
 SUMMARY_FILE = "summary.json"
 

@@ -1,0 +1,1 @@
+"""Comparison: every method trained on the same task and budget, planned before and reported after."""

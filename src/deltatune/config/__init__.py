@@ -1,0 +1,1 @@
+"""Run configuration: a YAML file and `key=value` overrides become validated dataclasses."""

@@ -1,0 +1,1 @@
+"""Serving: one base model and many adapters answering requests, over HTTP or from the command line."""
