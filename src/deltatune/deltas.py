@@ -12,6 +12,7 @@ from deltatune.methods import Method, get_method
 from deltatune.methods.base import (DEFAULT_ADAPTER, DeltaLayer, MethodConfig, delta_layers, delta_state,
                            disabled, freeze, resolve_modules_to_save, set_parent, set_trainable,
                            task_of, wrap_modules_to_save)
+from deltatune.mixed import install_adapter_names, remove_adapter_names
 
 
 def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -33,6 +34,7 @@ def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -
         method.apply(model, config, name)
         state.configs[name] = config
         state.active = name
+        install_adapter_names(model)  # adapter_names= then refuses in one line (full cannot mix)
         return model
     if state.active is not None:
         unmerge(model)
@@ -44,6 +46,7 @@ def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -
         wrap_modules_to_save(model, config.modules_to_save, name)
     state.configs[name] = config
     set_trainable(model, name)
+    install_adapter_names(model)  # model(..., adapter_names=[...]) runs as mixed_adapters does
     return model
 
 
@@ -92,6 +95,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(True)
     del model.deltatune_state
+    remove_adapter_names(model)
     return model
 
 
@@ -137,6 +141,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     del state.configs[name]
     if state.active == name:
         state.active = None
+    if not state.configs:  # the bare model again: no hooks left behind
+        remove_adapter_names(model)
     return model
 
 
