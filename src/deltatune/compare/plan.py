@@ -72,6 +72,7 @@ class MethodPlan:
     predicted_peak_bytes: int
     predicted_file_bytes: int
     heaviest_batch_tokens: int = 0  # tokens the layers compute at that step (padding included)
+    total_steps: int = 0            # optimizer steps the run will take (compare's ETA uses it)
 
 
 def current_rss() -> int:
@@ -146,7 +147,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
                 run_config: Any, train: Any, baseline_bytes: int) -> MethodPlan:
     """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched."""
     from deltatune.training.optimization import resolve_bf16
-    from deltatune.training.loop import training_collator
+    from deltatune.training.loop import training_collator, training_stream
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
@@ -155,6 +156,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
     batch = heaviest_batch(dataset, train, collator)
+    total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
     activations = saved_for_backward_bytes(adapted, task, batch, collator.packing, bf16)
@@ -177,7 +179,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
         optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
         predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),
-        heaviest_batch_tokens=tokens)
+        heaviest_batch_tokens=tokens, total_steps=total_steps)
 
 
 def _delta_file_bytes(adapted: nn.Module, method) -> int:

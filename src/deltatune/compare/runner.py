@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import yaml
 from deltatune.config.run import save_run_config
 from deltatune.errors import DeltatuneError
 from deltatune.methods import REGISTRY
+from deltatune.compare.live import child_env, comparison_eta, last_line, run_relayed
 from deltatune.compare.report import write_outputs
 from deltatune.compare.settings import read_compare_config
 
@@ -44,16 +45,15 @@ def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
 
 
 def run_method(values: dict, out_dir: Path) -> dict[str, Any]:
-    """Train one method in a child process; returns its summary (or the one-line error)."""
+    """Train one method in a child process, its progress shown live (compare/live.py); returns
+    its summary (or the one-line error: the last line of its stderr)."""
     config_path = out_dir / "configs" / f"{values['method']['name']}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(values, sort_keys=False))
     command = [sys.executable, "-m", "deltatune.cli", "train", str(config_path), "--overwrite"]
-    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(result.stderr[-4000:])
-    if result.returncode != 0:
-        lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-        return {"error": lines[-1] if lines else f"exit code {result.returncode}"}
+    returncode, tail = run_relayed(command, child_env())
+    if returncode != 0:
+        return {"error": last_line(tail, returncode)}
     return json.loads((Path(values["output_dir"]) / "summary.json").read_text())
 
 
@@ -110,10 +110,20 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     print(f"planning {', '.join(settings['methods'])} ...", flush=True)
     plans = {p.method: p for p in plan_methods(config, settings["methods"], settings["per_method"])}
     release_freed_memory()
-    runs = {}
-    for name in settings["methods"]:
-        print(f"\n=== {name} ===", flush=True)
+    runs, finished = {}, []
+    names = settings["methods"]
+    print(comparison_eta([], [plans[n].total_steps for n in names if n in plans]), flush=True)
+    for k, name in enumerate(names, 1):
+        steps = plans[name].total_steps if name in plans else 0
+        print(f"\n=== method {k} of {len(names)}: {name} ({steps} steps planned) ===", flush=True)
+        started = time.monotonic()
         runs[name] = run_method(method_run_config(config, settings, name, out_dir), out_dir)
+        if "error" not in runs[name]:
+            finished.append((time.monotonic() - started, runs[name]))
+        outcome = f"failed: {runs[name]['error']}" if "error" in runs[name] else "done"
+        eta = comparison_eta(finished, [plans[n].total_steps for n in names[k:] if n in plans])
+        print(f"{name}: {outcome} after {time.monotonic() - started:.0f} s"
+              + (f"; {eta}" if eta else ""), flush=True)
     forgot = forgetting(config, settings, runs) if config.task == "causal-lm" else None
     rows = write_outputs(out_dir, config, runs, plans, forgot)
     return rows

@@ -18,7 +18,7 @@ DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
 
 def read_compare_config(path: str, overrides: list[str]):
     """(the shared RunConfig, the validated `compare:` settings)."""
-    config = load_run_config(path, overrides)
+    config = load_run_config(path, overrides, comparison=True)  # `method:` optional here
     settings = dict(config.compare or {})
     for key in settings:
         if key not in SETTINGS:

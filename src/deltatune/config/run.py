@@ -223,8 +223,12 @@ def _build_section(cls: type, values: Any, name: str, sources: dict, default_sou
 
 
 def build_run_config(raw: dict, source: str = "config", sources: dict | None = None,
-                     full_keys: dict | None = None) -> RunConfig:
-    """Validate a nested dict (already merged with overrides) into a RunConfig."""
+                     full_keys: dict | None = None, comparison: bool = False) -> RunConfig:
+    """Validate a nested dict (already merged with overrides) into a RunConfig.
+
+    `comparison`: read for `deltatune compare`/`plan`, which train the methods they are told;
+    `method:` is then optional (absent: {}; present: options for the method it names).
+    """
     sources, full_keys = sources or {}, full_keys or {}
     for key in raw:
         if key not in _TOP_LEVEL and key not in ("data", "method", "train", "compare"):
@@ -235,6 +239,8 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
     compare = raw.get("compare") or {}
     if not isinstance(compare, dict):
         raise DeltatuneError(f"compare: expected a mapping of keys, got {compare!r} [{source}]")
+    if comparison and raw.get("method") is None:
+        raw["method"] = {}
     if compare and raw.get("method") is None:  # a comparison config names methods, not one
         raw["method"] = {"name": (compare.get("methods") or ["lora"])[0]}
     for key in _REQUIRED:
@@ -254,7 +260,8 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
                        train=train, output_dir=top["output_dir"], num_labels=top["num_labels"],
                        compare=dict(compare))
     _check_consistency(config)
-    config.method_config()  # the method's own validation: unknown options, bad values
+    if config.method or not comparison:
+        config.method_config()  # the method's own validation: unknown options, bad values
     return config
 
 
@@ -311,14 +318,16 @@ def resolve_data_path(value: str | None, base_dir: Path) -> str | None:
     return str(beside_config.resolve())
 
 
-def load_run_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply `key=value` overrides, validate, resolve data paths."""
+def load_run_config(path: str | os.PathLike, overrides: typing.Iterable[str] = (),
+                    comparison: bool = False) -> RunConfig:
+    """Read a YAML run config, apply `key=value` overrides, validate, resolve data paths.
+    (`comparison`: for compare/plan, `method:` is optional; see build_run_config.)"""
     path = Path(path)
     raw = read_yaml(path)
     sources: dict[str, str] = {}
     full_keys: dict[str, str] = {}
     apply_overrides(raw, list(overrides), sources, full_keys)
-    config = build_run_config(raw, str(path), sources, full_keys)
+    config = build_run_config(raw, str(path), sources, full_keys, comparison=comparison)
     base_dir = path.resolve().parent
     config.data.train = resolve_data_path(config.data.train, base_dir)
     config.data.eval = resolve_data_path(config.data.eval, base_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,11 @@ class RunLog:
             self.writer = None
         from tqdm.auto import tqdm
 
+        # disable=None: tqdm shows the bar on a terminal only; `compare`, whose children write
+        # to a pipe it relays to the user's terminal, asks for it with DELTATUNE_PROGRESS=1
+        force = os.environ.get("DELTATUNE_PROGRESS")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        file=sys.stderr, disable=None)
+                        file=sys.stderr, disable={"1": False, "0": True}.get(force))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record ({"step": N, ...}) to metrics.jsonl and TensorBoard."""
