@@ -38,12 +38,14 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """A list of Examples with `.stats` {"rows", "truncated", "tokens", ...} and `.label_names`."""
 
     def __init__(self, examples: list[Example], stats: dict[str, Any],
-                 label_names: list[str] | None, format: str, source: str) -> None:
+                 label_names: list[str] | None, format: str, source: str,
+                 label_rows: dict[int, str] | None = None) -> None:
         self.examples = examples
         self.stats = stats
         self.label_names = label_names
         self.format = format
         self.source = source
+        self.label_rows = label_rows or {}  # classification: label -> its first row ("f:line 3")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -188,8 +190,11 @@ def build_dataset(data: DataConfig, tokenizer: Any, task: str, split: str = "tra
     rows = read_rows(source, split, data.text_field, whole_text=data.format == "text",
                      limit=limit)
     truncated = dropped = 0
+    label_rows: dict[int, str] = {}
     if task == "classification":
         examples, truncated = encode_classification(rows, data, tokenizer, num_labels)
+        for row, example in zip(rows, examples):  # one example per row: for label errors
+            label_rows.setdefault(example.labels, row.where)
     elif data.format == "text":
         examples = encode_text(rows, data, tokenizer)
     else:
@@ -200,7 +205,7 @@ def build_dataset(data: DataConfig, tokenizer: Any, task: str, split: str = "tra
     stats = {"rows": len(rows), "examples": len(examples), "truncated": truncated,
              "dropped": dropped, "tokens": sum(len(e.input_ids) for e in examples),
              "max_length": data.max_length}
-    return TokenizedDataset(examples, stats, data.label_names, data.format, source)
+    return TokenizedDataset(examples, stats, data.label_names, data.format, source, label_rows)
 
 
 def num_labels_of(dataset: TokenizedDataset) -> int:

@@ -284,6 +284,7 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
     save. Under torchrun every rank runs this; rank 0 writes. `on_step`: see `train`."""
     from deltatune.config.run import load_run_config
     from deltatune.data.dataset import build_dataset, num_labels_of
+    from deltatune.data.labels import check_label_set
     from deltatune.deltas import apply
     from deltatune.models import load_model
 
@@ -301,14 +302,20 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
                                       config.train.seed, num_labels) if config.data.train else None
         if train_dataset is None:
             raise DeltatuneError("data.train: missing (training needs a training file)")
+        eval_dataset = None
         if config.task == "classification" and num_labels is None:
+            # the classes come from the data: its label set must be 0..K-1, alike in both files
+            eval_dataset = (build_dataset(config.data, tokenizer, config.task, "eval",
+                                          config.train.seed) if config.data.eval else None)
+            check_label_set(train_dataset, eval_dataset)
             found = num_labels_of(train_dataset)
             if found != model.config.num_labels:  # rare: more than two classes, found in the data
                 set_seed(config.train.seed)
                 model, tokenizer = load_model(config.model, task=config.task, num_labels=found)
             config.num_labels = found
-        eval_dataset = (build_dataset(config.data, tokenizer, config.task, "eval", config.train.seed,
-                                      config.num_labels) if config.data.eval else None)
+        if eval_dataset is None and config.data.eval:
+            eval_dataset = build_dataset(config.data, tokenizer, config.task, "eval",
+                                         config.train.seed, config.num_labels)
         apply(model, method_config)
         summary = train(model, tokenizer, config, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, resume=resume, overwrite=overwrite, dist=dist,
