@@ -76,6 +76,9 @@ def test_wrong_name_or_length_is_one_line_error():
     with pytest.raises(dt.DeltatuneError, match="one adapter name") as error:
         model(input_ids=ids, adapter_names="a")
     assert "\n" not in str(error.value)
+    with pytest.raises(dt.DeltatuneError, match="already running a mixed batch"):
+        with dt.mixed_adapters(model, NAMES):
+            model(input_ids=ids, adapter_names=NAMES)
     # a refused call leaves nothing behind: the next plain and mixed calls work
     with torch.no_grad():
         model(input_ids=ids, adapter_names=NAMES)

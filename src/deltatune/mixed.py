@@ -119,6 +119,11 @@ def _batch_rows(args: tuple, kwargs: dict) -> int | None:
 
 
 def _checked_names(model: nn.Module, names, args: tuple, kwargs: dict) -> tuple[str | None, ...]:
+    # A second block inside a first would, on leaving, switch the first one's rows off.
+    if model.__dict__.get(_OPEN) is not None or any(
+            getattr(layer, "row_adapters", None) is not None for _, layer in delta_layers(model)):
+        raise DeltatuneError("adapter_names: this model is already running a mixed batch (inside "
+                             "mixed_adapters, or another call with adapter_names)")
     row_adapters = check_mixable(model, names, what="adapter_names")
     rows = _batch_rows(args, kwargs)
     # Exactly one name per input row: mixed_adapters alone would also accept a divisor (its
@@ -135,9 +140,6 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     names = kwargs.pop("adapter_names")
     if names is None:  # PEFT: None means "the usual active adapter"
         return args, kwargs
-    if model.__dict__.get(_OPEN) is not None:
-        raise DeltatuneError("adapter_names: this model is already running a mixed batch (a call "
-                             "with adapter_names inside another one, or inside mixed_adapters)")
     row_adapters = _checked_names(model, names, args, kwargs)
     block = contextlib.ExitStack()
     block.enter_context(mixed_adapters(model, row_adapters))
