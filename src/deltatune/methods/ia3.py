@@ -23,7 +23,7 @@ from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, modul
 from deltatune.methods.lora import row_groups
 
 
-def _check_targets(config: MethodConfig, field_name: str) -> None:
+def _check_targets(config: MethodConfig, field_name: str, allow_empty: bool = False) -> None:
     value = getattr(config, field_name)
     if value is None:
         return
@@ -32,8 +32,9 @@ def _check_targets(config: MethodConfig, field_name: str) -> None:
             re.compile(value)
         except re.error as exc:
             config.fail(field_name, f"is not a valid regex ({exc})")
-    elif not (isinstance(value, list) and value and all(isinstance(t, str) for t in value)):
-        config.fail(field_name, f"must be a non-empty list of module names or a regex, got {value!r}")
+    elif not (isinstance(value, list) and (value or allow_empty) and all(isinstance(t, str) for t in value)):
+        config.fail(field_name, f"must be a {'' if allow_empty else 'non-empty '}list of module names "
+                                f"or a regex, got {value!r}")
 
 
 @dataclass
@@ -47,13 +48,13 @@ class IA3Config(MethodConfig):
     # mlp.c_proj), as in the paper.
     target_modules: list[str] | str | None = None
     # Which targets scale their input (the FFN's inner activation) instead of their output.
-    # None: the family's feed-forward output projection.
+    # None: the family's feed-forward output projection; []: none of them.
     feedforward_modules: list[str] | str | None = None
 
     def validate(self) -> None:
         super().validate()
         _check_targets(self, "target_modules")
-        _check_targets(self, "feedforward_modules")
+        _check_targets(self, "feedforward_modules", allow_empty=True)  # []: no feed-forward form
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:
@@ -216,6 +217,12 @@ def unmerge_ia3(model: nn.Module) -> None:
 
 def ia3_to_peft(config: IA3Config, model: nn.Module, name: str) -> dict:
     targets, feedforward = resolved_modules(model, config)
+    if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+        # A default feed-forward name beside user targets: PEFT wants a subset of the targets,
+        # so name exactly the layers this adapter scales on their input.
+        paths = sorted(p for p, l in delta_layers(model) if isinstance(l, IA3Layer)
+                       and name in l.deltas and l.deltas[name].feedforward)
+        feedforward = "^(" + "|".join(re.escape(p) for p in paths) + ")$" if paths else []
     return {"target_modules": targets, "feedforward_modules": feedforward,
             "fan_in_fan_out": any(l.transposed for l in ia3_layers(model)), "init_ia3_weights": True}
 
