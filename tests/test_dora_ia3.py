@@ -182,3 +182,10 @@ def test_dora_and_ia3_rows_mix_in_one_batch():
         if name is not None:
             with torch.no_grad(), dt.disable_adapters(model):
                 assert (model(input_ids=ids[i:i + 1]).logits - alone).abs().max() > 1e-3
+
+
+def test_combining_a_dora_adapter_is_refused():
+    model = dt.apply(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "d")
+    with pytest.raises(dt.DeltatuneError, match="'d' is a DoRA delta"):
+        dt.combine_adapters(model, ["a", "d"], [0.5, 0.5], how="cat", new_name="both")
