@@ -189,3 +189,22 @@ def test_combining_a_dora_adapter_is_refused():
     dt.apply(model, dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "d")
     with pytest.raises(dt.DeltatuneError, match="'d' is a DoRA delta"):
         dt.combine_adapters(model, ["a", "d"], [0.5, 0.5], how="cat", new_name="both")
+
+
+def test_dora_with_dropout_trains_like_peft(tmp_path):
+    """In training mode with dropout, the base term sees the same dropped input as the LoRA term
+    (PEFT's DoRA): same seed, same outputs."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True,
+                             lora_dropout=0.5, task_type="CAUSAL_LM")
+    theirs_model = theirs("llama", config)
+    theirs_model.save_pretrained(tmp_path / "theirs")
+    model = dt.load_adapter(tiny_llama(), tmp_path / "theirs")
+    ids = token_batch()
+    eval_logits = logits(model.eval(), ids)
+    results = []
+    for m in (theirs_model.train(), model.train()):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            results.append(m(input_ids=ids).logits)
+    assert (results[0] - results[1]).abs().max().item() < 1e-5
+    assert (results[1] - eval_logits).abs().max().item() > 1e-3  # dropout really acted

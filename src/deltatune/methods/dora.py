@@ -5,10 +5,11 @@
 so the adapted layer computes, with f = m / ‖W + s·B·A‖ (the norm detached, as the paper's §4.3
 and PEFT do, so backward never differentiates through it):
 
-    y = f · (x Wᵀ + s · x Aᵀ Bᵀ) + bias = x Wᵀ + bias + [(f - 1) · x Wᵀ + f · s · x Aᵀ Bᵀ]
+    y = f · (x Wᵀ + s · x Aᵀ Bᵀ) + bias
 
-The bracket is what `dora_update` adds to the base layer's output. It costs LoRA's update plus
-one (out, in) matrix B·A and its row norms per step — DoRA's price, measured in the README.
+computed from the base layer's own output (x Wᵀ + bias), so W is multiplied once. It costs LoRA's
+update plus one (out, in) matrix B·A and its row norms per step, and a few elementwise passes
+over the layer's output (which autograd also keeps) — DoRA's price, measured in the README.
 The update depends only on the row's own input and base output, so rows of one batch can use
 different DoRA adapters (`mixed_adapters`). The factor f is kept at merge time, so unmerging
 divides by exactly the factor that was multiplied in.
@@ -39,24 +40,25 @@ def initial_magnitude(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
         return row_norms(weight.float(), lora_A.float(), lora_B.float(), scale).to(lora_A.dtype)
 
 
-def dora_update(delta: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
+def dora_output(delta: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
                 transposed: bool) -> torch.Tensor:
-    """What DoRA adds to `base_out` (the base layer's output for `x`); see the module docstring."""
+    """The DoRA layer's output, given `base_out` (the base layer's output for `x`)."""
     weight = weight_out_in(base_layer, transposed).to(x.dtype)
     lora_A, lora_B = delta.lora_A.weight, delta.lora_B.weight
     norms = row_norms(weight, lora_A.detach(), lora_B.detach(), delta.scale).detach()
     factor = delta.lora_magnitude_vector / norms                      # (out,)
+    bias = getattr(base_layer, "bias", None)
     dropout_on = delta.training and isinstance(delta.dropout, nn.Dropout)
-    dropped = delta.dropout(x) if dropout_on else x
-    if not dropout_on:
-        plain = base_out.to(x.dtype)
-        bias = getattr(base_layer, "bias", None)
-        if bias is not None:
-            plain = plain - bias.to(plain.dtype)
-    else:  # dropout is on: the base term must see the same dropped input as the LoRA term
+    if dropout_on:  # the base term must see the same dropped input as the LoRA term (as PEFT)
+        dropped = delta.dropout(x)
+        lora_out = delta.lora_B(delta.lora_A(dropped)) * delta.scale
+        # f·(drop(x) Wᵀ + lora) + (x Wᵀ + b) - drop(x) Wᵀ: PEFT's (f - 1)·drop(x)Wᵀ + f·lora on top
         plain = F.linear(dropped, weight)
-    lora_out = delta.lora_B(delta.lora_A(dropped)) * delta.scale
-    return (factor - 1) * plain + factor * lora_out
+        return base_out + (factor - 1) * plain + factor * lora_out
+    lora_out = delta.lora_B(delta.lora_A(x)) * delta.scale
+    plain = base_out.to(x.dtype) if bias is None else base_out.to(x.dtype) - bias.to(x.dtype)
+    out = (plain + lora_out) * factor
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def merge_dora(weight: torch.Tensor, delta: nn.Module, delta_weight: torch.Tensor,

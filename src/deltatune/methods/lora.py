@@ -164,14 +164,17 @@ class LoraLayer(DeltaLayer):
         delta = self.active_delta()
         if delta is None or self.merged == self.active:
             return out
-        return out + self._update(delta, x, out)
+        lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
+        if delta.lora_magnitude_vector is not None:
+            return dora.dora_output(delta, lora_x, out, self.base_layer, self.transposed).to(out.dtype)
+        return out + delta(lora_x).to(out.dtype)
 
     def _update(self, delta: LoraDelta, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What `delta` adds to the base output `out` of these rows `x` (LoRA or DoRA)."""
         lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
         if delta.lora_magnitude_vector is None:
             return delta(lora_x).to(out.dtype)
-        return dora.dora_update(delta, lora_x, out, self.base_layer, self.transposed).to(out.dtype)
+        return dora.dora_output(delta, lora_x, out, self.base_layer, self.transposed).to(out.dtype) - out
 
     def _mixed_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch gets its own adapter's update (None: the base alone)."""
