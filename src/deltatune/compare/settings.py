@@ -11,7 +11,8 @@ from deltatune.config.run import load_run_config, resolve_data_path
 from deltatune.errors import DeltatuneError
 from deltatune.methods import REGISTRY, method_names
 
-ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix"]
+# The default list: every method once. Variants (dora, prefix-lstm) are picked by name.
+ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3"]
 SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length"}
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
 

@@ -240,4 +240,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="ia3", config=IA3Config, apply=apply_ia3, to_peft=ia3_to_peft,
                 from_peft=ia3_from_peft, merge=merge_ia3, unmerge=unmerge_ia3,
-                default_lr=3e-3)  # the vectors start at 1: a few 1e-3 steps move them by percents
+                # MiniLM/SST-2, 4,000 rows, one epoch: lr 3e-3 73.6%, 1e-2 76.8%, 3e-2 79.7%, 1e-1 77.8%
+                default_lr=3e-2)
