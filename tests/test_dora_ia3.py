@@ -208,3 +208,27 @@ def test_dora_with_dropout_trains_like_peft(tmp_path):
             results.append(m(input_ids=ids).logits)
     assert (results[0] - results[1]).abs().max().item() < 1e-5
     assert (results[1] - eval_logits).abs().max().item() > 1e-3  # dropout really acted
+
+
+@pytest.mark.parametrize("config", [dt.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True),
+                                    dt.IA3Config()], ids=["dora", "ia3"])
+def test_deltatune_merge_writes_a_plain_model_with_the_adapters_outputs(config, tmp_path):
+    """`deltatune merge` (load, merge, unload, save) for DoRA and (IA)³: transformers alone
+    reloads the directory and computes the adapted model's logits."""
+    from byte_tokenizer import tiny_chat_llama
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+
+    model, tokenizer = tiny_chat_llama()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    dt.apply(model, config)
+    perturb(model)
+    dt.save_adapter(model, tmp_path / "adapter")
+    ids = token_batch(3, 7)
+    expected = logits(model.eval(), ids)
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(reloaded, ids) - expected).abs().max().item() < 1e-5
