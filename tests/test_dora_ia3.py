@@ -232,3 +232,11 @@ def test_deltatune_merge_writes_a_plain_model_with_the_adapters_outputs(config, 
                  "--out", str(tmp_path / "merged")]) == 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert (logits(reloaded, ids) - expected).abs().max().item() < 1e-5
+
+
+def test_default_lr_follows_the_options_that_need_another():
+    from deltatune.methods import default_lr_for
+
+    assert default_lr_for(dt.LoraConfig(use_dora=True)) == dt.get_method("lora").default_lr
+    assert default_lr_for(dt.PrefixConfig()) == dt.get_method("prefix").default_lr
+    assert default_lr_for(dt.PrefixConfig(projection="lstm")) < dt.get_method("prefix").default_lr / 10

@@ -93,6 +93,13 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
+def default_lr_for(config: MethodConfig) -> float:
+    """The lr a run uses when none is given: the config's own suggestion (an option may change
+    what works, e.g. a prefix made by an LSTM), else the method's default_lr."""
+    suggested = config.suggested_lr()
+    return suggested if suggested is not None else get_method(config.method).default_lr
+
+
 def method_for_peft_type(peft_type: str, source: str) -> Method:
     for method in REGISTRY.values():
         if method.config.peft_type == peft_type:

@@ -60,6 +60,12 @@ class PrefixConfig(MethodConfig):
                       f"must be a positive integer, got {self.projection_hidden_size!r}")
 
 
+    def suggested_lr(self) -> float | None:
+        # Through the LSTM, prefix tuning's 3e-2 collapses training (MiniLM/SST-2, 4,000 rows:
+        # 50.9% at 3e-3, 67.9% at 1e-3).
+        return 1e-3 if self.projection == "lstm" else None
+
+
 def prefix_dims(model: nn.Module) -> tuple[int, int]:
     """(kv_dim, flat): one layer's key width kv_heads·head_dim, and layers·2·kv_dim."""
     g = attention_geometry(model)
