@@ -29,7 +29,7 @@ def weight_out_in(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
 def row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scale: float) -> torch.Tensor:
     """‖W + s·B·A‖ over each output row: (out,). weight is (out, in)."""
-    combined = weight + scale * (lora_B @ lora_A).to(weight.dtype)
+    combined = torch.addmm(weight, lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=scale)
     return torch.linalg.norm(combined, dim=1)
 
 
@@ -55,10 +55,12 @@ def dora_output(delta: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_
         # f·(drop(x) Wᵀ + lora) + (x Wᵀ + b) - drop(x) Wᵀ: PEFT's (f - 1)·drop(x)Wᵀ + f·lora on top
         plain = F.linear(dropped, weight)
         return base_out + (factor - 1) * plain + factor * lora_out
-    lora_out = delta.lora_B(delta.lora_A(x)) * delta.scale
-    plain = base_out.to(x.dtype) if bias is None else base_out.to(x.dtype) - bias.to(x.dtype)
-    out = (plain + lora_out) * factor
-    return out if bias is None else out + bias.to(out.dtype)
+    # f·(x Wᵀ + s·lora) + b = f·(base_out + s·lora) + (1 - f)·b: two passes over the output,
+    # as many as plain LoRA's (scale, add)
+    adapted = torch.add(base_out.to(x.dtype), delta.lora_B(delta.lora_A(x)), alpha=delta.scale)
+    if bias is None:
+        return adapted * factor
+    return torch.addcmul((1 - factor) * bias.to(x.dtype), adapted, factor)
 
 
 def merge_dora(weight: torch.Tensor, delta: nn.Module, delta_weight: torch.Tensor,
