@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import tiny_bert
 
-import deltatune as dt
 from deltatune.cli import main
+from deltatune.methods import method_names
 from deltatune.models import resolve_model_path
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -44,7 +44,7 @@ def write_config(tmp_path: Path, model_dir: Path, methods: list[str]) -> Path:
 
 
 def test_compare_writes_table_json_csv_plot_for_every_method(tmp_path, tiny_model_dir, capsys):
-    methods = list(dt.METHODS)
+    methods = method_names()  # every method and every named variant (dora, prefix-lstm)
     config = write_config(tmp_path, tiny_model_dir, methods)
     assert main(["compare", str(config)]) == 0
     out = tmp_path / "cmp"
@@ -72,13 +72,18 @@ def test_compare_writes_table_json_csv_plot_for_every_method(tmp_path, tiny_mode
 
 
 def test_plan_predicts_every_method(tmp_path, tiny_model_dir, capsys):
-    config = write_config(tmp_path, tiny_model_dir, ["full", "lora"])
+    config = write_config(tmp_path, tiny_model_dir, ["full", "lora", "dora", "prefix-lstm"])
     assert main(["plan", str(config)]) == 0
     printed = capsys.readouterr().out
     assert "full" in printed and "lora" in printed and "peak MB" in printed
+    # a variant gets its own row, with its own (larger) trainable count
+    rows = {line.split()[0]: line.split()[1] for line in printed.splitlines() if line.split()
+            and line.split()[0] in ("lora", "dora", "prefix-lstm")}
+    assert set(rows) == {"lora", "dora", "prefix-lstm"}
+    assert int(rows["dora"].replace(",", "")) > int(rows["lora"].replace(",", ""))
 
 
 def test_compare_rejects_unknown_method(tmp_path, tiny_model_dir, capsys):
-    config = write_config(tmp_path, tiny_model_dir, ["lora", "dora"])
+    config = write_config(tmp_path, tiny_model_dir, ["lora", "dorra"])
     assert main(["compare", str(config)]) == 2
-    assert "compare.methods: unknown method 'dora'" in capsys.readouterr().err
+    assert "compare.methods: unknown method 'dorra'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Runs over the method registry: every method gets the same contract checked on each family.
 
-A new method is covered the moment it registers: default config applies on every family,
+A new method is covered the moment it registers, and so is every named variant of one (e.g.
+"dora" = lora with use_dora): default config applies on every family,
 training moves only its own parameters, save/load round-trips, disabling gives the base,
 and merge either matches the unmerged outputs or refuses with a reason.
 """
@@ -11,9 +12,10 @@ import torch
 from conftest import randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 import deltatune as dt
+from deltatune.methods import method_names
 
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
-CASES = [(m, f) for m in sorted(dt.METHODS) for f in FAMILIES]
+CASES = [(m, f) for m in sorted(method_names()) for f in FAMILIES]
 
 
 def outputs(model, ids):
@@ -23,7 +25,7 @@ def outputs(model, ids):
 
 def adapted(method: str, family: str):
     model = FAMILIES[family]()
-    config = dt.get_method(method).config()
+    config = dt.config_from_dict({"name": method})  # a variant's presets included
     return dt.apply(model, config)
 
 
@@ -54,7 +56,7 @@ def test_save_load_round_trip(method, family, tmp_path):
     dt.save_adapter(model, tmp_path / "delta")
     again = dt.load_adapter(FAMILIES[family](), tmp_path / "delta").eval()
     assert (outputs(again, ids) - expected).abs().max().item() < 1e-5
-    assert dt.inspect_adapter(tmp_path / "delta")["method"] == method
+    assert dt.inspect_adapter(tmp_path / "delta")["method"] == dt.get_method(method).name
 
 
 @pytest.mark.parametrize("method,family", [c for c in CASES if c[0] != "full"])

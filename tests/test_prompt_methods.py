@@ -21,6 +21,8 @@ CONFIGS = {
     "prefix": lambda: PrefixConfig(num_virtual_tokens=N),
     "prefix-projection": lambda: PrefixConfig(num_virtual_tokens=N, projection=True,
                                               projection_hidden_size=24),
+    "prefix-lstm": lambda: PrefixConfig(num_virtual_tokens=N, projection="lstm",
+                                        projection_hidden_size=16),
 }
 FAMILIES = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
 
@@ -165,6 +167,10 @@ def test_trainable_parameters_equal_the_closed_form():
         (PrefixConfig(num_virtual_tokens=n), n * layers * 2 * kv_heads * head_dim),
         (PrefixConfig(num_virtual_tokens=n, projection=True, projection_hidden_size=h),
          n * kv_dim + (kv_dim * h + h) + (h * flat + flat)),
+        (PrefixConfig(num_virtual_tokens=n, projection="lstm", projection_hidden_size=h),
+         # table + BiLSTM (2 directions; layer 1 reads kv_dim, layer 2 reads 2h) + MLP to flat
+         n * kv_dim + 2 * (4 * h * kv_dim + 4 * h * h + 8 * h) + 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)
+         + (2 * h * 2 * h + 2 * h) + (2 * h * flat + flat)),
         (PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=h),
          n * hidden + (hidden * h + h) + (h * h + h) + (h * hidden + hidden)),
     ]

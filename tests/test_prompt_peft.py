@@ -25,6 +25,8 @@ OURS = {
     "ptuning-lstm": (lambda: PTuningConfig(num_virtual_tokens=N, encoder="lstm"), (N, 64)),
     "prefix": (lambda: PrefixConfig(num_virtual_tokens=N), (N, PREFIX_WIDTH)),
     "prefix-projection": (lambda: PrefixConfig(num_virtual_tokens=N, projection=True), (N, PREFIX_WIDTH)),
+    # PEFT has no LSTM for prefixes: it loads the folded file as plain prefixes, same logits
+    "prefix-lstm": (lambda: PrefixConfig(num_virtual_tokens=N, projection="lstm"), (N, PREFIX_WIDTH)),
 }
 THEIRS = {
     "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
@@ -94,3 +96,26 @@ def test_peft_prefix_layout_is_layer_then_key_value_then_kv_heads():
         values = cache.layers[layer].values[0]
         assert torch.equal(keys, split[:, layer, 0].transpose(0, 1))
         assert torch.equal(values, split[:, layer, 1].transpose(0, 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_lstm_prefix_folds_at_save_and_loads_as_plain_prefixes(family, tmp_path):
+    """save -> fold -> load: without the encoder's weights (as PEFT or an inference-only copy
+    reads the file) the plain prefixes give the LSTM-made prefixes' logits."""
+    from safetensors.torch import save_file
+    from conftest import tiny_bert
+
+    make = {"llama": tiny_llama, "bert": tiny_bert}[family]
+    model = dt.apply(make(), PrefixConfig(num_virtual_tokens=N, projection="lstm")).eval()
+    perturb(model.parameters())
+    ids = token_batch()
+    expected = real_logits(model, ids)
+    dt.save_adapter(model, tmp_path / "lstm")
+    weights = tmp_path / "lstm" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    assert any(k.startswith("deltatune_reparam.") and "lstm" in k for k in tensors)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("deltatune_reparam.")}, weights)
+    folded = dt.load_adapter(make(), tmp_path / "lstm").eval()
+    source = folded.deltatune_virtual_tokens.sources["default"]
+    assert source.encoder is None  # plain prefixes now
+    assert (real_logits(folded, ids) - expected).abs().max().item() < 1e-5

@@ -10,6 +10,7 @@ from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.base import count_parameters
 from deltatune.methods.full import FullConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixConfig
 from deltatune.methods.prompt import PromptTuningConfig
@@ -23,6 +24,6 @@ __all__ = [
     "delete_adapter", "disable_adapters", "get_method", "inspect_adapter", "load_adapter",
     "load_model", "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
     "combine_adapters", "mixed_adapters", "save_merged",
-    "PrefixConfig", "PromptTuningConfig", "PTuningConfig",
+    "PrefixConfig", "PromptTuningConfig", "PTuningConfig", "IA3Config",
 ]
 __version__ = "0.1.0"

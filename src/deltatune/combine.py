@@ -48,6 +48,9 @@ def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how
         if not isinstance(config, LoraConfig):
             raise DeltatuneError(f"combine_adapters: adapter {name!r} is a {config.method} delta; "
                                  f"only LoRA adapters can be combined")
+        if config.use_dora:  # m·(W+ΔW)/‖W+ΔW‖ is not linear in ΔW: no sum of factors reproduces it
+            raise DeltatuneError(f"combine_adapters: adapter {name!r} is a DoRA delta; its per-row "
+                                 f"magnitudes do not combine linearly — merge it instead")
         if config.modules_to_save:
             raise DeltatuneError(f"combine_adapters: adapter {name!r} also trains whole modules "
                                  f"({', '.join(config.modules_to_save)}), which have no low-rank "

@@ -8,8 +8,10 @@ PEFT's spelling does the same thing through the same code: every model that carr
 takes `model(input_ids, adapter_names=[...])` and `model.generate(..., adapter_names=[...])`,
 which run that one call inside `mixed_adapters` (see `install_adapter_names`).
 
-Only LoRA can do this: its update is a per-row function of the layer input, so rows of one batch
-can take different low-rank paths through the same frozen weights. Prompt methods change the
+LoRA (DoRA included) and (IA)³ can do this: their change is a per-row function of the layer's
+input and base output (a low-rank update; DoRA's row factor, computed from weights alone; a
+scaling vector), so rows of one batch can take different paths through the same frozen weights.
+Prompt methods change the
 sequence itself (virtual tokens / prefixes) and adapters insert modules on every row alike, so
 they raise a one-line error. A LoRA adapter that trains whole modules (modules_to_save, e.g. a
 classification head) works too: each row goes through its own adapter's copy of that module.
@@ -25,9 +27,9 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import ModuleCopy, delta_layers, delta_state, disabled
-from deltatune.methods.lora import LoraLayer, row_groups
+from deltatune.methods.lora import row_groups
 
-MIXABLE_METHODS = ("lora",)
+MIXABLE_METHODS = ("lora", "ia3")
 
 
 def check_mixable(model: nn.Module, names: Sequence[str | None],
@@ -47,7 +49,7 @@ def check_mixable(model: nn.Module, names: Sequence[str | None],
         if method not in MIXABLE_METHODS:
             raise DeltatuneError(
                 f"{what}: adapter {name!r} uses method {method!r}, which cannot vary per "
-                f"batch row (only LoRA can); run its rows as a separate batch with set_adapter")
+                f"batch row (only LoRA, DoRA and (IA)³ can); run its rows as a separate batch with set_adapter")
     return tuple(names)
 
 
@@ -87,7 +89,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     try:
         with disabled(model):  # base everywhere, except where a row names its adapter
             for _, layer in layers:
-                if isinstance(layer, LoraLayer):
+                if hasattr(layer, "row_adapters"):  # LoraLayer, IA3Layer: split by row themselves
                     layer.row_adapters = row_adapters
                 elif isinstance(layer, ModuleCopy):
                     hooks.append(layer.register_forward_hook(_per_row_module_copy(row_adapters)))
@@ -96,7 +98,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
         for handle in hooks:
             handle.remove()
         for _, layer in layers:
-            if isinstance(layer, LoraLayer):
+            if hasattr(layer, "row_adapters"):
                 layer.row_adapters = None
         for layer in merged:
             layer.merge()

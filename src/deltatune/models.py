@@ -34,6 +34,7 @@ class Architecture:
     heads: tuple[str, ...]         # task heads at the model root (trained with the delta)
     linear_names: tuple[str, ...]  # names of the linear projections inside a layer ("all-linear")
     is_decoder: bool
+    key_value: tuple[str, ...] = ()  # projections producing attention keys and values ((IA)³'s targets)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -50,6 +51,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         linear_names=("query", "key", "value", "attention.output.dense", "intermediate.dense",
                       "output.dense", "query_proj", "key_proj", "value_proj"),
         is_decoder=False,
+        key_value=("key", "value"),
     ),
     # Llama, Mistral, Qwen2/3, SmolLM (pre-norm, gated MLP, grouped-query attention).
     "llama": Architecture(
@@ -62,6 +64,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         heads=("score",),
         linear_names=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         is_decoder=True,
+        key_value=("k_proj", "v_proj"),
     ),
     # GPT-2 (Conv1D projections, fused c_attn).
     "gpt2": Architecture(
@@ -74,6 +77,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         heads=("score",),
         linear_names=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),
         is_decoder=True,
+        key_value=("c_attn",),  # fused query/key/value: (IA)³ scales all three, as PEFT does
     ),
 }
 _MODEL_TYPE_TO_FAMILY = {

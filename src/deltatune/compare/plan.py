@@ -151,6 +151,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
+    row = method_values.get("name", config.method)  # a variant ("dora") gets its own row
     adapted = apply(copy.deepcopy(model), config)
     trainable, total = count_parameters(adapted)
     task = run_config.task
@@ -171,11 +172,11 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     # the delta's own tensors are new memory on top of the loaded base
     delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
     peak = (baseline_bytes + delta_weights + gradients + optimizer
-            + RETENTION.get(config.method, DEFAULT_RETENTION) * activations
+            + RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) * activations
             + RUNTIME_ALLOWANCE_BYTES)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     return MethodPlan(
-        method=config.method, trainable_params=trainable, total_params=total,
+        method=row, trainable_params=trainable, total_params=total,
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
         optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
         predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),

@@ -26,7 +26,7 @@ import yaml
 
 from deltatune.config.run import save_run_config
 from deltatune.errors import DeltatuneError
-from deltatune.methods import REGISTRY
+from deltatune.methods import method_names
 from deltatune.compare.live import child_env, comparison_eta, last_line, run_relayed
 from deltatune.compare.report import write_outputs
 from deltatune.compare.settings import read_compare_config
@@ -100,8 +100,8 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     if methods:
         settings["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
         for name in settings["methods"]:
-            if name not in REGISTRY:
-                raise DeltatuneError(f"--methods: unknown method {name!r} (known: {', '.join(REGISTRY)})")
+            if name not in method_names():
+                raise DeltatuneError(f"--methods: unknown method {name!r} (known: {', '.join(method_names())})")
     out_dir = Path(config.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")

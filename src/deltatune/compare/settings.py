@@ -9,9 +9,10 @@ from pathlib import Path
 
 from deltatune.config.run import load_run_config, resolve_data_path
 from deltatune.errors import DeltatuneError
-from deltatune.methods import REGISTRY
+from deltatune.methods import REGISTRY, method_names
 
-ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix"]
+# The default list: every method once. Variants (dora, prefix-lstm) are picked by name.
+ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3"]
 SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length"}
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
 
@@ -27,11 +28,11 @@ def read_compare_config(path: str, overrides: list[str]):
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",")]
     for name in methods:
-        if name not in REGISTRY:
-            raise DeltatuneError(f"compare.methods: unknown method {name!r} (known: {', '.join(REGISTRY)})")
+        if name not in method_names():
+            raise DeltatuneError(f"compare.methods: unknown method {name!r} (known: {', '.join(method_names())})")
     per_method = settings.get("per_method") or {}
     for name, values in per_method.items():
-        if name not in REGISTRY:
+        if name not in method_names():
             raise DeltatuneError(f"compare.per_method.{name}: unknown method")
         for key in values:
             if key not in ("method", "train", "data"):

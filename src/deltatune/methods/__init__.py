@@ -1,12 +1,14 @@
 """The method registry: name -> Method (config class, apply, save/load mapping, merge).
 
 A method registers by defining `METHOD = Method(...)` in its own file and being listed in
-`_METHOD_MODULES`; the conformance tests then cover it automatically.
+`_METHOD_MODULES`; the conformance tests then cover it automatically. A method may also name
+variants — presets of its options ("dora" is lora with use_dora: true) — that run configs and
+`compare` pick like methods; the conformance tests cover every variant too.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -58,9 +60,11 @@ class Method:
     # A learning rate that works for this method out of the box (AdamW, batch ~32): they differ
     # by orders of magnitude (full ~5e-5, LoRA/adapters ~5e-4, prompt methods ~1e-2).
     default_lr: float = 5e-4
+    # Named presets of this method's options, chosen like methods: {"dora": {"use_dora": True}}.
+    variants: dict[str, dict] = field(default_factory=dict)
 
 
-_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix")
+_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3")
 REGISTRY: dict[str, Method] = {}
 for _module in _METHOD_MODULES:
     try:
@@ -70,12 +74,30 @@ for _module in _METHOD_MODULES:
             raise
         continue
     REGISTRY[_mod.METHOD.name] = _mod.METHOD
+# variant name -> (its method's name, the options it presets)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    variant: (method.name, options) for method in REGISTRY.values()
+    for variant, options in method.variants.items()}
+
+
+def method_names() -> list[str]:
+    """Every name a run config's method.name or compare.methods accepts: methods, then variants."""
+    return [*REGISTRY, *VARIANTS]
 
 
 def get_method(name: str) -> Method:
+    if name in VARIANTS:
+        name = VARIANTS[name][0]
     if name not in REGISTRY:
-        raise DeltatuneError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
+        raise DeltatuneError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
     return REGISTRY[name]
+
+
+def default_lr_for(config: MethodConfig) -> float:
+    """The lr a run uses when none is given: the config's own suggestion (an option may change
+    what works, e.g. a prefix made by an LSTM), else the method's default_lr."""
+    suggested = config.suggested_lr()
+    return suggested if suggested is not None else get_method(config.method).default_lr
 
 
 def method_for_peft_type(peft_type: str, source: str) -> Method:
@@ -91,6 +113,8 @@ def config_from_dict(values: dict) -> MethodConfig:
     name = values.get("name", values.get("method"))
     if name is None:
         raise DeltatuneError("method.name: missing (one of: " + ", ".join(REGISTRY) + ")")
-    if name not in REGISTRY:
-        raise DeltatuneError(f"method.name: unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
+    if name not in REGISTRY and name not in VARIANTS:
+        raise DeltatuneError(f"method.name: unknown method {name!r}; known methods: {', '.join(method_names())}")
+    if name in VARIANTS:  # the variant's presets, then whatever the config says on top
+        values = {**VARIANTS[name][1], **values}
     return get_method(name).config.from_dict(values)

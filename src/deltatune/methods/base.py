@@ -39,6 +39,10 @@ class MethodConfig:
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
             self.fail("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
 
+    def suggested_lr(self) -> float | None:
+        """An lr these options need, when it differs from the method's default_lr (None: no)."""
+        return None
+
     def fail(self, field_name: str, what: str) -> None:
         raise DeltatuneError(f"{type(self).__name__}.{field_name}: {what}")
 

@@ -3,6 +3,9 @@
     y = x Wᵀ + scale · (dropout(x) Aᵀ) Bᵀ        A: (r, in), B: (out, r), B = 0 at start
     scale = alpha / r   (or alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023)
 
+With `use_dora` the same layer is DoRA (weight-decomposed LoRA, Liu et al. 2024): an extra
+magnitude vector rescales each output row; its math lives in `dora`.
+
 Merging folds scale·B·A into W (and unmerging subtracts it again) so inference costs nothing.
 Works on nn.Linear and GPT-2's Conv1D, whose weight is stored transposed: (in, out).
 """
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods import dora  # noqa: F401  (DoRA math, see dora.py)
 from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
 
 INITS = ("default", "gaussian")
@@ -38,6 +42,9 @@ class LoraConfig(MethodConfig):
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False      # scale = alpha / sqrt(r), better for large ranks
     init: str = "default"         # default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r)
+    # DoRA: also learn each output row's magnitude (PEFT's lora_magnitude_vector). Learns more
+    # like full fine-tuning at the same rank, for one extra (out, in) product per layer and step.
+    use_dora: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -47,6 +54,8 @@ class LoraConfig(MethodConfig):
             self.fail("alpha", f"must be a positive number, got {self.alpha!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             self.fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            self.fail("use_dora", f"must be true or false, got {self.use_dora!r}")
         if self.init not in INITS:
             self.fail("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         if isinstance(self.target_modules, str):
@@ -95,7 +104,8 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 class LoraDelta(nn.Module):
-    """The trainable low-rank pair. Parameter names match PEFT's: lora_A.weight, lora_B.weight."""
+    """The trainable low-rank pair (and DoRA's magnitude). Parameter names match PEFT's:
+    lora_A.weight, lora_B.weight, lora_magnitude_vector."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig) -> None:
         super().__init__()
@@ -108,6 +118,12 @@ class LoraDelta(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)  # the adapted model starts equal to the base
+        self.lora_magnitude_vector: nn.Parameter | None = None  # DoRA only: see init_magnitude
+
+    def init_magnitude(self, weight_out_in: torch.Tensor) -> None:
+        """DoRA: m = ‖W + s·B·A‖ per output row, so the layer starts equal to the base."""
+        self.lora_magnitude_vector = nn.Parameter(dora.initial_magnitude(
+            weight_out_in, self.lora_A.weight, self.lora_B.weight, self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
@@ -149,7 +165,16 @@ class LoraLayer(DeltaLayer):
         if delta is None or self.merged == self.active:
             return out
         lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
+        if delta.lora_magnitude_vector is not None:
+            return dora.dora_output(delta, lora_x, out, self.base_layer, self.transposed).to(out.dtype)
         return out + delta(lora_x).to(out.dtype)
+
+    def _update(self, delta: LoraDelta, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What `delta` adds to the base output `out` of these rows `x` (LoRA or DoRA)."""
+        lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
+        if delta.lora_magnitude_vector is None:
+            return delta(lora_x).to(out.dtype)
+        return dora.dora_output(delta, lora_x, out, self.base_layer, self.transposed).to(out.dtype) - out
 
     def _mixed_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch gets its own adapter's update (None: the base alone)."""
@@ -157,8 +182,8 @@ class LoraLayer(DeltaLayer):
         for name, rows in row_groups(self.row_adapters, x.shape[0], x.device):
             if name not in self.deltas:  # that adapter does not touch this layer
                 continue
-            update = self.deltas[name](x.index_select(0, rows).to(self.deltas[name].lora_A.weight.dtype))
-            extra.index_add_(0, rows, update.to(out.dtype))
+            update = self._update(self.deltas[name], x.index_select(0, rows), out.index_select(0, rows))
+            extra.index_add_(0, rows, update)
         return extra
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -168,15 +193,24 @@ class LoraLayer(DeltaLayer):
     def merge(self) -> None:
         if self.active is None or self.merged is not None:
             return
+        delta = self.deltas[self.active]
         with torch.no_grad():
-            merge_into(self.base_layer.weight, self.delta_weight(self.active))
+            if delta.lora_magnitude_vector is None:
+                merge_into(self.base_layer.weight, self.delta_weight(self.active))
+            else:
+                self.dora_factor = dora.merge_dora(self.base_layer.weight, delta,
+                                                   self.delta_weight(self.active), self.transposed)
         self.merged = self.active
 
     def unmerge(self) -> None:
         if self.merged is None:
             return
         with torch.no_grad():
-            unmerge_from(self.base_layer.weight, self.delta_weight(self.merged))
+            if self.deltas[self.merged].lora_magnitude_vector is None:
+                unmerge_from(self.base_layer.weight, self.delta_weight(self.merged))
+            else:
+                dora.unmerge_dora(self.base_layer.weight, self.dora_factor, self.delta_weight(self.merged))
+                self.dora_factor = None
         self.merged = None
 
 
@@ -224,6 +258,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
         delta = LoraDelta(in_f, out_f, config).to(module.base_layer.weight.device)
         if module.base_layer.weight.dtype == torch.float64:
             delta = delta.double()
+        if config.use_dora:
+            delta.init_magnitude(dora.weight_out_in(module.base_layer, module.transposed))
         module.add_delta(name, delta)
 
 
@@ -250,12 +286,12 @@ def lora_to_peft(config: LoraConfig, model: nn.Module, name: str) -> dict:
     any_conv1d = any(l.transposed for l in lora_layers(model))
     return {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": targets, "use_rslora": config.use_rslora, "bias": "none",
-            "fan_in_fan_out": any_conv1d,
+            "fan_in_fan_out": any_conv1d, "use_dora": config.use_dora,
             "init_lora_weights": True if config.init == "default" else config.init}
 
 
 def lora_from_peft(values: dict) -> LoraConfig:
-    unsupported = [k for k in ("use_dora", "lora_bias") if values.get(k)]
+    unsupported = [k for k in ("lora_bias",) if values.get(k)]
     if unsupported or values.get("bias", "none") != "none":
         raise DeltatuneError(f"adapter_config.json: LoRA options {unsupported or ['bias']} are not supported")
     if values.get("rank_pattern") or values.get("alpha_pattern"):
@@ -266,6 +302,7 @@ def lora_from_peft(values: dict) -> LoraConfig:
     return LoraConfig(r=values["r"], alpha=values.get("lora_alpha", 8),
                       dropout=values.get("lora_dropout", 0.0), target_modules=targets,
                       use_rslora=bool(values.get("use_rslora", False)),
+                      use_dora=bool(values.get("use_dora", False)),
                       init="gaussian" if values.get("init_lora_weights") == "gaussian" else "default",
                       modules_to_save=values.get("modules_to_save"))
 
@@ -274,4 +311,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
                 from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora,
-                default_lr=1e-3)  # with alpha = 2r; SST-2/MiniLM all-linear r=8: 84.4% in one pass
+                default_lr=1e-3,  # with alpha = 2r; SST-2/MiniLM all-linear r=8: 84.4% in one pass
+                variants={"dora": {"use_dora": True}})

@@ -48,14 +48,18 @@ class PTuningConfig(MethodConfig):
 
 
 class LstmPromptEncoder(nn.Module):
-    """(n, hidden) -> bidirectional LSTM (n, 2·H) -> Linear-ReLU-Linear -> (n, hidden)."""
+    """(n, hidden) -> bidirectional LSTM (n, 2·H) -> Linear-ReLU-Linear -> (n, out_features).
 
-    def __init__(self, hidden: int, encoder_hidden: int, layers: int, dropout: float) -> None:
+    out_features defaults to hidden (input prompts); prefix tuning asks for every layer's keys
+    and values at once."""
+
+    def __init__(self, hidden: int, encoder_hidden: int, layers: int, dropout: float,
+                 out_features: int | None = None) -> None:
         super().__init__()
         self.lstm = nn.LSTM(hidden, encoder_hidden, num_layers=layers, bidirectional=True,
                             dropout=dropout if layers > 1 else 0.0, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(2 * encoder_hidden, 2 * encoder_hidden), nn.ReLU(),
-                                 nn.Linear(2 * encoder_hidden, hidden))
+                                 nn.Linear(2 * encoder_hidden, out_features or hidden))
 
     def forward(self, table: torch.Tensor) -> torch.Tensor:
         states, _ = self.lstm(table.unsqueeze(0))  # (1, n, 2·H)

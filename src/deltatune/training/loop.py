@@ -28,7 +28,7 @@ from deltatune.training.distributed import Distributed, setup_distributed, teard
 from deltatune.errors import DeltatuneError
 from deltatune.training.evaluation import default_metric, evaluate_model, is_better
 from deltatune.training.losses import batch_loss, count_targets
-from deltatune.methods import get_method
+from deltatune.methods import default_lr_for
 from deltatune.methods.base import count_parameters
 from deltatune.training.packed_attention import ONE_ROW, packed_attention, supports_packed_attention
 from deltatune.training.optimization import (BatchStream, build_optimizer, build_scheduler,
@@ -110,7 +110,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(bare)
     name, method_config = active_config(bare)
-    lr = tc.lr or get_method(method_config.method).default_lr
+    lr = tc.lr or default_lr_for(method_config)
     stream, total_steps = training_stream(train_dataset, tc, collator, dist.world_size)
     warmup_steps = math.ceil(tc.warmup_ratio * total_steps)
     optimizer = build_optimizer(bare, lr, tc.weight_decay)
