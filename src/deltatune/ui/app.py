@@ -15,7 +15,6 @@ talks to the JSON API below. Nothing is loaded from the network, so it works off
 Binds 127.0.0.1 by default; bound anywhere else it needs --api-key (the page can start
 processes), sent as `Authorization: Bearer KEY`.
 """
-from __future__ import annotations
 
 import asyncio
 import contextlib
