@@ -93,7 +93,7 @@ def test_ids_outside_the_runs_folder_are_refused(site):
     ({"name": "bad name!"}, "name"), ({"name": "cmp"}, "name"), ({"model": "/nowhere/model"}, "model"),
     ({"train": "missing.jsonl"}, "train"), ({"r": "-1"}, "r"), ({"r": "four"}, "r"),
     ({"max_steps": "2.5"}, "max_steps"), ({"lr": "0"}, "lr"), ({"kind": "compare", "methods": []}, "methods"),
-    ({"format": "alpaca"}, "format"), ({"target_modules": "query", "alpha": "-3"}, "alpha"),
+    ({"format": "alpaca"}, "format"), ({"label_names": "only-one"}, "label_names"), ({"target_modules": "query", "alpha": "-3"}, "alpha"),
 ])
 def test_bad_form_input_names_its_field(site, values, field):
     jobs = Jobs(site["runs"])
@@ -105,11 +105,13 @@ def test_bad_form_input_names_its_field(site, values, field):
 
 def test_form_becomes_the_config_the_cli_would_read(site):
     kind, values = config_from_form(form(site, kind="compare", methods=["lora", "prompt", "full"],
-                                         num_virtual_tokens="7", r="2", eval_every="2"), site["runs"])
+                                         num_virtual_tokens="7", r="2", eval_every="2",
+                                         label_names="neg, pos"), site["runs"])
     assert kind == "compare" and values["compare"]["methods"] == ["lora", "prompt", "full"]
     assert values["compare"]["per_method"] == {"lora": {"method": {"r": 2}},
                                                "prompt": {"method": {"num_virtual_tokens": 7}}}
     assert values["train"]["max_steps"] == 3 and values["train"]["save_every"] == 2
+    assert values["data"]["label_names"] == ["neg", "pos"]
     assert values["output_dir"] == str(site["runs"] / "run1")
 
 

@@ -35,7 +35,8 @@ NUMBERS = ["alpha", "epochs", "lr"]
 # A config key (as validation errors name it) -> the form field it came from.
 FIELD_OF_KEY = {"model": "model", "task": "task", "output_dir": "name", "data.train": "train",
                 "data.eval": "eval", "data.format": "format", "data.max_length": "max_length",
-                "data.max_train_rows": "max_train_rows", "method.name": "method", "method": "method",
+                "data.max_train_rows": "max_train_rows", "data.label_names": "label_names",
+                "num_labels": "label_names", "method.name": "method", "method": "method",
                 "compare.methods": "methods", "train.max_steps": "max_steps", "train.epochs": "epochs",
                 "train.batch_size": "batch_size", "train.lr": "lr", "train.eval_every": "eval_every"}
 STOP_GRACE_S = 5.0
@@ -125,6 +126,9 @@ def config_from_form(form: dict, runs_root: Path, busy: set[str] = frozenset()) 
             "eval": _data_path(form.get("eval"), "eval", errors, required=False),
             "format": form.get("format") or "classification"}
     data.update({k: numbers[k] for k in ("max_length", "max_train_rows") if numbers[k]})
+    labels = [n.strip() for n in str(form.get("label_names") or "").split(",") if n.strip()]
+    if labels:  # index i <-> name: what the playground shows instead of 0, 1, ...
+        data["label_names"] = labels
     train = {k: numbers[k] for k in ("max_steps", "epochs", "batch_size", "lr", "eval_every") if numbers[k]}
     if numbers["eval_every"]:
         train["save_every"] = numbers["eval_every"]  # checkpoints to show beside each evaluation

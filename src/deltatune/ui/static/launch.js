@@ -8,6 +8,7 @@
     train: "path on this machine (.jsonl .json .csv .tsv .parquet .txt)",
     target_modules: "comma-separated; empty: all linear layers",
     lr: "empty: the method's default",
+    label_names: "comma-separated, label 0 first; shown in the playground",
     max_steps: "empty: run the epochs",
   };
 
@@ -57,6 +58,7 @@
       field("train", "training data", input({ list: "data-files", placeholder: "../shared/data/sst2/train.jsonl" })),
       field("eval", "evaluation data (optional)", input({ list: "data-files" })),
       field("format", "data format", format),
+      field("label_names", "label names (optional)", input({ placeholder: "negative, positive" })),
       methodField, methodsField,
       field("r", "LoRA rank r", input({ placeholder: "8" })),
       field("alpha", "LoRA alpha", input({ placeholder: "16" })),
