@@ -109,7 +109,11 @@
       if (data.state !== state || data.state !== "finished") render(data);
       state = data.state;
     }
-    await poll();
+    try {
+      await poll();
+    } catch (e) {  // launched a moment ago: its directory appears when the child starts writing
+      head.append(el("h1", {}, id), DT.notice(e.message));
+    }
     DT.every(DT.pollMs, () => { if (state !== "finished") poll().catch(() => {}); });
   };
 })();
