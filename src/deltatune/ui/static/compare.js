@@ -33,7 +33,7 @@
     if (key === "method") return v;
     if (key === "score") return scoreText(row);
     if (v === null || v === undefined) return "—";
-    const digits = { trainable_percent: 3, time_per_step_s: 3, saved_mb: 2, forgetting: 3 }[key] || 0;
+    const digits = { trainable_percent: 3, time_per_step_s: 3, saved_mb: 2, forgetting: 3, wall_time_s: 1 }[key] || 0;
     return key === "trainable_params" ? fmt.int(v) : fmt.num(v, digits);
   }
 
