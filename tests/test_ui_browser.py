@@ -196,3 +196,18 @@ def test_playground_chat_streams_an_answer(page, site):
     expected = generate_text(model, tokenizer, "Repeat the word good.", max_new_tokens=12)
     assert reply.inner_text().strip() == expected and expected
     shot(page, "playground")
+
+
+def test_the_page_asks_once_for_the_api_key(page, site):
+    server = ServerThread(build_app(site["runs"], api_key="s3cret"))
+    try:
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("s3cret")))
+        page.goto(f"{server.url}/#/runs")
+        page.locator('#runs-table tr[data-run="chat"]').wait_for()
+        assert len(asked) == 1 and "API key" in asked[0]
+        page.reload()  # remembered by this browser
+        page.locator('#runs-table tr[data-run="chat"]').wait_for()
+        assert len(asked) == 1
+    finally:
+        server.stop()
