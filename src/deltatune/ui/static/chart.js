@@ -59,7 +59,8 @@ const Chart = (() => {
     ymin -= ypad; ymax += ypad;
     const sx = (x) => f.x0 + (x - xmin) / (xmax - xmin) * (f.x1 - f.x0);
     const sy = (y) => f.y0 - (y - ymin) / (ymax - ymin) * (f.y0 - f.y1);
-    axes(f, ticks(xmin, xmax, 6).map((t) => [sx(t), short(t)]), ticks(ymin, ymax, 5).map((t) => [sy(t), short(t)]),
+    const steps = ticks(xmin, xmax, 6).filter((t) => Number.isInteger(t));  // steps are whole
+    axes(f, steps.map((t) => [sx(t), short(t)]), ticks(ymin, ymax, 5).map((t) => [sy(t), short(t)]),
          o.xLabel, o.yLabel);
     series.forEach((s, i) => {
       const pts = s.points.filter((p) => Number.isFinite(p[1]));
