@@ -88,6 +88,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve_from_cli(args)
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from deltatune.ui.app import ui_from_cli
+
+    ui_from_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deltatune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -151,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a request waits for others to share its batch")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="local web app: runs, launch, compare, playground")
+    p.add_argument("--runs", default="runs", help="the runs folder to show and launch into")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", default=None, help="required when --host is not a loopback address")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
