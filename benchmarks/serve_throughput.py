@@ -28,7 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
-from deltatune.serving.app import ServerThread, build_app  # noqa: E402
+from deltatune.serving.app import build_app  # noqa: E402
+from deltatune.serving.server import ServerThread  # noqa: E402
 
 PROMPTS = [
     "Write a short note about the history of the printing press and why it mattered.",
