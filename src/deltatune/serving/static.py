@@ -41,6 +41,8 @@ class StaticEngine(EngineCore):
         self.batches_run = 0          # statistics, for tests and benchmarks
         self.rows_run = 0
         self.mixed_batches = 0        # batches whose rows used more than one adapter
+        self.generate_seconds = 0.0   # time spent inside generate()
+        self.busy = False             # a batch is being generated right now
 
     def _collect(self) -> list[Job]:
         with self.cond:
@@ -106,14 +108,15 @@ class StaticEngine(EngineCore):
         self.batches_run += 1  # counted before generating: replies go out while it runs
         self.rows_run += len(jobs)
         self.mixed_batches += len({j.adapter for j in jobs}) > 1
-        self.running_rows = len(jobs)
+        self.running_rows, self.busy, start = len(jobs), True, time.perf_counter()
         try:
             with torch.inference_mode(), adapters_for(self.model, [j.adapter for j in jobs]):
                 self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                     generation_config=config,
                                     stopping_criteria=StoppingCriteriaList([RowTracker(jobs, self.tracker)]))
         finally:
-            self.running_rows = 0
+            self.running_rows, self.busy = 0, False
+            self.generate_seconds += time.perf_counter() - start
         for job in jobs:  # generate() ended (max_new_tokens) before the tracker saw an end
             if job.finish_reason is None:
                 self.tracker.finish(job, "length")
