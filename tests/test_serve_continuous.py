@@ -249,3 +249,54 @@ def test_graceful_shutdown_finishes_in_flight_requests(setup):
             assert json.loads(body)["usage"]["completion_tokens"] == 60
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=5)
+
+
+def test_sigterm_drains_the_cli_server(setup, tmp_path):
+    """The real thing: `deltatune serve` in its own process gets SIGTERM while requests run;
+    each still gets its whole answer and the process exits 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "tiny"
+    copy.deepcopy(setup["base"]).float().save_pretrained(model_dir)
+    setup["tokenizer"].save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DELTATUNE_API_KEY": KEY}
+    server = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "serve", "--model", str(model_dir),
+                               "--port", str(port), "--adapter-dir", str(setup["dir"]), "--max-batch", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.2)
+        headers = {"authorization": f"Bearer {KEY}"}
+
+        def one(i):
+            body = {"model": NAMES[i], "prompt": PROMPTS[i], "max_tokens": 80, "ignore_eos": True}
+            return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=120)
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(one, i) for i in range(3)]
+            time.sleep(0.5)  # all three sent: two running (--max-batch 2), one waiting
+            assert not any(f.done() for f in futures)
+            server.send_signal(signal.SIGTERM)
+            replies = [f.result() for f in futures]
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert [r.json()["usage"]["completion_tokens"] for r in replies] == [80, 80, 80]
+    assert "every request in flight was answered" in server.stdout.read()

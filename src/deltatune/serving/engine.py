@@ -44,6 +44,9 @@ __all__ = ["ContinuousEngine", "Job", "QueueFull", "Draining", "GenerationFailed
 # These change the sequence itself (virtual tokens, prefixes), which the shared padded cache
 # cannot hold per row; the static engine (generate()) serves them.
 SEQUENCE_METHODS = ("prompt", "ptuning", "prefix")
+# At most this many (padded) prompt tokens are prefilled between two decoding steps, so a burst of
+# long prompts delays the running rows by one bounded prefill at a time.
+PREFILL_TOKENS = 4096
 
 
 class ContinuousEngine(EngineCore):
@@ -71,6 +74,7 @@ class ContinuousEngine(EngineCore):
         group = self.batch.group
         admitted: list[Row] = []
         dropped: list[Job] = []
+        width = 0
         with self.cond:
             candidates = list(self.waiting)
         for job in candidates:
@@ -92,8 +96,9 @@ class ContinuousEngine(EngineCore):
                 dropped.append(job)
                 continue
             kind = self.batch.group_of(job.adapter)
-            if group is not None and kind != group:
-                self.pool.release(job.adapter)
+            width = max(width, len(job.prompt_ids))
+            if (group is not None and kind != group) or (admitted and width * (len(admitted) + 1) > PREFILL_TOKENS):
+                self.pool.release(job.adapter)  # another kind of batch, or prefill enough for one step
                 break
             group = kind
             admitted.append(Row(job, row_generator(job, job.choice)))
