@@ -44,8 +44,8 @@ __all__ = ["ContinuousEngine", "Job", "QueueFull", "Draining", "GenerationFailed
 # These change the sequence itself (virtual tokens, prefixes), which the shared padded cache
 # cannot hold per row; the static engine (generate()) serves them.
 SEQUENCE_METHODS = ("prompt", "ptuning", "prefix")
-# At most this many (padded) prompt tokens are prefilled between two decoding steps, so a burst of
-# long prompts delays the running rows by one bounded prefill at a time.
+# About this many prompt tokens are prefilled between two decoding steps (one prompt at least),
+# so a burst of long prompts delays the running rows by one bounded prefill at a time.
 PREFILL_TOKENS = 4096
 
 
@@ -74,7 +74,7 @@ class ContinuousEngine(EngineCore):
         group = self.batch.group
         admitted: list[Row] = []
         dropped: list[Job] = []
-        width = 0
+        tokens = 0
         with self.cond:
             candidates = list(self.waiting)
         for job in candidates:
@@ -96,8 +96,8 @@ class ContinuousEngine(EngineCore):
                 dropped.append(job)
                 continue
             kind = self.batch.group_of(job.adapter)
-            width = max(width, len(job.prompt_ids))
-            if (group is not None and kind != group) or (admitted and width * (len(admitted) + 1) > PREFILL_TOKENS):
+            tokens += len(job.prompt_ids)
+            if (group is not None and kind != group) or (admitted and tokens > PREFILL_TOKENS):
                 self.pool.release(job.adapter)  # another kind of batch, or prefill enough for one step
                 break
             group = kind
@@ -106,7 +106,28 @@ class ContinuousEngine(EngineCore):
         self._take_waiting(dropped + [row.job for row in admitted])
         return admitted
 
+    def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
+        """The admitted rows by prompt length, in groups padded to at most PREFILL_TOKENS and to
+        under twice their shortest prompt: padding costs prefill compute, as much as real tokens."""
+        groups: list[list[Row]] = []
+        for row in sorted(rows, key=lambda r: len(r.job.prompt_ids)):
+            length = len(row.job.prompt_ids)
+            group = groups[-1] if groups else None
+            if (group is None or length * (len(group) + 1) > PREFILL_TOKENS
+                    or length > 2 * len(group[0].job.prompt_ids)):
+                groups.append([row])
+            else:
+                group.append(row)
+        return groups
+
     def _first_tokens(self, rows: list[Row]) -> None:
+        for group in self._prefill_groups(rows):
+            try:
+                self._prefill(group)
+            except Exception as exc:  # one bad prefill must not take the server down
+                self._fail_batch(group, exc)
+
+    def _prefill(self, rows: list[Row]) -> None:
         logits, cache, mask = self.batch.prefill(rows)
         tokens = next_tokens(logits, [r.job for r in rows], [r.generator for r in rows])
         keep = []
@@ -146,10 +167,7 @@ class ContinuousEngine(EngineCore):
             admitted = self._admit()
             with torch.inference_mode():
                 if admitted:
-                    try:
-                        self._first_tokens(admitted)
-                    except Exception as exc:  # one bad prefill must not take the server down
-                        self._fail_batch(admitted, exc)
+                    self._first_tokens(admitted)
                 if self.batch.rows:
                     try:
                         self._decode()
