@@ -28,7 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
-from deltatune.serving.app import ServerThread, build_app  # noqa: E402
+from deltatune.serving.app import build_app  # noqa: E402
+from deltatune.serving.server import ServerThread  # noqa: E402
 
 PROMPTS = [
     "Write a short note about the history of the printing press and why it mattered.",
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{direct['median_seconds']['mixed']:.2f} s, single {direct['median_seconds']['single']:.2f} s "
           f"(mixed speed / single speed = {direct['mixed_over_single_speed']:.2f})", flush=True)
     app = build_app(model, tokenizer, base_name=args.model, max_batch=args.max_batch,
-                    batch_wait_ms=args.batch_wait_ms)
+                    batch_wait_ms=args.batch_wait_ms, engine="static")
     engine = app.state.engine
     server = ServerThread(app)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                 engine.max_batch = max_batch
                 batches_before, busy_before = engine.batches_run, engine.generate_seconds
                 result = run_load(client, models, args.requests, args.max_tokens)
-                while engine.busy or not engine.queue.empty():  # replies leave before generate() ends
+                while engine.busy or engine.queue_depth():  # replies leave before generate() ends
                     time.sleep(0.01)
                 result["batches"] = engine.batches_run - batches_before
                 result["generate_seconds"] = engine.generate_seconds - busy_before

@@ -83,7 +83,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from deltatune.serving.app import serve_from_cli
+    from deltatune.serving.server import serve_from_cli
 
     serve_from_cli(args)
 
@@ -153,9 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="most requests in one generate()")
+    p.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to share its batch")
+                   help="static engine: how long a request waits for others to share its batch")
+    p.add_argument("--engine", default="continuous", choices=["continuous", "static"],
+                   help="continuous: rows join/leave every step; static: one generate() per batch")
+    p.add_argument("--adapter-dir", help="serve every adapter found here by name, loaded on demand")
+    p.add_argument("--max-adapters", type=int, help="most adapters resident at once (LRU)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $DELTATUNE_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: the model's context)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens x n (default: the context)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="local web app: runs, launch, compare, playground")

@@ -179,11 +179,15 @@ class LoraLayer(DeltaLayer):
     def _mixed_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch gets its own adapter's update (None: the base alone)."""
         extra = torch.zeros_like(out)
+        # Each row belongs to one adapter, so copying its update into the zeros is the sum; on
+        # CPU index_copy_ on the 2-D (rows, features) view stays fast where index_add_ can take
+        # ~10-100 ms per call (seen with small hidden sizes and busy cores).
+        flat = extra.view(extra.shape[0], -1)
         for name, rows in row_groups(self.row_adapters, x.shape[0], x.device):
             if name not in self.deltas:  # that adapter does not touch this layer
                 continue
             update = self._update(self.deltas[name], x.index_select(0, rows), out.index_select(0, rows))
-            extra.index_add_(0, rows, update)
+            flat.index_copy_(0, rows, update.reshape(len(rows), -1))
         return extra
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}  # OpenAI's completions default is 16
+MAX_N = 16          # choices per request
+MAX_LOGPROBS = 5    # alternatives per token, as OpenAI's completions allow
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -40,6 +42,8 @@ class Options:
     stream: bool
     seed: int | None
     ignore_eos: bool   # not in OpenAI's API (vLLM has it): benchmarks need fixed-length outputs
+    n: int = 1
+    logprobs: int | None = None  # completions only: alternatives per token (0: just the chosen one)
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
@@ -76,8 +80,16 @@ def _options(body: Any, kind: str, known_models: list[str]) -> Options:
                        "model", kind="not_found_error")
     key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
     max_tokens = _integer(body, key, DEFAULT_MAX_TOKENS[kind], minimum=1)
-    if _integer(body, "n", 1) != 1:
-        raise ApiError(400, "'n' must be 1 (one choice per request)", "n")
+    n = _integer(body, "n", 1, minimum=1)
+    if n > MAX_N:
+        raise ApiError(400, f"'n' must be at most {MAX_N}, got {n}", "n")
+    logprobs = None
+    if kind == "completion":
+        logprobs = _integer(body, "logprobs", None, minimum=0)
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise ApiError(400, f"'logprobs' must be at most {MAX_LOGPROBS}, got {logprobs}", "logprobs")
+    elif body.get("logprobs"):
+        raise ApiError(400, "'logprobs' is supported on /v1/completions only", "logprobs")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -92,7 +104,7 @@ def _options(body: Any, kind: str, known_models: list[str]) -> Options:
                    temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
                    stop=stop, stream=body.get("stream", False), seed=_integer(body, "seed", None),
-                   ignore_eos=body.get("ignore_eos", False))
+                   ignore_eos=body.get("ignore_eos", False), n=n, logprobs=logprobs)
 
 
 def parse_completion(body: Any, known_models: list[str]) -> tuple[str, Options]:
@@ -140,24 +152,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, reason: str | None, use: dict | None) -> dict:
+def completion_choice(index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+            "choices": choices}
     if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, reason: str | None, use: dict) -> dict:
+def logprobs_body(tokens: list[str], chosen: list[float], top: list[dict[str, float]]) -> dict:
+    """OpenAI's completions logprobs: offsets count characters of the completion text."""
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_body(rid: str, model: str, answers: list[tuple[str, str]], use: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": reason, "logprobs": None}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(answers)],
             "usage": use}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, index: int = 0) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
 
 
 def models_body(names: list[str], base: str) -> dict:
