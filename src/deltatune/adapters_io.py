@@ -22,6 +22,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import get_method, method_for_peft_type
 from deltatune.methods.base import DEFAULT_ADAPTER, delta_state, task_of
 from deltatune.methods.full import FullConfig
+from deltatune.quantization import recorded_quantization, write_record
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,6 +70,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
                 **method.to_peft(config, model, name),
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+            write_record(model, tmp)
         commit_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
