@@ -315,8 +315,8 @@ def _quantized_load_kwargs(name_or_path: str, task: str, config, quantization) -
     from deltatune.quantization import bitsandbytes_config, dense_module_names, device_map
 
     model_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    architecture_of(config_as_model(config))  # an unsupported architecture: one line, first
-    keep_dense, inside = dense_module_names(model_class, config)
+    layer_paths = architecture_of(config_as_model(config)).layers  # unsupported: one line, first
+    keep_dense, inside = dense_module_names(model_class, config, layer_paths)
     if inside == 0:
         raise DeltatuneError(f"quantize: {name_or_path} has no linear layers inside its transformer "
                              f"layers to quantize")

@@ -106,14 +106,11 @@ def import_bitsandbytes():
 
 
 # ------------------------------------------------------------------ loading
-def dense_module_names(model_class: type, config: Any) -> tuple[list[str], int]:
+def dense_module_names(model_class: type, config: Any, layer_paths: tuple[str, ...]) -> tuple[list[str], int]:
     """(paths of the linear modules outside the transformer layers, number inside them), read
     off the model built on the meta device (no memory, no weights)."""
-    from deltatune.models import architecture_of
-
     with torch.device("meta"):
         skeleton = model_class.from_config(config)
-    layer_paths = architecture_of(skeleton).layers
     outside, inside = [], 0
     for path, module in skeleton.named_modules():
         if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
@@ -123,6 +120,65 @@ def dense_module_names(model_class: type, config: Any) -> tuple[list[str], int]:
         else:
             outside.append(path)
     return outside, inside
+
+
+BLOCK = 64          # bitsandbytes' 4-bit block: one scale per 64 weights
+NESTED_BLOCK = 256  # double quantization: the scales are quantized to 8 bits in blocks of 256
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, quantization: QuantizationConfig) -> int:
+    """Bytes bitsandbytes stores for one (out, in) weight: codes plus their scales."""
+    numel = out_features * in_features
+    if quantization.type == "int8":
+        return numel + 4 * out_features  # int8 codes + one fp32 scale per row
+    blocks = -(-numel // BLOCK)
+    if quantization.double_quant:  # 8-bit scales + one fp32 scale per 256 of them + 256-entry map
+        scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * 256
+    else:
+        scales = 4 * blocks
+    return -(-numel // 2) + scales + 4 * 16  # two codes per byte; the 16-value code book
+
+
+def predicted_weight_bytes(model: nn.Module, layer_paths: tuple[str, ...],
+                           quantization: QuantizationConfig | None, dtype: torch.dtype) -> int:
+    """The bytes a model's weights take once loaded with `quantization` (None: dense), from its
+    shapes alone (`model` may live on the meta device): what `plan` predicts for the base."""
+    total, seen = 0, set()
+    for path, module in model.named_modules():
+        inside = any(path.startswith(p + ".") for p in layer_paths)
+        quantize = quantization is not None and inside and isinstance(module, nn.Linear)
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if quantize and name == "weight":
+                total += quantized_weight_bytes(module.out_features, module.in_features, quantization)
+            else:
+                total += param.numel() * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def stored_weight_bytes(model: nn.Module) -> int:
+    """The bytes a loaded model's weights occupy: parameters, buffers, and the scales that
+    bitsandbytes keeps beside its codes (which transformers' get_memory_footprint leaves out)."""
+    total, seen = 0, set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel() * param.element_size()
+            state = getattr(param, "quant_state", None)
+            if state is not None:
+                total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                             if torch.is_tensor(v))
+            scales = getattr(param, "SCB", None)
+            if scales is None and name == "weight" and is_quantized_linear(module):
+                scales = getattr(getattr(module, "state", None), "SCB", None)
+            if scales is not None:
+                total += scales.numel() * scales.element_size()
+        total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+    return total
 
 
 def bitsandbytes_config(quantization: QuantizationConfig, keep_dense: list[str]):
