@@ -269,3 +269,93 @@ def test_cli_rejects_an_unknown_quantize_value(llama_dir, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "quantize: unknown value 'q4'" in out.stderr
+
+
+# ------------------------------------------------------------------ plan and compare
+@pytest.mark.parametrize("kind", [None, "nf4", "fp4", "int8",
+                                  QuantizationConfig(type="nf4", double_quant=False)])
+def test_predicted_weight_bytes_match_the_loaded_model(llama_dir, kind):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.quantization import parse_quantize, predicted_weight_bytes, stored_weight_bytes
+
+    model, _ = dt.load_model(str(llama_dir), quantize=kind)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    predicted = predicted_weight_bytes(skeleton, ("model.layers",), parse_quantize(kind), torch.float32)
+    stored = stored_weight_bytes(model)
+    # (the tiny model's 64x64 layers make the fixed per-layer tables weigh ~1%; at 135M ~0)
+    assert abs(predicted / stored - 1) < 0.02, (predicted, stored)
+
+
+def compare_config(tmp_path: Path, bert_dir: Path, methods: list[str]) -> Path:
+    import yaml
+    from tiny_runs import sentiment_rows, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(48, seed=1))
+    write_jsonl(tmp_path / "dev.jsonl", sentiment_rows(16, seed=2))
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(bert_dir), "task": "classification",
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "dev.jsonl"),
+                 "max_length": 32},
+        "train": {"epochs": 1, "batch_size": 16, "bf16": False, "lr": 5e-3},
+        "output_dir": str(tmp_path / "cmp"),
+        "compare": {"methods": methods, "per_method": {"lora": {"method": {"r": 4}},
+                                                       "lora@nf4": {"train": {"lr": 1e-2}}}}}))
+    return path
+
+
+def test_compare_rows_put_a_method_on_a_quantized_base(bert_dir, tmp_path):
+    from deltatune.compare.plan import plan_methods
+    from deltatune.compare.runner import method_run_config
+    from deltatune.compare.settings import read_compare_config
+
+    config, settings = read_compare_config(str(compare_config(tmp_path, bert_dir, ["lora", "lora@int8"])), [])
+    dense = method_run_config(config, settings, "lora", tmp_path)
+    quantized = method_run_config(config, settings, "lora@nf4", tmp_path)
+    assert dense["quantize"] == "none" and quantized["quantize"] == "nf4"
+    assert quantized["method"] == {**dense["method"]}  # r=4 from per_method.lora applies to both
+    assert quantized["train"]["lr"] == 1e-2 and dense["train"]["lr"] == 5e-3
+    assert quantized["output_dir"].endswith("runs/lora@nf4")
+    plans = {p.method: p for p in plan_methods(config, ["lora", "lora@nf4"], settings["per_method"])}
+    assert plans["lora@nf4"].quantize == "nf4" and plans["lora"].quantize == "none"
+    assert plans["lora@nf4"].base_weight_bytes < plans["lora"].base_weight_bytes
+    assert plans["lora@nf4"].trainable_params == plans["lora"].trainable_params
+
+
+@pytest.mark.parametrize("row,message", [
+    ("full@nf4", r"'full@nf4': full fine-tuning cannot train a quantized base"),
+    ("lora@q3", r"unknown value 'q3'"),
+    ("lora@", r"name a quantization after @"),
+])
+def test_bad_compare_rows_are_one_line(bert_dir, tmp_path, row, message):
+    from deltatune.compare.settings import read_compare_config
+
+    with pytest.raises(dt.DeltatuneError, match=message):
+        read_compare_config(str(compare_config(tmp_path, bert_dir, ["lora", row])), [])
+
+
+def test_compare_trains_lora_beside_lora_on_nf4(bert_dir, tmp_path):
+    config = compare_config(tmp_path, bert_dir, ["lora", "lora@nf4"])
+    out = subprocess.run([sys.executable, "-m", "deltatune.cli", "compare", str(config)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "results.json").read_text())}
+    assert set(rows) == {"lora", "lora@nf4"} and not any("error" in r for r in rows.values())
+    assert (tmp_path / "cmp" / "runs" / "lora@nf4" / SIDECAR).is_file()
+    assert not (tmp_path / "cmp" / "runs" / "lora" / SIDECAR).exists()
+    assert "| lora@nf4 |" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_serve_needs_adapters_trained_on_one_base(llama_dir, tmp_path):
+    from deltatune.quantization import shared_quantization
+
+    dt.save_adapter(lora_on_nf4(llama_dir), tmp_path / "q")
+    dense, _ = dt.load_model(str(llama_dir))
+    dt.save_adapter(dt.apply(dense, dt.LoraConfig(r=2)), tmp_path / "d")
+    assert shared_quantization({"a": tmp_path / "q"}) == FP32
+    assert shared_quantization({"a": tmp_path / "d"}) is None
+    with pytest.raises(dt.DeltatuneError, match=r"--adapter a was trained on nf4 but --adapter b on a dense base"):
+        shared_quantization({"a": tmp_path / "q", "b": tmp_path / "d"})
+    assert dt.inspect_adapter(tmp_path / "q")["base_quantization"]["type"] == "nf4"

@@ -213,6 +213,8 @@ def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
         info = {"method": "full", "peft_type": None,
                 "base_model": config.get("deltatune_base") or config.get("_name_or_path"),
                 "task_type": (config.get("architectures") or ["?"])[0], "options": {}}
+    quantization = recorded_quantization(directory)
+    info["base_quantization"] = quantization.to_dict() if quantization is not None else None
     info["parameters"] = sum(t.numel() for t in tensors.values())
     info["tensors"] = len(tensors)
     info["size_bytes"] = directory_size(directory)

@@ -69,7 +69,7 @@ def check_row(row: str, where: str) -> None:
     if method not in REGISTRY:
         raise DeltatuneError(f"{where}: unknown method {method!r} (known: {', '.join(REGISTRY)})")
     if quantize is not None:
-        if parse_quantize(quantize, where=f"{where} {row}") is None:
+        if quantize in ("", "none") or parse_quantize(quantize, where=f"{where} {row}") is None:
             raise DeltatuneError(f"{where}: {row!r}: name a quantization after @ (nf4, fp4, int8)")
         if method == "full":
             raise DeltatuneError(f"{where}: {row!r}: full fine-tuning cannot train a quantized base")
