@@ -237,6 +237,9 @@ def test_cli_merge_of_a_qlora_run_writes_a_dense_model(llama_dir, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "quantized (nf4)" in out.stdout and "dense" in out.stdout
+    error = float(out.stdout.split("relative error ")[1].split()[0])
+    assert 0.01 < error < 0.3  # nf4 of Gaussian weights: ~0.1 (Dettmers et al.)
+    assert "over 14 weight matrices" in out.stdout
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "quantization_config" not in config
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")

@@ -18,7 +18,7 @@ from deltatune.deltas import merge_and_unload
 from deltatune.errors import DeltatuneError
 from deltatune.methods import get_method, method_for_peft_type
 from deltatune.methods.base import PEFT_PREFIX, count_parameters, delta_state
-from deltatune.quantization import recorded_quantization
+from deltatune.quantization import quantization_error, recorded_quantization
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -72,7 +72,7 @@ def _num_labels(tensors: dict, source: str) -> int:
 
 def merge_from_cli(model: str, adapter: str, out: str, overwrite: bool = False) -> Path:
     """`deltatune merge`: load `model` + `adapter`, fold the adapter in, write a plain model."""
-    from deltatune.models import load_model
+    from deltatune.models import load_model, resolve_model_path
 
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():
@@ -96,6 +96,7 @@ def merge_from_cli(model: str, adapter: str, out: str, overwrite: bool = False) 
     base, tokenizer = load_model(model, task=task, num_labels=num_labels, quantize=quantization)
     load_adapter(base, adapter_dir)
     adapter_params = sum(t.numel() for t in tensors.values())
+    error = quantization_error(base, resolve_model_path(model)) if quantization is not None else None
     final = save_merged(base, tokenizer, out, overwrite=overwrite)
     full_params = count_parameters(base)[1]
     adapter_bytes = directory_size(adapter_dir)
@@ -104,6 +105,9 @@ def merge_from_cli(model: str, adapter: str, out: str, overwrite: bool = False) 
     if quantization is not None:
         print(f"the base was quantized ({quantization.type}), as in training: dequantized it to "
               f"{base.dtype} and added the delta; the export is a dense model")
+        if error is not None:  # what the export inherits from training on a quantized base
+            print(f"{quantization.type} vs the original dense weights: relative error "
+                  f"{error[0]:.4f} over {error[1]} weight matrices")
     print(f"adapter:    {human_size(adapter_bytes):>10}  {adapter_params:>13,} parameters")
     print(f"full model: {human_size(full_bytes):>10}  {full_params:>13,} parameters")
     print(f"the adapter is {100 * adapter_bytes / full_bytes:.2f}% of the full model's size")

@@ -280,6 +280,33 @@ def dequantize_model(model: nn.Module) -> int:
     return count
 
 
+def quantization_error(model: nn.Module, model_dir: str | Path) -> tuple[float, int] | None:
+    """(relative error ||W_q - W|| / ||W|| over every quantized weight, number of weights): the
+    quantized base measured against the dense weights in `model_dir`'s safetensors files, or
+    None when those files are not at hand (a Hub id)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    where = {}
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            where.update({key: file for key in handle.keys()})
+    squared_error = squared_norm = 0.0
+    count = 0
+    for path, module in model.named_modules():
+        if not is_quantized_linear(module):
+            continue
+        key = path.replace(".base_layer", "") + ".weight"  # deltatune's wrappers add base_layer
+        if key not in where:
+            return None
+        with safe_open(str(where[key]), "pt") as handle:
+            original = handle.get_tensor(key).float()
+        squared_error += (dequantized_weight(module) - original).square().sum().item()
+        squared_norm += original.square().sum().item()
+        count += 1
+    return ((squared_error / squared_norm) ** 0.5, count) if count else None
+
+
 # ------------------------------------------------------------------ the record beside an adapter
 def write_record(model: nn.Module, directory: Path) -> None:
     """Record the base's quantization beside a saved adapter, so merge/eval/generate/serve
