@@ -92,19 +92,20 @@ def train(args) -> dict:
 
 
 def plan(args) -> dict:
-    from deltatune.compare.plan import current_rss, plan_method
+    from deltatune.compare.plan import current_rss, plan_method, predicted_base_bytes
 
     model, tokenizer = load(args)
     with torch.no_grad():  # as plan_methods: the trainer touches every page of the weights
         for parameter in model.parameters():
-            parameter.float().sum() if parameter.dtype == torch.uint8 else parameter.sum()
+            parameter.sum()
     baseline = current_rss()
     dataset = S.load_examples(tokenizer, args.max_length)
     with tempfile.TemporaryDirectory() as out:
         config = run_config(args, out)
         p = plan_method(model, config.method, dataset, tokenizer.pad_token_id, config, config.train, baseline)
     return {"predicted_peak_gb": p.predicted_peak_bytes / 2**30, "baseline_gb": baseline / 2**30,
-            "activation_gb": p.activation_bytes / 2**30, "base_weight_gb": p.base_weight_bytes / 2**30}
+            "activation_gb": p.activation_bytes / 2**30,
+            "base_weight_gb": predicted_base_bytes(model) / 2**30}
 
 
 def main() -> None:
