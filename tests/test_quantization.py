@@ -362,3 +362,13 @@ def test_serve_needs_adapters_trained_on_one_base(llama_dir, tmp_path):
     with pytest.raises(dt.DeltatuneError, match=r"--adapter a was trained on nf4 but --adapter b on a dense base"):
         shared_quantization({"a": tmp_path / "q", "b": tmp_path / "d"})
     assert dt.inspect_adapter(tmp_path / "q")["base_quantization"]["type"] == "nf4"
+
+
+def test_generate_on_a_qlora_adapter_needs_no_flag(llama_dir, tmp_path):
+    dt.save_adapter(lora_on_nf4(llama_dir), tmp_path / "a")
+    out = subprocess.run([sys.executable, "-m", "deltatune.cli", "generate", "--model", str(llama_dir),
+                          "--adapter", str(tmp_path / "a"), "--max-new-tokens", "4", "hi"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kernels-community" not in out.stderr  # bitsandbytes' import-time warning is silenced
+    assert out.stdout.strip()

@@ -214,6 +214,18 @@ def keep_one_weight_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def use_inference_kernel(model: nn.Module) -> None:
+    """For processes that only generate (`generate`, `serve`): let bitsandbytes use its CPU
+    inference kernel, ~10x faster per token than dequantizing each layer (4 vs 39 ms for a
+    576x1536 layer here). Never for a model that will train (see keep_one_weight_layout)."""
+    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return
+    fast = bool(import_bitsandbytes().functional.has_avx512bf16())
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = fast
+
+
 # ------------------------------------------------------------------ what a model carries
 def is_quantized_linear(module: nn.Module) -> bool:
     name = type(module).__name__

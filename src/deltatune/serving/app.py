@@ -223,13 +223,14 @@ def serve_from_cli(args) -> None:
     import uvicorn
 
     from deltatune.models import load_model
-    from deltatune.quantization import shared_quantization
+    from deltatune.quantization import shared_quantization, use_inference_kernel
 
     if not 0 <= args.port <= 65535:  # checked before the model loads, not deep inside uvicorn
         raise DeltatuneError(f"--port: must be in 0..65535, got {args.port}")
     adapters = parse_adapter_specs(args.adapter)
     quantization = shared_quantization(adapters)  # the base the adapters were trained on
     model, tokenizer = load_model(args.model, task="causal-lm", quantize=quantization)
+    use_inference_kernel(model)  # a server only generates
     app = build_app(model, tokenizer, adapters, base_name=args.model,
                     max_batch=getattr(args, "max_batch", 8),
                     batch_wait_ms=getattr(args, "batch_wait_ms", 5.0))

@@ -73,8 +73,11 @@ def load_for_generation(model_name: str, adapter: str | None):
 
 
 def generate_from_cli(args: Any) -> str:
+    from deltatune.quantization import use_inference_kernel
+
     check_options(args.max_new_tokens, args.temperature, args.top_p)  # before the slow load
     model, tokenizer = load_for_generation(args.model, args.adapter)
+    use_inference_kernel(model)  # this process only generates
     if torch.cuda.is_available():
         model.to("cuda")
     return generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
