@@ -91,9 +91,20 @@ def train(args) -> dict:
             "last5_loss": statistics.mean(losses[-5:]), "wall_s": time.perf_counter() - started}
 
 
+def mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def plan(args) -> dict:
     from deltatune.compare.plan import current_rss, plan_method, predicted_base_bytes
 
+    if args.method == "full" and mem_available_bytes() < 16 * 2**30:
+        # planning full FT copies the fp32 model once more (~2x its 5 GB): not on a shared machine
+        # short of memory
+        return {"skipped": f"only {mem_available_bytes() / 2**30:.1f} GB available"}
     model, tokenizer = load(args)
     with torch.no_grad():  # as plan_methods: the trainer touches every page of the weights
         for parameter in model.parameters():
