@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
+                                    keep_one_weight_layout, parse_quantize)
 
 TASKS = ("causal-lm", "classification")
 
@@ -253,9 +255,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
     `quantize`: none | nf4 | fp4 | int8, a mapping or a QuantizationConfig (see quantization.py):
     the transformer layers' linears load quantized by bitsandbytes, for PEFT methods (QLoRA).
     """
-    from deltatune.quantization import parse_quantize
-
-    quantization = parse_quantize(quantize)
+    quantization = parse_quantize(quantize)  # a bad value fails before anything loads
     from transformers import (AutoConfig, AutoModelForCausalLM,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
@@ -299,8 +299,6 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
     if getattr(model, "hf_quantizer", None) is not None and quantization is None:
         model.hf_quantizer.remove_quantization_config(model)  # GGUF: dequantized on load
     if quantization is not None:
-        from deltatune.quantization import keep_one_weight_layout
-
         keep_one_weight_layout(model)
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base
@@ -312,10 +310,8 @@ def _quantized_load_kwargs(name_or_path: str, task: str, config, quantization) -
     """from_pretrained arguments that quantize the transformer layers' linears while loading."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from deltatune.quantization import bitsandbytes_config, dense_module_names, device_map
-
     model_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    layer_paths = architecture_of(config_as_model(config)).layers  # unsupported: one line, first
+    layer_paths = architecture_of(_config_holder(config)).layers  # unsupported: one line, first
     keep_dense, inside = dense_module_names(model_class, config, layer_paths)
     if inside == 0:
         raise DeltatuneError(f"quantize: {name_or_path} has no linear layers inside its transformer "
@@ -324,7 +320,7 @@ def _quantized_load_kwargs(name_or_path: str, task: str, config, quantization) -
             "device_map": device_map()}
 
 
-def config_as_model(config) -> nn.Module:
+def _config_holder(config) -> nn.Module:
     """An empty module carrying `config`, for architecture_of before anything is built."""
     holder = nn.Module()
     holder.config = config
