@@ -17,6 +17,7 @@ from deltatune.methods.prompt import PromptTuningConfig
 from deltatune.methods.ptuning import PTuningConfig
 from deltatune.mixed import mixed_adapters
 from deltatune.models import PRESETS, architecture_of, load_model
+from deltatune.quantization import QuantizationConfig
 
 __all__ = [
     "AdapterConfig", "DeltatuneError", "METHODS", "PRESETS", "FullConfig", "LoraConfig", "active_config",
@@ -24,6 +25,6 @@ __all__ = [
     "delete_adapter", "disable_adapters", "get_method", "inspect_adapter", "load_adapter",
     "load_model", "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
     "combine_adapters", "mixed_adapters", "save_merged",
-    "PrefixConfig", "PromptTuningConfig", "PTuningConfig", "IA3Config",
+    "PrefixConfig", "PromptTuningConfig", "PTuningConfig", "IA3Config", "QuantizationConfig",
 ]
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import get_method, method_for_peft_type
 from deltatune.methods.base import DEFAULT_ADAPTER, delta_state, task_of
 from deltatune.methods.full import FullConfig
+from deltatune.quantization import recorded_quantization, write_record
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,6 +70,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
                 **method.to_peft(config, model, name),
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+            write_record(model, tmp)
         commit_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,6 +213,8 @@ def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
         info = {"method": "full", "peft_type": None,
                 "base_model": config.get("deltatune_base") or config.get("_name_or_path"),
                 "task_type": (config.get("architectures") or ["?"])[0], "options": {}}
+    quantization = recorded_quantization(directory)
+    info["base_quantization"] = quantization.to_dict() if quantization is not None else None
     info["parameters"] = sum(t.numel() for t in tensors.values())
     info["tensors"] = len(tensors)
     info["size_bytes"] = directory_size(directory)

@@ -36,6 +36,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         return
     print(f"method:      {info['method']} ({info['peft_type'] or 'transformers directory'})")
     print(f"base model:  {info['base_model']}")
+    if info.get("base_quantization"):  # trained on a quantized base; rebuilt so by merge/eval/serve
+        q = info["base_quantization"]
+        print(f"base quantized: {q['type']} (double quant {q['double_quant']}, compute {q['compute_dtype']})")
     print(f"task:        {info['task_type']}")
     for key, value in info["options"].items():
         if key != "method":

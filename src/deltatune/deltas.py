@@ -13,6 +13,7 @@ from deltatune.methods.base import (DEFAULT_ADAPTER, DeltaLayer, MethodConfig, d
                            disabled, freeze, resolve_modules_to_save, set_parent, set_trainable,
                            task_of, wrap_modules_to_save)
 from deltatune.mixed import install_adapter_names, remove_adapter_names
+from deltatune.quantization import dequantize_model, describe, is_quantized
 
 
 def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -28,6 +29,9 @@ def apply(model: nn.Module, config: MethodConfig, name: str = DEFAULT_ADAPTER) -
     state = delta_state(model)
     if name in state.configs:
         raise DeltatuneError(f"adapter {name!r} already exists on this model; pass another name=")
+    if config.method == "full" and is_quantized(model):
+        raise DeltatuneError(f"full fine-tuning cannot train a quantized base ({describe(model)}): "
+                             "its weights are frozen integer codes; use a PEFT method or quantize: none")
     if config.method == "full" or any(c.method == "full" for c in state.configs.values()):
         if state.configs:
             raise DeltatuneError("full fine-tuning cannot share a model with other deltas")
@@ -73,6 +77,11 @@ def merge(model: nn.Module) -> nn.Module:
     method = _active_method(model)
     if method.merge is None:
         raise DeltatuneError(f"cannot merge a {method.name} delta: {method.why_no_merge}")
+    if is_quantized(model):
+        raise DeltatuneError(
+            f"cannot merge into the {describe(model)} base weights in place: rounding to "
+            f"{describe(model)} would lose most of the delta; merge_and_unload (or `deltatune "
+            "merge`) dequantizes the base first and returns a dense model")
     method.merge(model)
     return model
 
@@ -88,7 +97,12 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active delta and remove every wrapper: a plain transformers model again."""
+    """Merge the active delta and remove every wrapper: a plain transformers model again.
+
+    On a quantized base the base is dequantized first (to the dtype of its embeddings), so the
+    result is a dense model computing what the quantized one did, delta included."""
+    if is_quantized(model):
+        dequantize_model(model)
     merge(model)
     for path, layer in list(delta_layers(model)):
         set_parent(model, path, layer.unwrap())

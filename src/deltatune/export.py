@@ -18,6 +18,7 @@ from deltatune.deltas import merge_and_unload
 from deltatune.errors import DeltatuneError
 from deltatune.methods import get_method, method_for_peft_type
 from deltatune.methods.base import PEFT_PREFIX, count_parameters, delta_state
+from deltatune.quantization import quantization_error, recorded_quantization
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -71,7 +72,7 @@ def _num_labels(tensors: dict, source: str) -> int:
 
 def merge_from_cli(model: str, adapter: str, out: str, overwrite: bool = False) -> Path:
     """`deltatune merge`: load `model` + `adapter`, fold the adapter in, write a plain model."""
-    from deltatune.models import load_model
+    from deltatune.models import load_model, resolve_model_path
 
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():
@@ -91,14 +92,22 @@ def merge_from_cli(model: str, adapter: str, out: str, overwrite: bool = False) 
     tensors = read_tensors(adapter_dir / WEIGHTS_NAME)
     task = "classification" if values.get("task_type") == "SEQ_CLS" else "causal-lm"
     num_labels = _num_labels(tensors, str(adapter_dir / WEIGHTS_NAME)) if task == "classification" else None
-    base, tokenizer = load_model(model, task=task, num_labels=num_labels)
+    quantization = recorded_quantization(adapter_dir)  # trained on a quantized base: rebuild it
+    base, tokenizer = load_model(model, task=task, num_labels=num_labels, quantize=quantization)
     load_adapter(base, adapter_dir)
     adapter_params = sum(t.numel() for t in tensors.values())
+    error = quantization_error(base, resolve_model_path(model)) if quantization is not None else None
     final = save_merged(base, tokenizer, out, overwrite=overwrite)
     full_params = count_parameters(base)[1]
     adapter_bytes = directory_size(adapter_dir)
     full_bytes = sum(f.stat().st_size for f in final.glob("*.safetensors"))
     print(f"merged {adapter_dir} ({method.name}) into {model} -> {final}")
+    if quantization is not None:
+        print(f"the base was quantized ({quantization.type}), as in training: dequantized it to "
+              f"{base.dtype} and added the delta; the export is a dense model")
+        if error is not None:  # what the export inherits from training on a quantized base
+            print(f"{quantization.type} vs the original dense weights: relative error "
+                  f"{error[0]:.4f} over {error[1]} weight matrices")
     print(f"adapter:    {human_size(adapter_bytes):>10}  {adapter_params:>13,} parameters")
     print(f"full model: {human_size(full_bytes):>10}  {full_params:>13,} parameters")
     print(f"the adapter is {100 * adapter_bytes / full_bytes:.2f}% of the full model's size")

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
+                                    keep_one_weight_layout, parse_quantize)
 
 TASKS = ("causal-lm", "classification")
 
@@ -249,12 +251,15 @@ def _no_progress_bar():
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None,
-               dtype: torch.dtype | str | None = None):
+               dtype: torch.dtype | str | None = None, quantize=None):
     """Load (model, tokenizer) for `task` from a preset, directory, Hub id or .gguf file.
 
     For classification the tokenizer encodes single texts or pairs (``tok(a, b)``); for decoders
     a pad token is set (the EOS token when the model has none) and the model's config knows it.
+    `quantize`: none | nf4 | fp4 | int8, a mapping or a QuantizationConfig (see quantization.py):
+    the transformer layers' linears load quantized by bitsandbytes, for PEFT methods (QLoRA).
     """
+    quantization = parse_quantize(quantize)  # a bad value fails before anything loads
     from transformers import (AutoConfig, AutoModelForCausalLM,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
@@ -283,6 +288,10 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
+    if quantization is not None:
+        quantization = quantization.resolved()
+        kwargs.update(_quantized_load_kwargs(name_or_path, task, config, quantization))
+    if task == "classification":
         with _quiet_transformers(), _no_progress_bar(), _weights_errors(name_or_path):
             # (quiet: the new head is reported "MISSING", which is expected, not news)
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
@@ -291,8 +300,32 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
             model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    if getattr(model, "hf_quantizer", None) is not None and quantization is None:
+        model.hf_quantizer.remove_quantization_config(model)  # GGUF: dequantized on load
+    if quantization is not None:
+        keep_one_weight_layout(model)
+    model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base
     model.config.deltatune_base = name_or_path
     return model, tokenizer
+
+
+def _quantized_load_kwargs(name_or_path: str, task: str, config, quantization) -> dict:
+    """from_pretrained arguments that quantize the transformer layers' linears while loading."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    layer_paths = architecture_of(_config_holder(config)).layers  # unsupported: one line, first
+    keep_dense, inside = dense_module_names(model_class, config, layer_paths)
+    if inside == 0:
+        raise DeltatuneError(f"quantize: {name_or_path} has no linear layers inside its transformer "
+                             f"layers to quantize")
+    return {"quantization_config": bitsandbytes_config(quantization, keep_dense),
+            "device_map": device_map()}
+
+
+def _config_holder(config) -> nn.Module:
+    """An empty module carrying `config`, for architecture_of before anything is built."""
+    holder = nn.Module()
+    holder.config = config
+    return holder

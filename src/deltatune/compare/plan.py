@@ -73,6 +73,8 @@ class MethodPlan:
     predicted_file_bytes: int
     heaviest_batch_tokens: int = 0  # tokens the layers compute at that step (padding included)
     total_steps: int = 0            # optimizer steps the run will take (compare's ETA uses it)
+    quantize: str = "none"          # the base's quantization (a `lora@nf4` comparison row)
+    base_weight_bytes: int = 0      # the base's weights as loaded, predicted from its shapes
 
 
 def current_rss() -> int:
@@ -199,41 +201,74 @@ def plan_methods(run_config: Any, methods: list[str],
     from deltatune.errors import DeltatuneError
     from deltatune.models import load_model
 
+    from deltatune.compare.settings import row_settings, split_row
+
     num_labels = run_config.num_labels or (len(run_config.data.label_names)
                                            if run_config.data.label_names else 2)
-    model, tokenizer = load_model(run_config.model, task=run_config.task,
-                                  num_labels=num_labels if run_config.task == "classification" else None)
     if run_config.data.train is None:
         raise DeltatuneError("plan: data.train is not set (the plan replays the training rows)")
-    datasets: dict[str, Any] = {}
-    with torch.no_grad():  # weights load memory-mapped; training touches every page of them
-        for parameter in model.parameters():
-            parameter.sum()
-    baseline = current_rss()
-    plans = []
-    for name in methods:
-        own = (per_method or {}).get(name, {})
-        values = {"name": name, **own.get("method", {})}
-        if name == (run_config.method or {}).get("name"):
-            values = {**run_config.method, **values}
-        train = dataclasses.replace(run_config.train, **own.get("train", {}))
-        data = dataclasses.replace(run_config.data, **own.get("data", {}))
-        key = repr(sorted(own.get("data", {}).items()))
-        if key not in datasets:
-            datasets[key] = build_dataset(data, tokenizer, run_config.task, "train", train.seed,
-                                          num_labels)
-        plans.append(plan_method(model, values, datasets[key], tokenizer.pad_token_id,
-                                 dataclasses.replace(run_config, data=data), train, baseline))
-    return plans
+    process_bytes = current_rss()
+    # Rows on one base share one load; `lora@nf4` rows get the base quantized as they train on it.
+    groups: list[tuple[Any, list[str]]] = []
+    for row in methods:
+        quantize = split_row(row)[1] or run_config.quantize
+        rows = next((g for q, g in groups if q == quantize), None)
+        if rows is None:
+            groups.append((quantize, rows := []))
+        rows.append(row)
+    plans: dict[str, MethodPlan] = {}
+    for quantize, rows in groups:
+        before = current_rss()
+        model, tokenizer = load_model(run_config.model, task=run_config.task, quantize=quantize,
+                                      num_labels=num_labels if run_config.task == "classification" else None)
+        with torch.no_grad():  # weights load memory-mapped; training touches every page of them
+            for parameter in model.parameters():
+                parameter.sum()
+        # what this base adds to the process (another group's freed base no longer counts)
+        baseline = process_bytes + max(0, current_rss() - before)
+        base_bytes = predicted_base_bytes(model)
+        datasets: dict[str, Any] = {}
+        for row in rows:
+            name = split_row(row)[0]
+            own = row_settings(per_method or {}, row)
+            values = {"name": name, **own.get("method", {})}
+            if name == (run_config.method or {}).get("name"):
+                values = {**run_config.method, **values}
+            train = dataclasses.replace(run_config.train, **own.get("train", {}))
+            data = dataclasses.replace(run_config.data, **own.get("data", {}))
+            key = repr(sorted(own.get("data", {}).items()))
+            if key not in datasets:
+                datasets[key] = build_dataset(data, tokenizer, run_config.task, "train", train.seed,
+                                              num_labels)
+            plan = plan_method(model, values, datasets[key], tokenizer.pad_token_id,
+                               dataclasses.replace(run_config, data=data), train, baseline)
+            plans[row] = dataclasses.replace(plan, method=row, quantize=str(quantize),
+                                             base_weight_bytes=base_bytes)
+        del model, datasets
+        release_freed_memory()
+    return [plans[row] for row in methods]
+
+
+def predicted_base_bytes(model: nn.Module) -> int:
+    """The base's weight bytes as `quantization.predicted_weight_bytes` predicts them from the
+    model's shapes (the same numbers a model too big to load here would get)."""
+    from deltatune.models import architecture_of
+    from deltatune.quantization import predicted_weight_bytes, quantization_of
+
+    with torch.device("meta"):
+        skeleton = type(model)(copy.deepcopy(model.config))
+    dtype = model.get_input_embeddings().weight.dtype
+    return predicted_weight_bytes(skeleton, architecture_of(model).layers, quantization_of(model), dtype)
 
 
 def format_plans(plans: list[MethodPlan]) -> str:
     mb = 1024 * 1024
-    header = (f"{'method':8s} {'trainable':>12s} {'share':>7s} {'grads MB':>9s} {'optim MB':>9s} "
+    header = (f"{'method':8s} {'trainable':>12s} {'share':>7s} {'base MB':>8s} {'grads MB':>9s} {'optim MB':>9s} "
               f"{'activ. MB':>9s} {'tokens':>7s} {'peak MB':>8s} {'file MB':>8s}")
     rows = [header, "-" * len(header)]
     for p in plans:
         rows.append(f"{p.method:8s} {p.trainable_params:>12,d} {100 * p.trainable_share:>6.2f}% "
+                    f"{p.base_weight_bytes / mb:>8.1f} "
                     f"{p.gradient_bytes / mb:>9.1f} {p.optimizer_bytes / mb:>9.1f} "
                     f"{p.activation_bytes / mb:>9.1f} {p.heaviest_batch_tokens:>7d} "
                     f"{p.predicted_peak_bytes / mb:>8.0f} {p.predicted_file_bytes / mb:>8.2f}")

@@ -6,7 +6,7 @@ causal LMs (perplexity on general text, tuned minus base), and writes report.md,
 results.csv and tradeoffs.png.
 
 The `compare:` section of a run config (all optional):
-    methods: [full, lora, adapter, prompt, ptuning, prefix]
+    methods: [full, lora, adapter, prompt, ptuning, prefix]   # lora@nf4: LoRA on an nf4 base
     per_method:                 # settings of one method only; anything else is shared
       lora: {method: {r: 16}, train: {lr: 1.0e-3}}
     forgetting_data: ../shared/data/wikitext2/test.jsonl   # causal LMs only
@@ -26,20 +26,22 @@ import yaml
 
 from deltatune.config.run import save_run_config
 from deltatune.errors import DeltatuneError
-from deltatune.methods import method_names
 from deltatune.compare.live import child_env, comparison_eta, last_line, run_relayed
 from deltatune.compare.report import write_outputs
-from deltatune.compare.settings import read_compare_config
+from deltatune.compare.settings import check_row, read_compare_config, row_settings, split_row
 
 def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
     """The full run config (as a dict) that trains method `name` in this comparison."""
     values = copy.deepcopy(dataclasses.asdict(config))
     values.pop("compare", None)
-    own = settings["per_method"].get(name, {})
-    base_method = values["method"] if values["method"].get("name") == name else {}
-    values["method"] = {**base_method, **own.get("method", {}), "name": name}
+    method, quantize = split_row(name)  # `lora@nf4`: LoRA on an nf4-quantized base
+    own = row_settings(settings["per_method"], name)
+    base_method = values["method"] if values["method"].get("name") == method else {}
+    values["method"] = {**base_method, **own.get("method", {}), "name": method}
     values["train"].update(own.get("train", {}))
     values["data"].update(own.get("data", {}))
+    if quantize is not None:
+        values["quantize"] = quantize
     values["output_dir"] = str(out_dir / "runs" / name)
     return values
 
@@ -47,7 +49,7 @@ def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
 def run_method(values: dict, out_dir: Path) -> dict[str, Any]:
     """Train one method in a child process, its progress shown live (compare/live.py); returns
     its summary (or the one-line error: the last line of its stderr)."""
-    config_path = out_dir / "configs" / f"{values['method']['name']}.yaml"
+    config_path = out_dir / "configs" / f"{Path(values['output_dir']).name}.yaml"  # the row's name
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(values, sort_keys=False))
     command = [sys.executable, "-m", "deltatune.cli", "train", str(config_path), "--overwrite"]
@@ -64,6 +66,7 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
     from deltatune.data.dataset import Collator, build_dataset
     from deltatune.training.evaluation import evaluate_model
     from deltatune.models import load_model
+    from deltatune.quantization import recorded_quantization
     from deltatune.training.optimization import resolve_bf16
 
     import torch
@@ -71,7 +74,7 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
     data = DataConfig(train=None, eval=settings["forgetting_data"], format="text",
                       max_length=settings["forgetting_max_length"],
                       max_eval_rows=settings["forgetting_max_rows"])
-    base, tokenizer = load_model(config.model, task="causal-lm")
+    base, tokenizer = load_model(config.model, task="causal-lm", quantize=config.quantize)
     dataset = build_dataset(data, tokenizer, "causal-lm", "eval")
     collator = Collator(tokenizer.pad_token_id)
     bf16 = resolve_bf16(config.train.bf16, torch.device("cpu"))
@@ -84,7 +87,8 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
     for name, summary in runs.items():
         if "error" in summary:
             continue
-        model, _ = load_model(config.model, task="causal-lm")
+        model, _ = load_model(config.model, task="causal-lm",  # on the base it trained on
+                              quantize=recorded_quantization(summary["output_dir"]))
         load_adapter(model, summary["output_dir"])
         ppl = perplexity(model)
         results[name] = {"perplexity": ppl, "delta": ppl - base_ppl}
@@ -100,8 +104,7 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     if methods:
         settings["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
         for name in settings["methods"]:
-            if name not in method_names():
-                raise DeltatuneError(f"--methods: unknown method {name!r} (known: {', '.join(method_names())})")
+            check_row(name, "--methods")
     out_dir = Path(config.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")

@@ -17,6 +17,22 @@ SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
 
 
+def split_row(row: str) -> tuple[str, str | None]:
+    """A comparison row is a method, optionally on a quantized base: `lora@nf4` -> (lora, nf4)."""
+    method, sep, quantize = row.partition("@")
+    return method, (quantize if sep else None)
+
+
+def row_settings(per_method: dict, row: str) -> dict:
+    """per_method settings of a row: its method's, then the row's own (`lora@nf4:`) over them."""
+    method, _ = split_row(row)
+    own = {k: dict(v) for k, v in (per_method.get(method) or {}).items()}
+    if row != method:
+        for key, values in (per_method.get(row) or {}).items():
+            own[key] = {**own.get(key, {}), **values}
+    return own
+
+
 def read_compare_config(path: str, overrides: list[str]):
     """(the shared RunConfig, the validated `compare:` settings)."""
     config = load_run_config(path, overrides, comparison=True)  # `method:` optional here
@@ -28,11 +44,10 @@ def read_compare_config(path: str, overrides: list[str]):
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",")]
     for name in methods:
-        if name not in method_names():
-            raise DeltatuneError(f"compare.methods: unknown method {name!r} (known: {', '.join(method_names())})")
+        check_row(name, "compare.methods")
     per_method = settings.get("per_method") or {}
     for name, values in per_method.items():
-        if name not in method_names():
+        if split_row(name)[0] not in method_names():
             raise DeltatuneError(f"compare.per_method.{name}: unknown method")
         for key in values:
             if key not in ("method", "train", "data"):
@@ -45,3 +60,17 @@ def read_compare_config(path: str, overrides: list[str]):
         forgetting_max_rows=int(settings.get("forgetting_max_rows", 300)),
         forgetting_max_length=int(settings.get("forgetting_max_length", 256)))
     return config, settings
+
+
+def check_row(row: str, where: str) -> None:
+    """A method name, or method@nf4|fp4|int8 (that method on a quantized base; not full)."""
+    from deltatune.quantization import parse_quantize
+
+    method, quantize = split_row(row)
+    if method not in method_names():
+        raise DeltatuneError(f"{where}: unknown method {method!r} (known: {', '.join(method_names())})")
+    if quantize is not None:
+        if quantize in ("", "none") or parse_quantize(quantize, where=f"{where} {row}") is None:
+            raise DeltatuneError(f"{where}: {row!r}: name a quantization after @ (nf4, fp4, int8)")
+        if method == "full":
+            raise DeltatuneError(f"{where}: {row!r}: full fine-tuning cannot train a quantized base")

@@ -135,6 +135,15 @@ class RunConfig:
     output_dir: str = ""
     num_labels: int | None = None   # classification; None: len(data.label_names) or from the data
     compare: dict = field(default_factory=dict)  # `deltatune compare` settings (see compare.py)
+    # frozen base quantized by bitsandbytes (QLoRA): none | nf4 | fp4 | int8, or a mapping
+    # {type, double_quant, compute_dtype}; PEFT methods only (see deltatune.quantization)
+    quantize: str | dict = "none"
+
+    def quantization(self):
+        """The validated QuantizationConfig, or None for a dense base."""
+        from deltatune.quantization import parse_quantize
+
+        return parse_quantize(self.quantize)
 
     def method_config(self):
         """The validated MethodConfig for `method:` (its `name` picks the method)."""
@@ -154,7 +163,7 @@ _REQUIRED = ("model", "task", "data", "method", "output_dir")
 # ---------------------------------------------------------------------------------- loading
 def valid_keys() -> list[str]:
     """Every dotted key a run config may set (method keys belong to the method)."""
-    keys = list(_TOP_LEVEL) + ["data", "method", "train", "method.name", "compare"]
+    keys = list(_TOP_LEVEL) + ["data", "method", "train", "method.name", "compare", "quantize"]
     for section, cls in _SECTIONS.items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
@@ -231,7 +240,7 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
     """
     sources, full_keys = sources or {}, full_keys or {}
     for key in raw:
-        if key not in _TOP_LEVEL and key not in ("data", "method", "train", "compare"):
+        if key not in _TOP_LEVEL and key not in ("data", "method", "train", "compare", "quantize"):
             key = str(key)
             if sources.get(key) == "command line":  # name the whole override: trian.lr
                 raise _unknown_key(full_keys.get(key, key), "command line")
@@ -258,10 +267,14 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
         raise DeltatuneError(f"method: expected a mapping with at least `name:`, got {method!r}")
     config = RunConfig(model=top["model"], task=top["task"], data=data, method=dict(method),
                        train=train, output_dir=top["output_dir"], num_labels=top["num_labels"],
-                       compare=dict(compare))
+                       compare=dict(compare), quantize=raw.get("quantize") or "none")
     _check_consistency(config)
     if config.method or not comparison:
-        config.method_config()  # the method's own validation: unknown options, bad values
+        method_config = config.method_config()  # the method's own validation: unknown options, bad values
+        if config.quantization() is not None and method_config.method == "full":
+            raise DeltatuneError(f"quantize: {config.quantization().type} freezes the base in integer "
+                                 "codes, which full fine-tuning cannot train; use a PEFT method or "
+                                 "quantize: none")
     return config
 
 

@@ -145,9 +145,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
+        # a 4-bit weight is stored packed (two per byte); count the weights it stands for
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        numel = shape.numel() if shape is not None else param.numel()
+        total += numel
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += numel
     return trainable, total
 
 

@@ -58,6 +58,7 @@ def load_for_generation(model_name: str, adapter: str | None):
     """(model, tokenizer) for generation: the base with the adapter's delta, or a full model dir."""
     from deltatune.adapters_io import load_adapter
     from deltatune.models import load_model
+    from deltatune.quantization import recorded_quantization
 
     if adapter is not None:
         directory = Path(adapter)
@@ -65,15 +66,18 @@ def load_for_generation(model_name: str, adapter: str | None):
             raise DeltatuneError(f"{adapter}: adapter directory not found")
         if not (directory / "adapter_config.json").is_file() and (directory / "config.json").is_file():
             return load_model(str(directory), task="causal-lm")  # full fine-tune: a whole model
-    model, tokenizer = load_model(model_name, task="causal-lm")
+    model, tokenizer = load_model(model_name, task="causal-lm", quantize=recorded_quantization(adapter))
     if adapter is not None:
         load_adapter(model, adapter)
     return model, tokenizer
 
 
 def generate_from_cli(args: Any) -> str:
+    from deltatune.quantization import use_inference_kernel
+
     check_options(args.max_new_tokens, args.temperature, args.top_p)  # before the slow load
     model, tokenizer = load_for_generation(args.model, args.adapter)
+    use_inference_kernel(model)  # this process only generates
     if torch.cuda.is_available():
         model.to("cuda")
     return generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -59,6 +59,7 @@ def serve_from_cli(args) -> None:
     import uvicorn
 
     from deltatune.models import load_model
+    from deltatune.quantization import shared_quantization, use_inference_kernel
     from deltatune.serving.app import build_app
     from deltatune.serving.limits import Limits, resolve_api_key
 
@@ -71,7 +72,9 @@ def serve_from_cli(args) -> None:
                     max_body_bytes=args.max_body_bytes)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise DeltatuneError(f"--adapter-dir {args.adapter_dir}: directory not found")
-    model, tokenizer = load_model(args.model, task="causal-lm")
+    quantization = shared_quantization(adapters)  # the base the adapters were trained on
+    model, tokenizer = load_model(args.model, task="causal-lm", quantize=quantization)
+    use_inference_kernel(model)  # a server only generates
     app = build_app(model, tokenizer, adapters, base_name=args.model, max_batch=args.max_batch,
                     batch_wait_ms=args.batch_wait_ms, engine=args.engine, adapter_dir=args.adapter_dir,
                     max_adapters=args.max_adapters, api_key=api_key, limits=limits)

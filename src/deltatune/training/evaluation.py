@@ -206,7 +206,8 @@ def evaluate_from_cli(args: Any) -> dict[str, Any]:
         model_name, batch_size = args.model, 32
         if data.format not in FORMATS_BY_TASK[task]:
             raise DeltatuneError(f"--format {data.format!r} does not fit task {task!r}")
-    model, tokenizer = _load(model_name, task, adapter, data, args)
+    model, tokenizer = _load(model_name, task, adapter, data, args,
+                             quantize=config.quantize if args.config else None)
     dataset = build_dataset(data, tokenizer, task, "eval")
     if task == "classification":
         expected = model.config.num_labels
@@ -251,13 +252,15 @@ def _guess_task(model_name: str, adapter: str | None) -> str:
         "llama", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "phi3") else "classification"
 
 
-def _load(model_name: str, task: str, adapter: str | None, data, args):
-    """The base model, with the delta in `adapter` when given (a full model directory replaces it)."""
+def _load(model_name: str, task: str, adapter: str | None, data, args, quantize=None):
+    """The base model, with the delta in `adapter` when given (a full model directory replaces it).
+    An adapter's base is quantized as it was in training; without one, as `quantize` says."""
     import json
     from pathlib import Path
 
     from deltatune.adapters_io import load_adapter
     from deltatune.models import load_model
+    from deltatune.quantization import recorded_quantization
 
     num_labels = len(data.label_names) if data.label_names else None
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
@@ -272,7 +275,8 @@ def _load(model_name: str, task: str, adapter: str | None, data, args):
         tensors = read_tensors(Path(adapter) / "adapter_model.safetensors")
         heads = [k for k in tensors if k.endswith(("classifier.weight", "score.weight"))]
         num_labels = tensors[heads[0]].shape[0] if heads else None
-    model, tokenizer = load_model(model_name, task=task, num_labels=num_labels)
+    model, tokenizer = load_model(model_name, task=task, num_labels=num_labels,
+                                  quantize=recorded_quantization(adapter) if adapter else quantize)
     if adapter:
         load_adapter(model, adapter)
     return model, tokenizer

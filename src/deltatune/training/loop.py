@@ -297,7 +297,8 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
     try:
         set_seed(config.train.seed)  # the new head / delta initialisation is seeded too
         num_labels = config.num_labels if config.task == "classification" else None
-        model, tokenizer = load_model(config.model, task=config.task, num_labels=num_labels)
+        model, tokenizer = load_model(config.model, task=config.task, num_labels=num_labels,
+                                      quantize=config.quantize)
         train_dataset = build_dataset(config.data, tokenizer, config.task, "train",
                                       config.train.seed, num_labels) if config.data.train else None
         if train_dataset is None:
@@ -311,7 +312,8 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
             found = num_labels_of(train_dataset)
             if found != model.config.num_labels:  # rare: more than two classes, found in the data
                 set_seed(config.train.seed)
-                model, tokenizer = load_model(config.model, task=config.task, num_labels=found)
+                model, tokenizer = load_model(config.model, task=config.task, num_labels=found,
+                                              quantize=config.quantize)
             config.num_labels = found
         if eval_dataset is None and config.data.eval:
             eval_dataset = build_dataset(config.data, tokenizer, config.task, "eval",

@@ -1,0 +1,144 @@
+"""LoRA on a dense base vs QLoRA (nf4 base) on the same SFT work, one run per process.
+
+    python benchmarks/qlora.py make-llama1b DIR             # random Llama-3.2-1B-shaped model, saved once
+    python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
+                                           [--max-length 512] [--method lora|full]
+    python benchmarks/qlora.py plan  MODEL (same options)   # deltatune's plan for that run
+
+MODEL is `smollm2-135m` or a saved directory. The work is sft_setup.py's (alpaca demo rows, chat
+template, loss on responses, LoRA r=8 on all seven projections, bf16 autocast, lr 2e-4); only the
+batch, length and step count change for the bigger model. Each command prints one JSON line:
+peak RSS from VmHWM (the process's own high-water mark, loading included), real tokens/s over the
+steps after the warmup, mean loss of the last 5 steps; or the plan's predicted peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sft_setup as S
+import torch
+from sft_run import LLAMA_1B_SHAPE
+
+
+def vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def make_llama1b(directory: str) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(S.SEED)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA_1B_SHAPE), dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    # SmolLM2's tokenizer: its 49,152 ids all exist in the 128,256-row embedding
+    AutoTokenizer.from_pretrained(S.model_path()).save_pretrained(directory)
+    print(json.dumps({"saved": directory, "params": sum(p.numel() for p in model.parameters())}))
+
+
+def run_config(args, out: str):
+    from deltatune.config.run import build_run_config
+
+    method = ({"name": "full"} if args.method == "full" else
+              {"name": "lora", "r": S.RANK, "alpha": S.ALPHA, "target_modules": S.LORA_TARGETS})
+    return build_run_config({
+        "model": args.model, "task": "causal-lm", "output_dir": f"{out}/run", "quantize": args.quantize,
+        "data": {"train": str(S.DATA), "format": "alpaca", "max_length": args.max_length},
+        "method": method,
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": S.LR, "schedule": "linear",
+                  "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "bf16": True,
+                  "seed": S.SEED, "log_every": 1, "group_by_length": False, "save_every": None},
+    })
+
+
+def load(args):
+    import deltatune as dt
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return dt.load_model(args.model, dtype=dtype, quantize=args.quantize)
+
+
+def train(args) -> dict:
+    import deltatune as dt
+    from deltatune.training.loop import train as train_loop
+    from deltatune.training.optimization import BatchStream
+
+    model, tokenizer = load(args)
+    dataset = S.load_examples(tokenizer, args.max_length)
+    ends: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        config = run_config(args, out)
+        dt.apply(model, config.method_config())
+        started = time.perf_counter()
+        train_loop(model, tokenizer, config, train_dataset=dataset,
+                   on_step=lambda step: ends.append(time.perf_counter()))
+        with open(f"{out}/run/metrics.jsonl") as log:
+            losses = [r["loss"] for r in map(json.loads, log) if "loss" in r]
+    stream = BatchStream(len(dataset), args.batch, S.SEED)
+    step_tokens = [sum(len(dataset[i].input_ids) for i in stream.rows(k))
+                   for k in range(args.warmup, args.steps)]
+    step_times = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
+    return {"real_tokens_per_s": sum(step_tokens) / sum(step_times),
+            "step_s_median": statistics.median(step_times), "losses": losses,
+            "last5_loss": statistics.mean(losses[-5:]), "wall_s": time.perf_counter() - started}
+
+
+def mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def plan(args) -> dict:
+    from deltatune.compare.plan import current_rss, plan_method, predicted_base_bytes
+
+    if args.method == "full" and mem_available_bytes() < 16 * 2**30:
+        # planning full FT copies the fp32 model once more (~2x its 5 GB): not on a shared machine
+        # short of memory
+        return {"skipped": f"only {mem_available_bytes() / 2**30:.1f} GB available"}
+    model, tokenizer = load(args)
+    with torch.no_grad():  # as plan_methods: the trainer touches every page of the weights
+        for parameter in model.parameters():
+            parameter.sum()
+    baseline = current_rss()
+    dataset = S.load_examples(tokenizer, args.max_length)
+    with tempfile.TemporaryDirectory() as out:
+        config = run_config(args, out)
+        p = plan_method(model, config.method, dataset, tokenizer.pad_token_id, config, config.train, baseline)
+    return {"predicted_peak_gb": p.predicted_peak_bytes / 2**30, "baseline_gb": baseline / 2**30,
+            "activation_gb": p.activation_bytes / 2**30,
+            "base_weight_gb": predicted_base_bytes(model) / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["make-llama1b", "train", "plan"])
+    parser.add_argument("model")
+    parser.add_argument("--quantize", default="none")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=S.BATCH)
+    parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
+    args = parser.parse_args()
+    if args.command == "make-llama1b":
+        return make_llama1b(args.model)
+    result = train(args) if args.command == "train" else plan(args)
+    result.update(command=args.command, model=args.model, quantize=args.quantize, dtype=args.dtype,
+                  method=args.method, batch=args.batch, max_length=args.max_length, steps=args.steps,
+                  threads=torch.get_num_threads(), peak_rss_gb=vm_hwm_bytes() / 2**30)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
