@@ -70,7 +70,7 @@ def _cost(ok: list[dict], full: dict | None) -> str:
             f"{min(memory):.2f}–{max(memory):.2f}x of full fine-tuning's "
             f"({each}); "
             f"the saved delta is {min(storage):,.0f}–{max(storage):,.0f}x smaller than full's "
-            f"{full['saved_mb']:.0f} MB.")
+            f"{full['saved_mb']:.1f} MB.")
 
 
 def _forgetting(ok: list[dict], full: dict | None, task: str) -> str:
