@@ -40,7 +40,7 @@ def test_search_picks_best_heldout_lr_never_reads_eval_and_skips_diverged(tmp_pa
     # held-out score of the other two, and never touch the (poisoned) eval file.
     config = comparison(tmp_path, model_dir, {
         "methods": ["full"],
-        "search": {"lrs": [1e-7, 3e-3, 1e4], "rows": 64, "heldout_rows": 32, "steps": 12}}, poison_eval=True)
+        "search": {"lr": [1e-7, 3e-3, 1e4], "rows": 64, "heldout_rows": 32, "steps": 12}}, poison_eval=True)
     assert main(["compare", str(config)]) == 0
     out = tmp_path / "cmp"
     [row] = json.loads((out / "results.json").read_text())
@@ -145,12 +145,12 @@ def test_judge_and_choose_never_pick_a_diverged_candidate(tmp_path):
 
 
 def test_search_settings_are_validated_and_auto_grid_is_centred():
-    search = read_search({"lrs": "auto", "points": 3, "factor": 10}, ["lora"])
+    search = read_search({"lr": "auto", "points": 3, "factor": 10}, ["lora"])
     assert candidate_lrs(search, "lora", 1e-3) == [1e-4, 1e-3, 1e-2]
-    per_method = read_search({"lrs": {"prefix": [1e-3, 3e-3]}}, ["lora", "prefix"])
+    per_method = read_search({"lr": {"prefix": [1e-3, 3e-3]}}, ["lora", "prefix"])
     assert candidate_lrs(per_method, "prefix", 3e-2) == [1e-3, 3e-3]
     assert len(candidate_lrs(per_method, "lora", 1e-3)) == 3
-    with pytest.raises(DeltatuneError, match="compare.search.lrs: expected auto or a list"):
-        read_search({"lrs": [0.1, -1]}, ["lora"])
+    with pytest.raises(DeltatuneError, match="compare.search.lr: expected auto or a list"):
+        read_search({"lr": [0.1, -1]}, ["lora"])
     with pytest.raises(DeltatuneError, match="compare.search.step: unknown key"):
         read_search({"step": 3}, ["lora"])

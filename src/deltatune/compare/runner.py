@@ -11,7 +11,7 @@ The `compare:` section of a run config (all optional):
       lora: {method: {r: 16}, train: {lr: 1.0e-3}}
     forgetting_data: ../shared/data/wikitext2/test.jsonl   # causal LMs only
     forgetting_max_rows: 300
-    search: {lrs: auto}         # per-method lr search on held-out TRAINING rows (compare/search.py)
+    search: {lr: auto}         # per-method lr search on held-out TRAINING rows (compare/search.py)
     seeds: [0, 1]; data_sizes: [250, 1000]; workers: 2   # compare/repeats.py, compare/jobs.py
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     compare:
       search:
-        lrs: auto            # or [1.0e-4, 3.0e-4], or per method {prefix: [3.0e-3, 1.0e-2], lora: auto}
+        lr: auto             # or [1.0e-4, 3.0e-4], or per method {prefix: [3.0e-3, 1.0e-2], lora: auto}
         points: 3            # auto: this many lrs, log-spaced around the method's default_lr ...
         factor: 3.0          # ... each `factor` times the previous one
         rows: 400            # training rows the candidates fit on
@@ -27,7 +27,7 @@ from typing import Any
 
 from deltatune.errors import DeltatuneError
 
-KEYS = {"lrs", "points", "factor", "rows", "heldout_rows", "steps"}
+KEYS = {"lr", "points", "factor", "rows", "heldout_rows", "steps"}
 LOWER_IS_BETTER = {"perplexity"}
 RISE = 1.1  # the last logged loss above 1.1x the first: diverged
 
@@ -39,7 +39,7 @@ def read_search(value: Any, methods: list[str]) -> dict | None:
     if value is True:
         value = {}
     if not isinstance(value, dict):
-        raise DeltatuneError(f"compare.search: expected a mapping (e.g. {{lrs: auto}}), got {value!r}")
+        raise DeltatuneError(f"compare.search: expected a mapping (e.g. {{lr: auto}}), got {value!r}")
     for key in value:
         if key not in KEYS:
             raise DeltatuneError(f"compare.search.{key}: unknown key (known: {', '.join(sorted(KEYS))})")
@@ -49,10 +49,10 @@ def read_search(value: Any, methods: list[str]) -> dict | None:
             raise DeltatuneError(f"compare.search.{key}: must be a positive integer, got {search[key]!r}")
     if not isinstance(search["factor"], (int, float)) or search["factor"] <= 1:
         raise DeltatuneError(f"compare.search.factor: must be a number > 1, got {search['factor']!r}")
-    lrs = search.get("lrs", "auto")
+    lrs = search.pop("lr", "auto")
     per_method = lrs if isinstance(lrs, dict) else {name: lrs for name in methods}
     for name, spec in per_method.items():
-        where = f"compare.search.lrs.{name}" if isinstance(lrs, dict) else "compare.search.lrs"
+        where = f"compare.search.lr.{name}" if isinstance(lrs, dict) else "compare.search.lr"
         if spec == "auto":
             continue
         if (not isinstance(spec, list) or not spec
