@@ -23,6 +23,13 @@ def search_table(searched: dict[str, dict], search: dict) -> str:
         chosen = result["chosen"]
         lines.append(f"| {name} | " + "; ".join(cells) + f" | {chosen['lr']:g} |" if chosen else
                      f"| {name} | " + "; ".join(cells) + " | none |")
+    # A choice at the end of the grid means the best lr may lie beyond it.
+    edge = [name for name, result in searched.items() if result["chosen"] and len(result["candidates"]) > 1
+            and result["chosen"]["lr"] in (min(c["lr"] for c in result["candidates"]),
+                                           max(c["lr"] for c in result["candidates"]))]
+    if edge:
+        lines += ["", f"Chosen at the edge of its grid: {', '.join(edge)} — a wider grid may find a better lr "
+                      "(a short search also tends to favour larger lrs than a longer run would)."]
     return "\n".join(lines)
 
 
