@@ -101,8 +101,6 @@ class Progress:
     def start(self, job: Job, reused: bool) -> None:
         with self.lock:
             self.started_runs += 1
-            if reused:
-                self.total_steps -= job.steps
             eta = self.eta()
             print(f"[{self.stage}] run {self.started_runs} of {self.total_runs}: {job.label}"
                   f"{' (reused: finished earlier with these settings)' if reused else ''}; ETA {eta}",
@@ -124,7 +122,9 @@ def run_jobs(jobs: list[Job], out_dir: Path, workers: int, run_method: Callable[
              stage: str) -> dict[str, dict]:
     """Each job's summary (or {"error": ...}), reusing finished ones; `workers` children at once,
     the CPU threads divided between them."""
-    progress = Progress(len(jobs), sum(j.steps for j in jobs), workers, stage)
+    # the ETA counts only the steps still to train: reused runs cost nothing
+    to_train = sum(j.steps for j in jobs if finished_state(j, out_dir)[0] != "reuse")
+    progress = Progress(len(jobs), to_train, workers, stage)
 
     def one(job: Job) -> dict:
         state, _ = finished_state(job, out_dir)
