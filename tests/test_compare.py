@@ -67,8 +67,13 @@ def test_compare_writes_table_json_csv_plot_for_every_method(tmp_path, tiny_mode
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     printed = capsys.readouterr().out
     assert all(name in printed for name in methods)
-    # an existing comparison is not overwritten without --overwrite
-    assert main(["compare", str(config)]) == 2
+    # run again: every finished run is reused (same settings), nothing retrains
+    assert main(["compare", str(config)]) == 0
+    assert capsys.readouterr().out.count("reused: finished earlier") == len(methods)
+    # a directory that is not a comparison is not overwritten without --overwrite
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    assert main(["compare", str(config), f"output_dir={tmp_path / 'other'}"]) == 2
 
 
 def test_plan_predicts_every_method(tmp_path, tiny_model_dir, capsys):

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deltatune.compare.repeats import level
+
 MB = 1024 * 1024
 COLUMNS = [  # (key, header, format)
     ("method", "method", "{}"),
@@ -67,6 +69,9 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         if "error" in row and key not in ("method",):
             return "failed" if key == "score" else ""
         value = row.get(key)
+        if value is not None and row.get(f"{key}_std") is not None:  # mean ± std over seeds
+            std = fmt.format(row[f"{key}_std"]).lstrip("+")
+            return fmt.format(value) + " ± " + (std[:-1] if std.endswith("%") else std)
         return "—" if value is None else fmt.format(value)
 
     table = [[h for _, h, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
@@ -96,7 +101,7 @@ def reading(rows: list[dict], task: str) -> str:
             if r is full:
                 continue
             gap = 100 * (full["score"] - r["score"])
-            where = ("level with" if abs(gap) < 0.05 else
+            where = ("level with" if level(full, r) else
                      f"{gap:.1f} points behind" if gap > 0 else f"{-gap:.1f} points ahead of")
             lines.append(
                 f"- {r['method']}: {where} full fine-tuning, training "
@@ -164,13 +169,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     _atomic_write(path, buffer.getvalue())
 
 
-def write_outputs(out_dir: Path, config: Any, runs: dict, plans: dict, forgot: dict | None) -> list[dict]:
-    rows = build_rows(config, runs, plans, forgot)
+def write_outputs(out_dir: Path, config: Any, runs: dict, plans: dict, forgot: dict | None,
+                  rows: list[dict] | None = None, sections: list[tuple[str, str]] = (),
+                  note: str | None = None) -> list[dict]:
+    """`rows`: already built (compare.fair: averaged over seeds); `sections`: (heading, markdown)
+    after the reading; `note`: how the runs differ from one plain run each."""
+    rows = build_rows(config, runs, plans, forgot) if rows is None else rows
     table = format_table(rows)
     print("\n" + table + "\n")
     _atomic_write(out_dir / "results.json", (json.dumps(rows, indent=2, default=str) + "\n").encode())
     buffer = io.StringIO()
-    keys = sorted({k for r in rows for k in r if k != "final_eval"})
+    keys = sorted({k for r in rows for k in r if k not in ("final_eval", "search")})
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
@@ -180,7 +189,9 @@ def write_outputs(out_dir: Path, config: Any, runs: dict, plans: dict, forgot: d
     budget = (f"{config.data.max_train_rows or 'all'} training rows, {config.train.epochs} epoch(s), "
               f"batch {config.train.batch_size}, max length {config.data.max_length}")
     report = (f"# Method comparison: {title}\n\nSame data, budget and seed for every method "
-              f"({budget}); each trained in its own process.\n\n{format_table(rows, markdown=True)}\n\n"
+              f"({budget}{'; ' + note if note else ''}); each trained in its own process.\n\n"
+              f"{format_table(rows, markdown=True)}\n\n"
               f"## Reading\n\n{reading(rows, config.task)}\n\n![trade-offs](tradeoffs.png)\n")
+    report += "".join(f"\n## {heading}\n\n{text}\n" for heading, text in sections)
     _atomic_write(out_dir / "report.md", report.encode())
     return rows

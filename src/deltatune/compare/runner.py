@@ -11,6 +11,8 @@ The `compare:` section of a run config (all optional):
       lora: {method: {r: 16}, train: {lr: 1.0e-3}}
     forgetting_data: ../shared/data/wikitext2/test.jsonl   # causal LMs only
     forgetting_max_rows: 300
+    search: {lr: auto}         # per-method lr search on held-out TRAINING rows (compare/search.py)
+    seeds: [0, 1]; data_sizes: [250, 1000]; workers: 2   # compare/repeats.py, compare/jobs.py
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import copy
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,7 @@ import yaml
 
 from deltatune.config.run import save_run_config
 from deltatune.errors import DeltatuneError
-from deltatune.compare.live import child_env, comparison_eta, last_line, run_relayed
-from deltatune.compare.report import write_outputs
+from deltatune.compare.live import child_env, last_line, run_relayed
 from deltatune.compare.settings import check_row, read_compare_config, row_settings, split_row
 
 def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
@@ -106,27 +106,16 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
         for name in settings["methods"]:
             check_row(name, "--methods")
     out_dir = Path(config.output_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    # An earlier comparison here (it has jobs/) is continued: finished runs with the same settings
+    # are reused, stale ones refused unless --overwrite (compare.jobs). Anything else is not ours.
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not (out_dir / "jobs").is_dir():
         raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(config, out_dir / "config.yaml")
     print(f"planning {', '.join(settings['methods'])} ...", flush=True)
     plans = {p.method: p for p in plan_methods(config, settings["methods"], settings["per_method"])}
     release_freed_memory()
-    runs, finished = {}, []
-    names = settings["methods"]
-    print(comparison_eta([], [plans[n].total_steps for n in names if n in plans]), flush=True)
-    for k, name in enumerate(names, 1):
-        steps = plans[name].total_steps if name in plans else 0
-        print(f"\n=== method {k} of {len(names)}: {name} ({steps} steps planned) ===", flush=True)
-        started = time.monotonic()
-        runs[name] = run_method(method_run_config(config, settings, name, out_dir), out_dir)
-        if "error" not in runs[name]:
-            finished.append((time.monotonic() - started, runs[name]))
-        outcome = f"failed: {runs[name]['error']}" if "error" in runs[name] else "done"
-        eta = comparison_eta(finished, [plans[n].total_steps for n in names[k:] if n in plans])
-        print(f"{name}: {outcome} after {time.monotonic() - started:.0f} s"
-              + (f"; {eta}" if eta else ""), flush=True)
-    forgot = forgetting(config, settings, runs) if config.task == "causal-lm" else None
-    rows = write_outputs(out_dir, config, runs, plans, forgot)
-    return rows
+    from deltatune.compare.fair import run_comparison  # search, seeds, sizes, reuse: compare/fair.py
+
+    return run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
+                          forgetting=forgetting, method_run_config=method_run_config)

@@ -13,7 +13,8 @@ from deltatune.methods import REGISTRY, method_names
 
 # The default list: every method once. Variants (dora, prefix-lstm) are picked by name.
 ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3"]
-SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length"}
+SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length",
+            "search", "seeds", "data_sizes", "workers"}
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
 
 
@@ -59,6 +60,11 @@ def read_compare_config(path: str, overrides: list[str]):
         forgetting_data=resolve_data_path(settings.get("forgetting_data", DEFAULT_FORGETTING_DATA), base_dir),
         forgetting_max_rows=int(settings.get("forgetting_max_rows", 300)),
         forgetting_max_length=int(settings.get("forgetting_max_length", 256)))
+    from deltatune.compare.repeats import read_repeats
+    from deltatune.compare.search import read_search
+
+    settings.update(read_repeats(settings, config.train.seed, config.data.max_train_rows),
+                    search=read_search(settings.get("search"), methods))
     return config, settings
 
 
