@@ -34,6 +34,7 @@ from deltatune.training.packed_attention import ONE_ROW, packed_attention, suppo
 from deltatune.training.optimization import (BatchStream, build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
+from deltatune.training.hardware import bf16_warning
 from deltatune.training.progress import RunLog
 from deltatune.training.run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
 
@@ -134,10 +135,12 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(bare, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    bf16 = resolve_bf16(tc.bf16, dist.device)
+    bf16 = dist.broadcast(resolve_bf16(tc.bf16, dist.device))  # ranks agree even if probes differ
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     metric = tc.metric or default_metric(task)
     log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
+    if dist.is_main and (slow_bf16 := bf16_warning(tc.bf16, dist.device)):
+        log.message(slow_bf16)
     for problem in damaged:
         log.message(f"skipped a damaged checkpoint ({problem}); resuming from {checkpoint.name}")
     eval_kwargs = dict(batch_size=tc.eval_batch_size or tc.batch_size, dist=dist, bf16=bf16,
