@@ -95,12 +95,21 @@ def main() -> None:
     print(f"SmolLM2-135M LoRA r{S.RANK} all-linear, {args.batches} batches of {S.BATCH} alpaca rows "
           f"({real} real tokens, {width} padded), {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
+    from flops import Shape, batch_flops, measured_peak, mfu
+
+    work = sum(batch_flops(Shape.of(base.config), b, "lora", lora_rank=S.RANK,
+                           lora_targets=S.LORA_TARGETS) for b in examples) / args.batches
+    peaks = {bf16: measured_peak(bf16) for bf16 in (True, False)}
+    print(f"  model FLOPs per step {work / 1e9:.1f} GFLOP (benchmarks/flops.py); measured peak "
+          f"bf16 {peaks[True]['peak_gflops']:,.0f} / fp32 {peaks[False]['peak_gflops']:,.0f} GFLOP/s "
+          f"(flags: {' '.join(peaks[True]['cpu_flags'])})")
     reference = statistics.median(times["peft LoRA, padded, full-logits loss"])
-    print("  (x: speed relative to the peft variant)")
-    for name in variants:
+    print("  (x: speed relative to the peft variant; MFU against the peak at the variant's precision)")
+    for name, (_, _, bf16) in variants.items():
         step = statistics.median(times[name])
         print(f"  {name:40s} step {step:6.2f} s   {real / args.batches / step:6.0f} real tok/s   "
-              f"x{reference / step:4.2f}   mean loss {statistics.mean(losses[name]):.4f}")
+              f"x{reference / step:4.2f}   MFU {100 * mfu(work, step, peaks[bf16]['peak_gflops']):5.1f}%   "
+              f"mean loss {statistics.mean(losses[name]):.4f}")
 
 
 if __name__ == "__main__":

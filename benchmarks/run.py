@@ -78,6 +78,17 @@ def main() -> None:
         return
     sections = args.sections.split(",")
     raw = json.loads(RAW.read_text()) if args.keep and RAW.exists() else {}
+    # The matmul peaks every MFU figure divides by, measured afresh under the lock (a probe taken
+    # while others used the cores would understate the peak and flatter every MFU).
+    lock = [] if HELD else ["flock", LOCK]
+    probe = subprocess.run([*lock, sys.executable, "-c", "import sys; sys.path.insert(0, 'src'); "
+                            "from deltatune.cli import main; "
+                            "sys.exit(main(['inspect', '--hardware', '--refresh', '--json']))"],
+                           capture_output=True, text=True, cwd=HERE.parent)
+    if probe.returncode == 0:
+        raw["hardware"] = json.loads(probe.stdout)
+        print(f"[bench] matmul peaks: fp32 {raw['hardware']['fp32_gflops']:,.0f}, bf16 "
+              f"{raw['hardware']['bf16_gflops']:,.0f} GFLOP/s", flush=True)
     raw.setdefault("settings", {"steps": args.steps, "warmup": args.warmup,
                                 "repeats": args.repeats, "started": time.strftime("%Y-%m-%d %H:%M")})
     if "main" in sections:

@@ -33,6 +33,7 @@ RANDOM_1B = False  # set by --llama-1b-shape
 # Every tool computes in the precision `train.bf16: auto` picks on this machine (the measured
 # probe: bf16 where its matmuls are faster, fp32 on AVX2-only CPUs where bf16 is emulated).
 BF16 = True
+FROZEN_BF16 = True  # --no-frozen-bf16: frozen weights stay fp32 (the lever measured alone)
 CPU: list[float] = []  # process CPU seconds at each step end: shows whether others took the cores
 
 
@@ -73,6 +74,10 @@ def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list
         if RANDOM_1B:
             model = load_base()
         dt.apply(model, config.method_config())
+        if FROZEN_BF16 and BF16:  # as train_from_config does (deltatune/training/speed.py)
+            from deltatune.training.speed import hold_frozen_weights_in_bf16
+
+            hold_frozen_weights_in_bf16(model)
         train(model, tokenizer, config, train_dataset=dataset,
               on_step=lambda step: (ends.append(time.perf_counter()), CPU.append(cpu_seconds())))
         with open(f"{out}/run/metrics.jsonl") as log:
@@ -192,11 +197,14 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=5, help="steps averaged for the final loss")
     parser.add_argument("--bf16", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
                         help="auto (the machine's measured choice), true or false")
+    parser.add_argument("--no-frozen-bf16", action="store_true",
+                        help="keep frozen weights fp32 under bf16 (to measure that lever alone)")
     parser.add_argument("--llama-1b-shape", action="store_true",
                         help="a random model of Llama-3.2-1B's shape instead of SmolLM2-135M")
     args = parser.parse_args()
-    global RANDOM_1B, BF16
+    global RANDOM_1B, BF16, FROZEN_BF16
     RANDOM_1B = args.llama_1b_shape
+    FROZEN_BF16 = not args.no_frozen_bf16
     from deltatune.training.optimization import resolve_bf16
 
     BF16 = resolve_bf16(args.bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -245,7 +253,7 @@ def main() -> None:
         "peak_rss_gb": S.peak_rss_gb(), "peak_memory_gb": peak_memory_gb(), "losses": losses,
         "model": "random Llama-3.2-1B shape" if RANDOM_1B else S.MODEL,
         "last_loss_mean": statistics.mean(losses[-args.last:]), "step_s": step_times,
-        "bf16": BF16, "model_gflop_per_token": sum(step_flops) / sum(step_tokens) / 1e9,
+        "bf16": BF16, "frozen_bf16": FROZEN_BF16 and BF16, "model_gflop_per_token": sum(step_flops) / sum(step_tokens) / 1e9,
         "model_gflops": sum(step_flops) / sum(step_times) / 1e9, **peak,
         "mfu": mfu(sum(step_flops), sum(step_times), peak["peak_gflops"]),
     }))

@@ -36,6 +36,7 @@ from deltatune.training.optimization import (BatchStream, build_optimizer, build
                            trainable_parameters)
 from deltatune.training.hardware import bf16_warning
 from deltatune.training.progress import RunLog
+from deltatune.training.speed import hold_frozen_weights_in_bf16
 from deltatune.training.run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
 
 
@@ -313,6 +314,8 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
         eval_dataset = (build_dataset(config.data, tokenizer, config.task, "eval", config.train.seed,
                                       config.num_labels) if config.data.eval else None)
         apply(model, method_config)
+        if config.train.frozen_bf16 and dist.broadcast(resolve_bf16(config.train.bf16, dist.device)):
+            hold_frozen_weights_in_bf16(model)  # exact under autocast; this model is ours (speed.py)
         summary = train(model, tokenizer, config, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, resume=resume, overwrite=overwrite, dist=dist,
                         on_step=on_step, started=started)
