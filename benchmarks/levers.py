@@ -50,6 +50,11 @@ def main() -> None:
     start_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
     optimizer = build_optimizer(model, S.LR, 0.0)
     model.train()
+    from deltatune.training.speed import hold_frozen_weights_in_bf16
+
+    lean = copy.deepcopy(model)  # the same model with its frozen weights stored in bf16
+    hold_frozen_weights_in_bf16(lean)
+    lean_optimizer = build_optimizer(lean, S.LR, 0.0)
 
     def peft_step(batch):  # peft's LoRA layers, transformers' loss over full logits
         return peft_model(**batch).loss
@@ -64,6 +69,12 @@ def main() -> None:
         with packed_attention(model):
             return chunked(batch)
 
+    def per_example_lean(batch):
+        with packed_attention(lean):
+            return batch_loss(lean, "causal-lm", batch) / count_targets("causal-lm", batch["labels"])
+
+    owners = {peft_step: (peft_model, peft_optimizer, peft_start),
+              per_example_lean: (lean, lean_optimizer, start_state)}
     variants = {  # name: (batches, loss function, bf16 autocast)
         "peft LoRA, padded, full-logits loss": (padded, peft_step, True),
         "padded, full-logits loss (HF)": (padded, hf_logits_loss, True),
@@ -71,15 +82,15 @@ def main() -> None:
         "one packed row, dense block mask": (packed, chunked, True),
         "one packed row, per-example attention": (packed, per_example, True),
         "one packed row, per-example, fp32": (packed, per_example, False),
+        "one packed row, per-example, frozen bf16": (packed, per_example_lean, True),
     }
     times = {name: [] for name in variants}
     losses = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):  # round 0 warms up
         for name, (batches, loss_fn, bf16) in variants.items():
             for k, batch in enumerate(batches):
-                model.load_state_dict(start_state, strict=False)
-                peft_model.load_state_dict(peft_start, strict=False)
-                opt = peft_optimizer if loss_fn is peft_step else optimizer
+                owner, opt, start = owners.get(loss_fn, (model, optimizer, start_state))
+                owner.load_state_dict(start, strict=False)
                 tick = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(batch)

@@ -22,7 +22,7 @@ import time
 import sft_setup as S
 import torch
 
-TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full")
+TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full", "deltatune-frozen-fp32")
 # Llama-3.2-1B's shape (benchmarks/gpu_lora_sft.py): speed does not depend on the weights' values,
 # so a seeded random initialisation stands in for the checkpoint, which is not on this machine.
 LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -214,7 +214,9 @@ def main() -> None:
     dataset = S.load_examples(AutoTokenizer.from_pretrained(S.model_path()), args.max_length)
     order = S.row_order(len(dataset), args.steps)
     started = time.perf_counter()
-    if args.tool == "deltatune":
+    if args.tool == "deltatune-frozen-fp32":  # the LoRA run before the frozen-bf16 lever
+        FROZEN_BF16 = False
+    if args.tool in ("deltatune", "deltatune-frozen-fp32"):
         ends, losses = run_deltatune(dataset, order, args, {
             "name": "lora", "r": args.rank, "alpha": 2 * args.rank, "target_modules": S.LORA_TARGETS})
     elif args.tool == "deltatune-full":
