@@ -50,3 +50,19 @@ def test_weights_that_train_stay_fp32():
     dt.apply(model, dt.FullConfig())
     assert hold_frozen_weights_in_bf16(model) == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides, held", [(["train.bf16=true"], True), (["train.bf16=false"], False),
+                                             (["train.bf16=true", "train.frozen_bf16=false"], False)])
+def test_a_run_holds_frozen_weights_in_bf16_only_when_it_computes_in_bf16(tmp_path, monkeypatch,
+                                                                          overrides, held):
+    from deltatune.training import loop
+    from tiny_runs import causal_config, tiny_llama_dir
+
+    calls = []
+    monkeypatch.setattr(loop, "hold_frozen_weights_in_bf16", lambda model: calls.append(
+        hold_frozen_weights_in_bf16(model)))
+    config = causal_config(tmp_path / "cfg", tiny_llama_dir(tmp_path), rows=8, max_steps=2)
+    summary = loop.train_from_config(str(config), [f"output_dir={tmp_path / 'run'}", *overrides])
+    assert summary["bf16"] is ("train.bf16=true" in overrides)
+    assert (len(calls) == 1 and calls[0] > 0) is held and len(calls) == int(held)

@@ -314,8 +314,10 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
         eval_dataset = (build_dataset(config.data, tokenizer, config.task, "eval", config.train.seed,
                                       config.num_labels) if config.data.eval else None)
         apply(model, method_config)
-        if config.train.frozen_bf16 and dist.broadcast(resolve_bf16(config.train.bf16, dist.device)):
-            hold_frozen_weights_in_bf16(model)  # exact under autocast; this model is ours (speed.py)
+        # exact under autocast; this model is ours (speed.py). One process only: sharding (FSDP)
+        # wants one dtype per parameter group.
+        if config.train.frozen_bf16 and not dist.enabled and resolve_bf16(config.train.bf16, dist.device):
+            hold_frozen_weights_in_bf16(model)
         summary = train(model, tokenizer, config, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, resume=resume, overwrite=overwrite, dist=dist,
                         on_step=on_step, started=started)
