@@ -59,7 +59,14 @@ def main() -> None:
             if round_index:
                 times[name].append(seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    from flops import Shape, generate_flops, measured_peak, mfu
+
+    # The base model's FLOPs for every variant: an unmerged delta's side paths are overhead.
+    work = generate_flops(Shape.of(base.config), ids.shape[1], args.new_tokens)
+    peak = measured_peak(False)  # generate() runs in fp32 here
     print(json.dumps({
+        "model_gflop": work / 1e9, **peak,
+        "mfu": {name: mfu(work, m, peak["peak_gflops"]) for name, m in medians.items()},
         "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "rounds": args.rounds,
         "threads": torch.get_num_threads(), "median_s": medians,
         "ratio_to_base": {name: m / medians["base"] for name, m in medians.items()},

@@ -50,6 +50,11 @@ def main() -> None:
     start_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
     optimizer = build_optimizer(model, S.LR, 0.0)
     model.train()
+    from deltatune.training.speed import hold_frozen_weights_in_bf16
+
+    lean = copy.deepcopy(model)  # the same model with its frozen weights stored in bf16
+    hold_frozen_weights_in_bf16(lean)
+    lean_optimizer = build_optimizer(lean, S.LR, 0.0)
 
     def peft_step(batch):  # peft's LoRA layers, transformers' loss over full logits
         return peft_model(**batch).loss
@@ -64,6 +69,12 @@ def main() -> None:
         with packed_attention(model):
             return chunked(batch)
 
+    def per_example_lean(batch):
+        with packed_attention(lean):
+            return batch_loss(lean, "causal-lm", batch) / count_targets("causal-lm", batch["labels"])
+
+    owners = {peft_step: (peft_model, peft_optimizer, peft_start),
+              per_example_lean: (lean, lean_optimizer, start_state)}
     variants = {  # name: (batches, loss function, bf16 autocast)
         "peft LoRA, padded, full-logits loss": (padded, peft_step, True),
         "padded, full-logits loss (HF)": (padded, hf_logits_loss, True),
@@ -71,15 +82,15 @@ def main() -> None:
         "one packed row, dense block mask": (packed, chunked, True),
         "one packed row, per-example attention": (packed, per_example, True),
         "one packed row, per-example, fp32": (packed, per_example, False),
+        "one packed row, per-example, frozen bf16": (packed, per_example_lean, True),
     }
     times = {name: [] for name in variants}
     losses = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):  # round 0 warms up
         for name, (batches, loss_fn, bf16) in variants.items():
             for k, batch in enumerate(batches):
-                model.load_state_dict(start_state, strict=False)
-                peft_model.load_state_dict(peft_start, strict=False)
-                opt = peft_optimizer if loss_fn is peft_step else optimizer
+                owner, opt, start = owners.get(loss_fn, (model, optimizer, start_state))
+                owner.load_state_dict(start, strict=False)
                 tick = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(batch)
@@ -95,12 +106,21 @@ def main() -> None:
     print(f"SmolLM2-135M LoRA r{S.RANK} all-linear, {args.batches} batches of {S.BATCH} alpaca rows "
           f"({real} real tokens, {width} padded), {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
+    from flops import Shape, batch_flops, measured_peak, mfu
+
+    work = sum(batch_flops(Shape.of(base.config), b, "lora", lora_rank=S.RANK,
+                           lora_targets=S.LORA_TARGETS) for b in examples) / args.batches
+    peaks = {bf16: measured_peak(bf16) for bf16 in (True, False)}
+    print(f"  model FLOPs per step {work / 1e9:.1f} GFLOP (benchmarks/flops.py); measured peak "
+          f"bf16 {peaks[True]['peak_gflops']:,.0f} / fp32 {peaks[False]['peak_gflops']:,.0f} GFLOP/s "
+          f"(flags: {' '.join(peaks[True]['cpu_flags'])})")
     reference = statistics.median(times["peft LoRA, padded, full-logits loss"])
-    print("  (x: speed relative to the peft variant)")
-    for name in variants:
+    print("  (x: speed relative to the peft variant; MFU against the peak at the variant's precision)")
+    for name, (_, _, bf16) in variants.items():
         step = statistics.median(times[name])
         print(f"  {name:40s} step {step:6.2f} s   {real / args.batches / step:6.0f} real tok/s   "
-              f"x{reference / step:4.2f}   mean loss {statistics.mean(losses[name]):.4f}")
+              f"x{reference / step:4.2f}   MFU {100 * mfu(work, step, peaks[bf16]['peak_gflops']):5.1f}%   "
+              f"mean loss {statistics.mean(losses[name]):.4f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAMES = {"deltatune": "deltatune LoRA", "peft-trainer": "peft + HF Trainer (dynamic padding)",
-         "trl": "TRL SFTTrainer (padding_free)", "deltatune-full": "deltatune full fine-tuning"}
+         "trl": "TRL SFTTrainer (padding_free)", "deltatune-full": "deltatune full fine-tuning",
+         "deltatune-frozen-fp32": "deltatune LoRA, frozen weights fp32 (before the lever)"}
 
 
 def machine() -> str:
@@ -46,6 +47,20 @@ def _runs(raw: dict, key: str) -> list[dict]:
     return [e["result"] for e in raw.get(key, [])]
 
 
+def _percent(value: float | None) -> str:
+    return "?" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def _mfu_note(run: dict) -> list[str]:
+    """Which peak the MFU column divides by (benchmarks/flops.py counts the model's FLOPs)."""
+    if "peak_gflops" not in run:
+        return []
+    return [f"MFU = model FLOPs (benchmarks/flops.py: real tokens, head on labelled positions only) "
+            f"per second / this machine's measured {run['precision']} matmul peak, "
+            f"{run['peak_gflops']:,.0f} GFLOP/s (`deltatune inspect --hardware`; CPU flags: "
+            f"{' '.join(run.get('cpu_flags') or []) or 'none'})."]
+
+
 def _check(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -60,20 +75,25 @@ def main_section(raw: dict) -> list[str]:
                       "rss": _median([r["peak_rss_gb"] for r in runs]),
                       "loss": statistics.mean(r["last_loss_mean"] for r in runs),
                       "each": [r["real_tokens_per_s"] for r in runs],
-                      "cpu": [r.get("cpu_utilization") for r in runs]} for tool, runs in rows.items()}
+                      "cpu": [r.get("cpu_utilization") for r in runs],
+                      "mfu": _median([r["mfu"] for r in runs if "mfu" in r]),
+                      "gflops": _median([r["model_gflops"] for r in runs if "model_gflops" in r])}
+               for tool, runs in rows.items()}
     first = next(iter(rows.values()))[0]
     out = ["## LoRA SFT of SmolLM2-135M: deltatune vs peft + HF Trainer vs TRL", "",
            f"{first['steps']} optimizer steps per run, the first {first['warmup']} not measured; "
            f"{len(next(iter(rows.values())))} runs per tool, alternated. Medians over runs.", "",
            "CPU use = the run's CPU seconds / (wall seconds x threads) over the measured steps: "
            "about 1 when it had the cores to itself, lower when other processes competed.", "",
+           *_mfu_note(first), "",
            "| tool | real tokens/s (each run) | step median (s) | peak RSS (GB) | "
-           "mean loss, last 5 steps | CPU use (each run) |", "|---|---|---|---|---|---|"]
+           "mean loss, last 5 steps | CPU use (each run) | model GFLOP/s | MFU |",
+           "|---|---|---|---|---|---|---|---|"]
     for tool, s in summary.items():
         each = ", ".join(f"{v:.0f}" for v in s["each"])
         cpu = ", ".join("?" if c is None else f"{c:.2f}" for c in s["cpu"])
         out.append(f"| {NAMES[tool]} | {s['tps']:.0f} ({each}) | {s['step']:.2f} | {s['rss']:.2f} | "
-                   f"{s['loss']:.4f} | {cpu} |")
+                   f"{s['loss']:.4f} | {cpu} | {s['gflops']:.0f} | {_percent(s['mfu'])} |")
     ours = summary.get("deltatune")
     peer, trl, full = summary.get("peft-trainer"), summary.get("trl"), summary.get("deltatune-full")
     out += ["", "| target | measured | |", "|---|---|---|"]
@@ -94,6 +114,14 @@ def main_section(raw: dict) -> list[str]:
     if ours and trl:
         speed = ours["tps"] / trl["tps"]
         out.append(f"| real tokens/s >= 1.2x TRL's best | {speed:.2f}x | {timed(speed >= 1.2)} |")
+    before = summary.get("deltatune-frozen-fp32")
+    if ours and before:
+        speed = ours["tps"] / before["tps"]
+        out.append(f"| real tokens/s >= 1.2x the LoRA run before this round's levers | {speed:.2f}x | "
+                   f"{timed(speed >= 1.2)} |")
+    if ours and ours["mfu"] == ours["mfu"]:
+        out.append(f"| LoRA SFT MFU >= 75% of the measured peak | {_percent(ours['mfu'])} | "
+                   f"{timed(ours['mfu'] >= 0.75)} |")
     if ours and full:
         ratio = ours["step"] / full["step"]
         out.append(f"| LoRA step <= 0.65x full fine-tuning step (deltatune) | {ratio:.2f}x | "
@@ -110,9 +138,11 @@ def generate_section(raw: dict) -> list[str]:
            f"Greedy, batch 1, {r['prompt_tokens']} prompt tokens, exactly {r['new_tokens']} new "
            f"tokens, {r['rounds']} rounds alternated (medians). Merged output equals unmerged: "
            f"{r['merged_tokens_equal_unmerged']}.", "",
-           "| model | median (s) | ratio to base |", "|---|---|---|"]
+           *_mfu_note(r), "",
+           "| model | median (s) | ratio to base | MFU |", "|---|---|---|---|"]
     for name, median in r["median_s"].items():
-        out.append(f"| {name} | {median:.3f} | {r['ratio_to_base'][name]:.3f} |")
+        out.append(f"| {name} | {median:.3f} | {r['ratio_to_base'][name]:.3f} | "
+                   f"{_percent(r.get('mfu', {}).get(name))} |")
     merged = r["ratio_to_base"]["lora merged"]
     out += ["", f"Target merged <= 1.02x base: {merged:.3f}x, {_check(merged <= 1.02)}. "
             f"Unmerged LoRA overhead: {100 * (r['ratio_to_base']['lora unmerged'] - 1):.1f}%.", ""]
@@ -137,27 +167,28 @@ def scaling_section(raw: dict) -> list[str]:
     seq = sorted(_runs(raw, "scaling:seq"), key=lambda r: r["value"])
     if seq:
         out += ["## Scaling: sequence length (LoRA r8, every row full)", "",
-                "| tokens per row | rows | step (s) | tokens/s | peak RSS (GB) | CPU use |",
-                "|---|---|---|---|---|---|"]
+                *_mfu_note(seq[0]), "",
+                "| tokens per row | rows | step (s) | tokens/s | peak RSS (GB) | CPU use | MFU |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {r['value']} | {r['batch']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} |" for r in seq]
+                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} | {_percent(r.get('mfu'))} |" for r in seq]
         out += ["", "Time per token, row length doubled (1.00 = cost linear in tokens): "
                 + "; ".join(_growth(seq, "value")) + ".", ""]
     rank = sorted(_runs(raw, "scaling:rank"), key=lambda r: r["value"])
     if rank:
         out += ["## Scaling: LoRA rank (batch 8 x 512)", "",
-                "| rank | step (s) | tokens/s | peak RSS (GB) | CPU use |", "|---|---|---|---|---|"]
+                "| rank | step (s) | tokens/s | peak RSS (GB) | CPU use | MFU |", "|---|---|---|---|---|---|"]
         out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} |" for r in rank]
+                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} | {_percent(r.get('mfu'))} |" for r in rank]
         out.append("")
     for method in ("prompt", "prefix"):
         runs = sorted(_runs(raw, f"scaling:{method}"), key=lambda r: r["value"])
         if runs:
             out += [f"## Scaling: {method} tuning, number of virtual tokens (batch 8 x 256)", "",
-                    "| virtual tokens | step (s) | real tokens/s | peak RSS (GB) | CPU use |",
-                    "|---|---|---|---|---|"]
+                    "| virtual tokens | step (s) | real tokens/s | peak RSS (GB) | CPU use | MFU |",
+                    "|---|---|---|---|---|---|"]
             out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                    f"{r['peak_rss_gb']:.2f} | {_cpu(r)} |" for r in runs]
+                    f"{r['peak_rss_gb']:.2f} | {_cpu(r)} | {_percent(r.get('mfu'))} |" for r in runs]
             out.append("")
     return out
 
@@ -178,7 +209,7 @@ def commands_section(raw: dict) -> list[str]:
     return out + ["```", ""]
 
 
-def write(raw: dict, notes: str | None = None) -> None:
+def write(raw: dict, notes: str | None = None, out: Path | None = None) -> None:
     settings = raw.get("settings", {})
     notes_file = HERE / "RESULTS-notes.md"
     lines = ["# Benchmark results", "",
@@ -188,8 +219,14 @@ def write(raw: dict, notes: str | None = None) -> None:
              "engineers' work that does not take the lock may still have shared the 2 cores (the "
              "CPU use column shows how much): compare ratios measured side by side rather than "
              "absolute figures.", ""]
+    hw = raw.get("hardware")
+    if hw:
+        lines += [f"Measured matmul peaks (`deltatune inspect --hardware --refresh`, under the lock, "
+                  f"{hw['threads']} threads): fp32 {hw['fp32_gflops']:,.0f} GFLOP/s, bf16 "
+                  f"{hw['bf16_gflops']:,.0f} GFLOP/s; CPU flags: {' '.join(hw.get('flags') or [])}; "
+                  f"`bf16: auto` picks {'bf16' if hw['bf16_auto'] else 'fp32'}.", ""]
     lines += main_section(raw) + generate_section(raw) + scaling_section(raw) + levers_section(raw)
-    if notes_file.exists():
+    if notes_file.exists() and out is None:
         lines += [notes_file.read_text().rstrip(), ""]
     lines += commands_section(raw)
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    (out or HERE / "RESULTS.md").write_text("\n".join(lines))

@@ -22,24 +22,25 @@ HERE = Path(__file__).resolve().parent
 LOCK = "/tmp/deltatune-heavy.lock"
 RAW = HERE / "results.json"
 SECTIONS = ("main", "generate", "scaling", "levers")
-MAIN_TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full")
+MAIN_TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full", "deltatune-frozen-fp32")
 SEQ_LENGTHS = (128, 256, 512, 1024, 2048)
 RANKS = (4, 8, 16, 32, 64)
 VIRTUAL_TOKENS = (8, 32, 128)
 
 
 HELD = False  # --held: the caller already holds the lock (flock LOCK python run.py --held)
+NICE: list[str] = []  # --nice N: run each measurement at that priority (a busy shared machine)
 
 
 def command(script: str, *args: object) -> list[str]:
     lock = [] if HELD else ["flock", LOCK]
-    return [*lock, sys.executable, str(HERE / script), *map(str, args)]
+    return [*lock, *NICE, sys.executable, str(HERE / script), *map(str, args)]
 
 
 def measure(cmd: list[str], raw: dict, key: str) -> dict | str | None:
     """Run one measurement; its last stdout line is JSON (or, for levers, the whole text)."""
     script = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
-    shown = " ".join(["flock", LOCK, "python", *[c.replace(str(HERE.parent) + "/", "")
+    shown = " ".join(["flock", LOCK, *NICE, "python", *[c.replace(str(HERE.parent) + "/", "")
                                                   for c in cmd[script:]]])
     print(f"[bench] {shown}", flush=True)
     started = time.time()
@@ -57,6 +58,11 @@ def measure(cmd: list[str], raw: dict, key: str) -> dict | str | None:
     return result
 
 
+def _report_file() -> Path | None:
+    """RESULTS.md for the default results.json; NAME.md beside any other --raw file."""
+    return None if RAW == HERE / "results.json" else RAW.with_suffix(".md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", default=",".join(SECTIONS))
@@ -64,20 +70,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tools", default=",".join(MAIN_TOOLS))
+    parser.add_argument("--scaling-points", default=None,
+                        help="e.g. seq:128,seq:512,prompt:32 (default: every point)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="add to results.json, do not reset it")
     parser.add_argument("--held", action="store_true",
                         help="the caller holds /tmp/deltatune-heavy.lock for the whole bench")
+    parser.add_argument("--raw", default=None, help="where the raw results go (default results.json)")
+    parser.add_argument("--nice", type=int, default=None,
+                        help="niceness of each measured process (e.g. -10 when others share the cores)")
     args = parser.parse_args()
-    global HELD
-    HELD = args.held
+    global HELD, RAW, NICE
+    HELD, RAW = args.held, Path(args.raw) if args.raw else RAW
+    NICE = ["nice", "-n", str(args.nice)] if args.nice is not None else []
     import report
 
     if args.report_only:
-        report.write(json.loads(RAW.read_text()))
+        report.write(json.loads(RAW.read_text()), out=_report_file())
         return
     sections = args.sections.split(",")
     raw = json.loads(RAW.read_text()) if args.keep and RAW.exists() else {}
+    # The matmul peaks every MFU figure divides by, measured afresh under the lock (a probe taken
+    # while others used the cores would understate the peak and flatter every MFU).
+    lock = [] if HELD else ["flock", LOCK]
+    probe = subprocess.run([*lock, *NICE, sys.executable, "-c", "import sys; sys.path.insert(0, 'src'); "
+                            "from deltatune.cli import main; "
+                            "sys.exit(main(['inspect', '--hardware', '--refresh', '--json']))"],
+                           capture_output=True, text=True, cwd=HERE.parent)
+    if probe.returncode == 0:
+        raw["hardware"] = json.loads(probe.stdout)
+        print(f"[bench] matmul peaks: fp32 {raw['hardware']['fp32_gflops']:,.0f}, bf16 "
+              f"{raw['hardware']['bf16_gflops']:,.0f} GFLOP/s", flush=True)
     raw.setdefault("settings", {"steps": args.steps, "warmup": args.warmup,
                                 "repeats": args.repeats, "started": time.strftime("%Y-%m-%d %H:%M")})
     if "main" in sections:
@@ -90,13 +113,15 @@ def main() -> None:
     if "scaling" in sections:
         points = ([("seq", n) for n in SEQ_LENGTHS] + [("rank", r) for r in RANKS]
                   + [(m, n) for m in ("prompt", "prefix") for n in VIRTUAL_TOKENS])
+        if args.scaling_points:
+            points = [(p.split(":")[0], int(p.split(":")[1])) for p in args.scaling_points.split(",")]
         for axis, value in points:
             measure(command("scaling.py", axis, value), raw, f"scaling:{axis}")
     if "levers" in sections:
         measure(command("levers.py", "--batches", 3, "--rounds", 1), raw, "levers")
     raw["settings"]["finished"] = time.strftime("%Y-%m-%d %H:%M")
     RAW.write_text(json.dumps(raw, indent=1))
-    report.write(raw)
+    report.write(raw, out=_report_file())
 
 
 if __name__ == "__main__":

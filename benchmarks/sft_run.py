@@ -22,7 +22,7 @@ import time
 import sft_setup as S
 import torch
 
-TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full")
+TOOLS = ("deltatune", "peft-trainer", "trl", "deltatune-full", "deltatune-frozen-fp32")
 # Llama-3.2-1B's shape (benchmarks/gpu_lora_sft.py): speed does not depend on the weights' values,
 # so a seeded random initialisation stands in for the checkpoint, which is not on this machine.
 LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -30,6 +30,10 @@ LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layer
                       vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                       max_position_embeddings=131072, rms_norm_eps=1e-5)
 RANDOM_1B = False  # set by --llama-1b-shape
+# Every tool computes in the precision `train.bf16: auto` picks on this machine (the measured
+# probe: bf16 where its matmuls are faster, fp32 on AVX2-only CPUs where bf16 is emulated).
+BF16 = True
+FROZEN_BF16 = True  # --no-frozen-bf16: frozen weights stay fp32 (the lever measured alone)
 CPU: list[float] = []  # process CPU seconds at each step end: shows whether others took the cores
 
 
@@ -63,13 +67,17 @@ def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list
             "method": method,
             "train": {"max_steps": args.steps, "batch_size": S.BATCH, "lr": S.LR,
                       "schedule": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
-                      "max_grad_norm": 1.0, "bf16": True, "seed": S.SEED, "log_every": 1,
+                      "max_grad_norm": 1.0, "bf16": BF16, "seed": S.SEED, "log_every": 1,
                       "group_by_length": False},
         })
         model, tokenizer = dt.load_model(S.MODEL)
         if RANDOM_1B:
             model = load_base()
         dt.apply(model, config.method_config())
+        if FROZEN_BF16 and BF16:  # as train_from_config does (deltatune/training/speed.py)
+            from deltatune.training.speed import hold_frozen_weights_in_bf16
+
+            hold_frozen_weights_in_bf16(model)
         train(model, tokenizer, config, train_dataset=dataset,
               on_step=lambda step: (ends.append(time.perf_counter()), CPU.append(cpu_seconds())))
         with open(f"{out}/run/metrics.jsonl") as log:
@@ -121,7 +129,7 @@ def _timing_callback(ends: list[float], losses: list[float]):
 def _peer_arguments(cls, out: str, steps: int, **extra):
     return cls(output_dir=out, max_steps=steps, per_device_train_batch_size=S.BATCH,
                learning_rate=S.LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-               max_grad_norm=1.0, bf16=True, use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
+               max_grad_norm=1.0, bf16=BF16, use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
                report_to=[], seed=S.SEED, dataloader_num_workers=0, disable_tqdm=True,
                train_sampling_strategy="sequential", **extra)
 
@@ -187,18 +195,28 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
     parser.add_argument("--rank", type=int, default=S.RANK)
     parser.add_argument("--last", type=int, default=5, help="steps averaged for the final loss")
+    parser.add_argument("--bf16", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
+                        help="auto (the machine's measured choice), true or false")
+    parser.add_argument("--no-frozen-bf16", action="store_true",
+                        help="keep frozen weights fp32 under bf16 (to measure that lever alone)")
     parser.add_argument("--llama-1b-shape", action="store_true",
                         help="a random model of Llama-3.2-1B's shape instead of SmolLM2-135M")
     args = parser.parse_args()
-    global RANDOM_1B
+    global RANDOM_1B, BF16, FROZEN_BF16
     RANDOM_1B = args.llama_1b_shape
+    FROZEN_BF16 = not args.no_frozen_bf16
+    from deltatune.training.optimization import resolve_bf16
+
+    BF16 = resolve_bf16(args.bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(S.SEED)
     from transformers import AutoTokenizer
 
     dataset = S.load_examples(AutoTokenizer.from_pretrained(S.model_path()), args.max_length)
     order = S.row_order(len(dataset), args.steps)
     started = time.perf_counter()
-    if args.tool == "deltatune":
+    if args.tool == "deltatune-frozen-fp32":  # the LoRA run before the frozen-bf16 lever
+        FROZEN_BF16 = False
+    if args.tool in ("deltatune", "deltatune-frozen-fp32"):
         ends, losses = run_deltatune(dataset, order, args, {
             "name": "lora", "r": args.rank, "alpha": 2 * args.rank, "target_modules": S.LORA_TARGETS})
     elif args.tool == "deltatune-full":
@@ -213,6 +231,17 @@ def main() -> None:
         if args.warmup else [ends[0] - started] + [b - a for a, b in zip(ends, ends[1:])]
     step_tokens = [sum(len(dataset[i].input_ids) for i in order[k * S.BATCH:(k + 1) * S.BATCH])
                    for k in range(args.warmup, args.steps)]
+    # Model FLOPs of the measured steps (benchmarks/flops.py: real tokens, head on labelled
+    # positions only) over the machine's measured peak at this precision = MFU.
+    from flops import Shape, batch_flops, measured_peak, mfu
+    from transformers import AutoConfig, LlamaConfig
+
+    shape = Shape.of(LlamaConfig(**LLAMA_1B_SHAPE) if RANDOM_1B else AutoConfig.from_pretrained(S.model_path()))
+    training = "full" if args.tool == "deltatune-full" else "lora"
+    step_flops = [batch_flops(shape, [dataset[i] for i in order[k * S.BATCH:(k + 1) * S.BATCH]],
+                              training, lora_rank=args.rank, lora_targets=S.LORA_TARGETS)
+                  for k in range(args.warmup, args.steps)]
+    peak = measured_peak(BF16)
     # CPU seconds used / (wall seconds x threads) over the measured steps: ~1 when the run had the
     # cores to itself, well below 1 when other processes competed for them.
     window = ends[-1] - ends[args.warmup - 1] if args.warmup else ends[-1] - started
@@ -226,6 +255,9 @@ def main() -> None:
         "peak_rss_gb": S.peak_rss_gb(), "peak_memory_gb": peak_memory_gb(), "losses": losses,
         "model": "random Llama-3.2-1B shape" if RANDOM_1B else S.MODEL,
         "last_loss_mean": statistics.mean(losses[-args.last:]), "step_s": step_times,
+        "bf16": BF16, "frozen_bf16": FROZEN_BF16 and BF16, "model_gflop_per_token": sum(step_flops) / sum(step_tokens) / 1e9,
+        "model_gflops": sum(step_flops) / sum(step_times) / 1e9, **peak,
+        "mfu": mfu(sum(step_flops), sum(step_times), peak["peak_gflops"]),
     }))
 
 

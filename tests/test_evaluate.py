@@ -94,6 +94,22 @@ def test_eval_cli_on_a_trained_adapter_matches_the_run_and_the_base_differs(tmp_
     assert base["adapter"] is None and base["loss"] != pytest.approx(with_adapter["loss"], abs=1e-4)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_eval_cli_reproduces_the_run_in_its_own_precision(tmp_path, capsys, bf16):
+    """Whatever `bf16: auto` would pick on this machine, eval of a run directory uses the
+    precision (and eval batch size) the run recorded, so its numbers are the run's."""
+    model_dir = tiny_bert_dir(tmp_path)
+    config = classification_config(tmp_path / "cfg", model_dir, rows=32, epochs=1, lr=1e-2,
+                                   batch_size=4, eval_batch_size=3)
+    out = tmp_path / "run"
+    summary = train_from_config(str(config), [f"output_dir={out}", f"train.bf16={str(bf16).lower()}"])
+    assert summary["bf16"] is bf16
+    capsys.readouterr()
+    dev = str(tmp_path / "cfg" / "data" / "dev.jsonl")
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(out), "--data", dev]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["final_eval"]["loss"], abs=1e-6)
+
+
 def test_eval_cli_perplexity_of_a_base_causal_lm(tmp_path, capsys):
     model_dir = tiny_llama_dir(tmp_path)
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello world, " * 20}] * 3)

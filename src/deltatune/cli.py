@@ -30,6 +30,14 @@ def _human(n: int | None) -> str:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from deltatune.adapters_io import inspect_adapter
 
+    if args.hardware:
+        from deltatune.training.hardware import format_report, hardware_report
+
+        report = hardware_report(refresh=args.refresh)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return
+    if not args.directory:
+        raise DeltatuneError("inspect: give an adapter or model directory, or --hardware")
     info = inspect_adapter(args.directory)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -146,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("inspect", help="describe a saved adapter or model directory")
-    p.add_argument("directory")
+    p = sub.add_parser("inspect", help="describe a saved adapter or model directory, or --hardware")
+    p.add_argument("directory", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--hardware", action="store_true",
+                   help="this machine's CPU flags, measured fp32/bf16 matmul peaks, and what bf16: auto picks")
+    p.add_argument("--refresh", action="store_true", help="with --hardware: measure again, ignoring the cache")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, one adapter per request")

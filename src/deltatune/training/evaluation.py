@@ -217,10 +217,41 @@ def evaluate_from_cli(args: Any) -> dict[str, Any]:
     collator = Collator(tokenizer.pad_token_id)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    metrics = evaluate_model(model, dataset, task, collator, batch_size=batch_size,
-                             bf16=resolve_bf16("auto", device), tokenizer=tokenizer,
-                             with_exact_match=data.format == "gsm8k")
+    # A run directory's own precision and eval batch size, so `deltatune eval` reproduces the
+    # run's final metrics on any machine (bf16 vs fp32 moves a loss by ~1e-5, and under bf16 so
+    # does the batch's padded width); otherwise the config's setting, else auto.
+    recorded = _run_eval_settings(adapter)
+    bf16 = recorded.get("bf16")
+    if bf16 is None:
+        bf16 = resolve_bf16(config.train.bf16 if args.config else "auto", device)
+    metrics = evaluate_model(model, dataset, task, collator,
+                             batch_size=recorded.get("batch_size") or batch_size,
+                             bf16=bf16, tokenizer=tokenizer, with_exact_match=data.format == "gsm8k")
     return {"model": model_name, "adapter": adapter, "data": data.eval, **metrics}
+
+
+def _run_eval_settings(directory: str | None) -> dict[str, Any]:
+    """{"bf16": ..., "batch_size": ...} as the run in `directory` evaluated (its summary.json and
+    config.yaml); empty for a directory that is not a deltatune run."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    if not directory:
+        return {}
+    settings: dict[str, Any] = {}
+    try:
+        summary = json.loads((Path(directory) / "summary.json").read_text(encoding="utf-8"))
+        if isinstance(summary, dict) and isinstance(summary.get("bf16"), bool):
+            settings["bf16"] = summary["bf16"]
+        train = yaml.safe_load((Path(directory) / "config.yaml").read_text(encoding="utf-8"))["train"]
+        size = train.get("eval_batch_size") or train.get("batch_size")
+        if isinstance(size, int) and size > 0:
+            settings["batch_size"] = size
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
+        pass  # not a deltatune run (or a damaged one): the caller's defaults hold
+    return settings
 
 
 def _is_saved_delta(directory: str) -> bool:

@@ -34,7 +34,9 @@ from deltatune.training.packed_attention import ONE_ROW, packed_attention, suppo
 from deltatune.training.optimization import (BatchStream, build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
+from deltatune.training.hardware import bf16_warning
 from deltatune.training.progress import RunLog
+from deltatune.training.speed import hold_frozen_weights_in_bf16
 from deltatune.training.run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
 
 
@@ -134,10 +136,12 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(bare, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    bf16 = resolve_bf16(tc.bf16, dist.device)
+    bf16 = dist.broadcast(resolve_bf16(tc.bf16, dist.device))  # ranks agree even if probes differ
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     metric = tc.metric or default_metric(task)
     log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
+    if dist.is_main and (slow_bf16 := bf16_warning(tc.bf16, dist.device)):
+        log.message(slow_bf16)
     for problem in damaged:
         log.message(f"skipped a damaged checkpoint ({problem}); resuming from {checkpoint.name}")
     eval_kwargs = dict(batch_size=tc.eval_batch_size or tc.batch_size, dist=dist, bf16=bf16,
@@ -319,6 +323,10 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
             eval_dataset = build_dataset(config.data, tokenizer, config.task, "eval",
                                          config.train.seed, config.num_labels)
         apply(model, method_config)
+        # exact under autocast; this model is ours (speed.py). One process only: sharding (FSDP)
+        # wants one dtype per parameter group.
+        if config.train.frozen_bf16 and not dist.enabled and resolve_bf16(config.train.bf16, dist.device):
+            hold_frozen_weights_in_bf16(model)
         summary = train(model, tokenizer, config, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, resume=resume, overwrite=overwrite, dist=dist,
                         on_step=on_step, started=started)

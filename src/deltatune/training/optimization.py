@@ -73,16 +73,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
 
 # ----------------------------------------------------------------------------- precision, seeds
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
-    """train.bf16: true / false, or auto = on where bf16 matmuls are fast.
-
-    On CPU that means AMX tiles (Sapphire Rapids and later): with AVX-512-bf16 alone, autocast
-    is not faster than fp32 for these model sizes, so auto leaves it off there.
-    """
+    """train.bf16: true / false, or auto = on where bf16 matmuls are measured faster than fp32
+    (training/hardware.py: a cached per-machine probe; on CUDA, where the GPU supports bf16)."""
     if setting is True or setting is False:
         return setting
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    from deltatune.training.hardware import bf16_auto
+
+    return bf16_auto(device)
 
 
 def set_seed(seed: int) -> None:
