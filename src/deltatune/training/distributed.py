@@ -92,3 +92,16 @@ def teardown_distributed(dist: Distributed, wait: bool = True) -> None:
                 torch_dist.barrier()
         finally:
             torch_dist.destroy_process_group()
+
+
+def ranks_in_sync(trainable: list[torch.Tensor], dist: Distributed) -> bool | None:
+    """DDP keeps every rank's weights bit-identical; check it (cheaply) instead of assuming it."""
+    if not dist.enabled:
+        return None
+    with torch.no_grad():
+        checksum = [float(p.double().sum()) for p in trainable] + \
+                   [float(p.double().square().sum()) for p in trainable]
+    sums = dist.gather(checksum)
+    if any(s != sums[0] for s in sums):
+        raise DeltatuneError("distributed training diverged: the ranks' weights differ at the end")
+    return True
