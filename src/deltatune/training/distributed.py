@@ -6,9 +6,12 @@ run gives the same updates (within float tolerance) on any number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -22,6 +25,10 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # Sharded (FSDP) model: every forward pass is a collective, so all ranks must run the same
+    # number of them (evaluation pads the ranks with fewer batches; generation runs synced).
+    lockstep: bool = False
+    peers: tuple[tuple[str, int], ...] = ()  # (host, pid) of every rank: to name one that dies
 
     @property
     def is_main(self) -> bool:
@@ -79,8 +86,51 @@ def setup_distributed() -> Distributed:
         except (RuntimeError, ValueError) as exc:
             raise DeltatuneError(f"cannot join the torchrun process group ({backend}): "
                                  f"{str(exc).splitlines()[0]}") from None
-    return Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
+    dist = Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
                        local_rank=local_rank, device=device)
+    peers = tuple(tuple(p) for p in dist.gather((socket.gethostname(), os.getpid())))
+    return Distributed(rank=dist.rank, world_size=dist.world_size, local_rank=local_rank,
+                       device=device, peers=peers)
+
+
+@contextlib.contextmanager
+def peer_failures(dist: Distributed, run_dir: Path) -> Iterator[None]:
+    """A collective that fails because a peer process died becomes one line naming that rank
+    (this rank then stops too; torchrun ends the job). What the run wrote stays consistent:
+    checkpoints are renamed into place only when complete, so `--resume` continues from the
+    last one."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        if not dist.enabled or isinstance(exc, DeltatuneError) or not _is_peer_loss(exc):
+            raise
+        dead = [f"rank {r} (pid {pid})" for r, (host, pid) in enumerate(dist.peers)
+                if r != dist.rank and host == socket.gethostname() and not _alive(pid)]
+        who = " and ".join(dead) if dead else "a peer rank (on another machine)"
+        raise DeltatuneError(f"rank {dist.rank}: {who} ended unexpectedly, so the job stops; "
+                             f"complete checkpoints are kept in {run_dir} — rerun with --resume "
+                             f"({str(exc).strip().splitlines()[0][:100]})") from None
+
+
+def _is_peer_loss(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch_dist.DistBackendError) or any(
+        word in text for word in ("connection", "broken pipe", "peer", "gloo", "nccl", "timed out"))
+
+
+def _alive(pid: int) -> bool:
+    """A killed worker stays a zombie until torchrun reaps it: that counts as dead."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+    return state not in ("Z", "X")
 
 
 def teardown_distributed(dist: Distributed, wait: bool = True) -> None:

@@ -12,9 +12,11 @@ output_dir and renamed to output_dir only when complete; checkpoints live inside
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,79 +24,25 @@ import torch
 from torch import nn
 
 from deltatune.training.checkpoints import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
-                         rng_to_bytes, save_checkpoint)
+                         rng_to_bytes, save_checkpoint, save_sharded_checkpoint)
 from deltatune.deltas import active_config
 from deltatune.training.batching import batch_tokens, training_collator, training_stream
-from deltatune.training.distributed import (Distributed, ranks_in_sync, setup_distributed,
-                                            teardown_distributed)
+from deltatune.training.distributed import (Distributed, peer_failures, ranks_in_sync,
+                                            setup_distributed, teardown_distributed)
 from deltatune.errors import DeltatuneError
 from deltatune.training.evaluation import default_metric, evaluate_model, is_better
 from deltatune.training.losses import batch_loss, count_targets
 from deltatune.methods import get_method
 from deltatune.methods.base import count_parameters
 from deltatune.training.packed_attention import packed_attention
-from deltatune.training.optimization import (BatchStream, build_optimizer, build_scheduler,
+from deltatune.training.optimization import (build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
 from deltatune.training.progress import RunLog
-from deltatune.training.run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
-
-
-@dataclass
-class Progress:
-    """Where a run is; saved in every checkpoint."""
-
-    step: int = 0                 # optimizer steps done
-    batch: int = 0                # global batches consumed (the data position)
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    train_tokens: int = 0
-    train_seconds: float = 0.0
-    stopped_early: bool = False
-
-
-@dataclass
-class _Window:
-    """What the next metrics.jsonl line averages over (reset after each log line)."""
-
-    loss: float = 0.0
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class _Run:
-    """Everything one training run holds between its steps (built once by `_setup`)."""
-
-    config: Any
-    tokenizer: Any
-    dist: Distributed
-    run_dir: Path
-    final_dir: Path
-    model: nn.Module              # the bare model: what is saved and evaluated
-    forward: nn.Module            # what the step calls: the model, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    trainable: list[torch.Tensor]
-    stream: BatchStream
-    total_steps: int
-    lr: float
-    collator: Any
-    eval_collator: Any
-    train_dataset: Any
-    eval_dataset: Any
-    bf16: bool
-    metric: str
-    log: RunLog
-    progress: Progress
-    started: float
-    window: _Window = field(default_factory=_Window)
-
-    @property
-    def tc(self) -> Any:
-        return self.config.train
+from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partial_dir,
+                                        prepare_run_dir, run_dir_lock, write_summary)
+from deltatune.training.sharding import build_parallel, describe
+from deltatune.training.state import Progress, Run, Window
 
 
 def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, eval_dataset=None,
@@ -106,8 +54,15 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     `on_step(step)` is called after every optimizer step (and its checkpoint); raising from it
     interrupts the run as a crash would, leaving the checkpoints for `resume=True`.
     """
-    run = _setup(model, tokenizer, config, train_dataset, eval_dataset, resume, overwrite,
-                 dist or setup_distributed(), started or time.time())
+    dist = dist or setup_distributed()
+    final = Path(config.output_dir)
+    with run_dir_lock(final, dist.rank), peer_failures(dist, partial_dir(final)):
+        run = _setup(model, tokenizer, config, train_dataset, eval_dataset, resume, overwrite,
+                     dist, started or time.time())
+        return _train(run, on_step)
+
+
+def _train(run: Run, on_step: Callable[[int], None] | None) -> dict:
     tc, progress = run.tc, run.progress
     run.model.train()
     try:
@@ -129,7 +84,7 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
 
 
 def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, eval_dataset: Any,
-           resume: bool, overwrite: bool, dist: Distributed, started: float) -> _Run:
+           resume: bool, overwrite: bool, dist: Distributed, started: float) -> Run:
     """Data, run directory, optimizer and schedule; the checkpoint's state when resuming."""
     from deltatune.data.dataset import Collator, build_dataset
 
@@ -148,6 +103,13 @@ def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, ev
     bare = model.to(dist.device)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(bare)
+    bf16 = resolve_bf16(tc.bf16, dist.device)
+    # Before the optimizer: under fsdp it must see the sharded parameters.
+    parallel = build_parallel(bare, dist, getattr(tc, "distributed", "auto"), bf16=bf16,
+                              cpu_offload=getattr(tc, "fsdp_cpu_offload", False))
+    if parallel.sharded:
+        dist = dataclasses.replace(dist, lockstep=True)  # every forward is a collective now
+        parallel.dist = dist
     _, method_config = active_config(bare)
     lr = tc.lr or get_method(method_config.method).default_lr
     stream, total_steps = training_stream(train_dataset, tc, collator, dist.world_size)
@@ -167,26 +129,20 @@ def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, ev
 
         save_run_config(config, run_dir / "config.yaml")
 
-    forward = bare
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(
-            bare, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
     for problem in damaged:
         log.message(f"skipped a damaged checkpoint ({problem}); resuming from {checkpoint.name}")
-    return _Run(config=config, tokenizer=tokenizer, dist=dist, run_dir=run_dir, final_dir=final_dir,
-                model=bare, forward=forward, optimizer=optimizer, scheduler=scheduler,
+    return Run(config=config, tokenizer=tokenizer, dist=dist, run_dir=run_dir, final_dir=final_dir,
+                model=bare, parallel=parallel, optimizer=optimizer, scheduler=scheduler,
                 trainable=[p for _, p in trainable_parameters(bare)], stream=stream,
                 total_steps=total_steps, lr=lr, collator=collator,
                 eval_collator=Collator(tokenizer.pad_token_id), train_dataset=train_dataset,
-                eval_dataset=eval_dataset, bf16=resolve_bf16(tc.bf16, dist.device),
+                eval_dataset=eval_dataset, bf16=bf16,
                 metric=tc.metric or default_metric(task), log=log, progress=progress,
                 started=started)
 
 
-def _optimizer_step(run: _Run) -> None:
+def _optimizer_step(run: Run) -> None:
     """One optimizer step over `grad_accum` global batches; logs it."""
     tc, task, dist, progress = run.tc, run.config.task, run.dist, run.progress
     tick = time.perf_counter()
@@ -201,18 +157,17 @@ def _optimizer_step(run: _Run) -> None:
     for k, batch in enumerate(batches):
         batch = {key: value.to(dist.device) for key, value in batch.items()}
         last = k == len(batches) - 1
-        # DDP syncs gradients on the last micro-batch only.
-        sync = run.forward.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+        sync = run.parallel.accumulating(last)
         # Backward too: gradient checkpointing re-runs the attention there.
         attention = packed_attention(run.model) if run.collator.packing else contextlib.nullcontext()
         with sync, attention:
             with autocast:
-                loss = batch_loss(run.forward, task, batch, head_owner=run.model)
+                loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model)
             (loss * (dist.world_size / max(targets, 1.0))).backward()
         step_loss += loss.detach().double().cpu()
     step_loss = float(dist.all_reduce_sum(step_loss)) / max(targets, 1.0)
     # With max_grad_norm None the norm is still measured (logged, and checked for nan).
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, tc.max_grad_norm or math.inf)
+    grad_norm = run.parallel.clip_grad_norm(run.trainable, tc.max_grad_norm or math.inf)
     finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
     lr_now = run.scheduler.get_last_lr()[0]
     if finite:
@@ -241,10 +196,10 @@ def _optimizer_step(run: _Run) -> None:
                      "grad_norm": float(grad_norm),
                      "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
                      "elapsed_s": round(time.time() - run.started, 2)})
-        run.window = _Window()
+        run.window = Window()
 
 
-def _evaluate(run: _Run, final: bool) -> dict[str, float]:
+def _evaluate(run: Run, final: bool) -> dict[str, float]:
     """Evaluate, log, and keep `best` up to date."""
     config, progress, metric = run.config, run.progress, run.metric
     with_em = metric == "exact_match" or (final and config.data.format == "gsm8k")
@@ -259,10 +214,12 @@ def _evaluate(run: _Run, final: bool) -> dict[str, float]:
     if is_better(metric, metrics[metric], progress.best_metric):
         progress.best_metric, progress.best_step = metrics[metric], progress.step
         progress.evals_since_best = 0
-        if run.tc.eval_every and run.dist.is_main:
+        if run.tc.eval_every:
             from deltatune.adapters_io import save_adapter
 
-            save_adapter(run.model, run.run_dir / "best")
+            with run.parallel.full_weights():  # every rank gathers; rank 0 writes
+                if run.dist.is_main:
+                    save_adapter(run.model, run.run_dir / "best")
     else:
         progress.evals_since_best += 1
     run.log.message(f"step {progress.step}: " + ", ".join(
@@ -270,7 +227,7 @@ def _evaluate(run: _Run, final: bool) -> dict[str, float]:
     return metrics
 
 
-def _check_early_stopping(run: _Run) -> None:
+def _check_early_stopping(run: Run) -> None:
     patience = run.tc.early_stopping_patience
     if patience and run.progress.evals_since_best >= patience:
         run.progress.stopped_early = True
@@ -278,44 +235,56 @@ def _check_early_stopping(run: _Run) -> None:
                         f"{patience} evaluations")
 
 
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: Run) -> None:
     """checkpoints/step-N/ with every rank's RNG state (rank 0 writes; the others wait)."""
     dist = run.dist
     rng = [rng_from_bytes(b) for b in dist.gather(rng_to_bytes(capture_rng()))]
-    if dist.is_main:
+    state = {"progress": asdict(run.progress), "rng": rng}
+    if run.parallel.sharded:
+        save_sharded_checkpoint(run.run_dir, run.progress.step, run.model, run.optimizer,
+                                run.scheduler, state, run.tc.keep_checkpoints, dist)
+    elif dist.is_main:
         save_checkpoint(run.run_dir, run.progress.step, run.model, run.optimizer, run.scheduler,
-                        {"progress": asdict(run.progress), "rng": rng}, run.tc.keep_checkpoints)
+                        state, run.tc.keep_checkpoints)
     dist.barrier()
 
 
-def _finish(run: _Run, final_metrics: dict[str, float]) -> dict:
+def _finish(run: Run, final_metrics: dict[str, float]) -> dict:
     """The final delta and summary.json (rank 0), then the run directory renamed into place."""
-    bare, dist, progress = run.model, run.dist, run.progress
+    bare, dist = run.model, run.dist
     bare.eval()
-    in_sync = ranks_in_sync(run.trainable, dist)
+    in_sync = None if run.parallel.sharded else ranks_in_sync(run.trainable, dist)
+    run.parallel.release_optimizer(run.optimizer)
     summary = None
-    if dist.is_main:
-        trainable_count, total_count = count_parameters(bare)
-        train_dataset, eval_dataset = run.train_dataset, run.eval_dataset
-        summary = write_summary(run.run_dir, bare, run.tokenizer, run.config, {
-            "trainable_params": trainable_count, "total_params": total_count,
-            "trainable_percent": round(100 * trainable_count / max(total_count, 1), 4),
-            "lr": run.lr, "bf16": run.bf16, "world_size": dist.world_size,
-            "steps": progress.step, "total_steps": run.total_steps,
-            "epochs": round(progress.batch / run.stream.per_epoch, 4),
-            "train_examples": len(train_dataset),
-            "truncated_train_rows": getattr(train_dataset, "stats", {}).get("truncated"),
-            "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
-            "train_time_s": round(progress.train_seconds, 3),
-            "time_per_step_s": round(progress.train_seconds / max(progress.step, 1), 4),
-            "tokens_per_s": round(progress.train_tokens / max(progress.train_seconds, 1e-9), 1),
-            "final_eval": final_metrics, "metric": run.metric,
-            "best": {"metric": run.metric, "value": progress.best_metric, "step": progress.best_step},
-            "stopped_early": progress.stopped_early, "ranks_in_sync": in_sync,
-        }, run.started, dist.device)
+    with run.parallel.full_weights():
+        summary = _write_summary(run, final_metrics, in_sync) if dist.is_main else None
     dist.barrier()
     finish_run_dir(run.run_dir, run.final_dir, dist)
     return dist.broadcast(summary)
+
+
+def _write_summary(run: Run, final_metrics: dict[str, float], in_sync: bool | None) -> dict:
+    bare, dist, progress = run.model, run.dist, run.progress
+    trainable_count, total_count = count_parameters(bare)
+    train_dataset, eval_dataset = run.train_dataset, run.eval_dataset
+    summary = write_summary(run.run_dir, bare, run.tokenizer, run.config, {
+        "trainable_params": trainable_count, "total_params": total_count,
+        "trainable_percent": round(100 * trainable_count / max(total_count, 1), 4),
+        "lr": run.lr, "bf16": run.bf16, "world_size": dist.world_size,
+        "steps": progress.step, "total_steps": run.total_steps,
+        "epochs": round(progress.batch / run.stream.per_epoch, 4),
+        "train_examples": len(train_dataset),
+        "truncated_train_rows": getattr(train_dataset, "stats", {}).get("truncated"),
+        "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
+        "train_time_s": round(progress.train_seconds, 3),
+        "time_per_step_s": round(progress.train_seconds / max(progress.step, 1), 4),
+        "tokens_per_s": round(progress.train_tokens / max(progress.train_seconds, 1e-9), 1),
+        "final_eval": final_metrics, "metric": run.metric,
+        "best": {"metric": run.metric, "value": progress.best_metric, "step": progress.best_step},
+        "stopped_early": progress.stopped_early, "ranks_in_sync": in_sync,
+        "distributed": describe(run.parallel),
+    }, run.started, dist.device)
+    return summary
 
 
 def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] = (),
@@ -324,14 +293,23 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
     """`deltatune train CONFIG.yaml [key=value ...]`: load, apply the method, train, evaluate,
     save. Under torchrun every rank runs this; rank 0 writes. `on_step`: see `train`."""
     from deltatune.config.run import load_run_config
+
+    started = time.time()
+    config = load_run_config(config_path, list(overrides))
+    config.method_config()  # validate the method section first
+    # Fail before loading anything: a live run holding the directory, or the wrong flags.
+    with run_dir_lock(Path(config.output_dir), int(os.environ.get("RANK", "0"))):
+        check_output_dir(Path(config.output_dir), resume, overwrite)
+        return _train_from_config(config, resume, overwrite, on_step, started)
+
+
+def _train_from_config(config: Any, resume: bool, overwrite: bool,
+                       on_step: Callable[[int], None] | None, started: float) -> dict:
     from deltatune.data.dataset import build_dataset, num_labels_of
     from deltatune.deltas import apply
     from deltatune.models import load_model
 
-    started = time.time()
-    config = load_run_config(config_path, list(overrides))
     method_config = config.method_config()
-    check_output_dir(Path(config.output_dir), resume, overwrite)  # fail before loading anything
     dist = setup_distributed()
     finished = False
     try:
