@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from deltatune.cli import main
 from deltatune.training.loop import train_from_config
 from deltatune.training.run_dir import partial_dir
-from fault_driver import kill_at
 from tiny_runs import causal_config, classification_config, tiny_bert_dir, tiny_llama_dir, write_config
 from tiny_runs import one_thread  # noqa: F401
 
@@ -73,13 +72,23 @@ def configs(tmp_path_factory):
     return root, {"lora": lora, "full": full}, one
 
 
+def fsdp_run(configs, method: str) -> Path:
+    """The uninterrupted 2-process FSDP run of `method` (run once, shared by the tests)."""
+    root, config, _ = configs
+    out = root / f"fsdp-{method}"
+    if not out.exists():
+        lr = ["train.lr=1e-3"] if method == "full" else []
+        result = torchrun("train", str(config[method]), f"output_dir={out}", "train.distributed=fsdp",
+                          *TRAIN, *lr)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fsdp_matches_one_process(configs, method):
     root, config, one = configs
-    out = root / f"fsdp-{method}"
+    out = fsdp_run(configs, method)
     lr = ["train.lr=1e-3"] if method == "full" else []
-    result = torchrun("train", str(config[method]), f"output_dir={out}", "train.distributed=fsdp", *TRAIN, *lr)
-    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed"] == "fsdp" and summary["world_size"] == 2 and summary["steps"] == 4
     a, b = weights(one[method]), weights(out)
@@ -116,9 +125,7 @@ def test_killed_rank_then_resume(configs, tmp_path):
     # Same world size: bit for bit the uninterrupted FSDP run.
     result = torchrun("train", str(config["lora"]), f"output_dir={out}", "train.distributed=fsdp", *TRAIN, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    uninterrupted = root / "fsdp-lora"
-    if not uninterrupted.exists():
-        pytest.skip("needs test_fsdp_matches_one_process[lora] first")  # run in file order
+    uninterrupted = fsdp_run(configs, "lora")
     a, b = weights(uninterrupted), weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # 2 processes -> 1: the shards are read back whole.
@@ -168,6 +175,7 @@ def test_a_live_run_holds_its_directory(tmp_path, capsys):
         while not ready.exists():
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
             time.sleep(0.05)
+        capsys.readouterr()
         assert main(["train", str(config), f"output_dir={out}", "--resume"]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and f"pid {process.pid}" in error[0], error

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,23 +95,56 @@ def setup_distributed() -> Distributed:
                        device=device, peers=peers)
 
 
+class _Terminated(Exception):
+    """torchrun's SIGTERM: it stops the other workers as soon as one of them has ended."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 @contextlib.contextmanager
 def peer_failures(dist: Distributed, run_dir: Path) -> Iterator[None]:
-    """A collective that fails because a peer process died becomes one line naming that rank
-    (this rank then stops too; torchrun ends the job). What the run wrote stays consistent:
-    checkpoints are renamed into place only when complete, so `--resume` continues from the
-    last one."""
+    """A rank that dies ends the job with one line naming it, from each surviving rank: whether
+    this rank first sees the broken connection (a failed collective) or torchrun's SIGTERM.
+    What the run wrote stays consistent: checkpoints are renamed into place only when complete,
+    so `--resume` continues from the last one."""
+    handler = None
+    if dist.enabled and threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
-    except (RuntimeError, ValueError) as exc:
-        if not dist.enabled or isinstance(exc, DeltatuneError) or not _is_peer_loss(exc):
+    except (RuntimeError, ValueError, _Terminated) as exc:
+        if not dist.enabled or isinstance(exc, DeltatuneError) or not (
+                isinstance(exc, _Terminated) or _is_peer_loss(exc)):
             raise
-        dead = [f"rank {r} (pid {pid})" for r, (host, pid) in enumerate(dist.peers)
-                if r != dist.rank and host == socket.gethostname() and not _alive(pid)]
-        who = " and ".join(dead) if dead else "a peer rank (on another machine)"
+        if handler is not None:  # the line below must get out before a second SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            handler = None
+        dead = _dead_peers(dist)
+        who = " and ".join(dead) if dead else "another rank"
+        how = ("torchrun stopped this rank" if isinstance(exc, _Terminated)
+               else str(exc).strip().splitlines()[0][:100])
         raise DeltatuneError(f"rank {dist.rank}: {who} ended unexpectedly, so the job stops; "
                              f"complete checkpoints are kept in {run_dir} — rerun with --resume "
-                             f"({str(exc).strip().splitlines()[0][:100]})") from None
+                             f"({how})") from None
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _dead_peers(dist: Distributed, wait_s: float = 3.0) -> list[str]:
+    """Peers on this machine whose process is gone. A killed process closes its sockets a moment
+    before it becomes a zombie, so look again for a few seconds before giving up."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [f"rank {r} (pid {pid})" for r, (host, pid) in enumerate(dist.peers)
+                if r != dist.rank and host == socket.gethostname() and not _alive(pid)]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.1)
 
 
 def _is_peer_loss(exc: BaseException) -> bool:

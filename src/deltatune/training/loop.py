@@ -39,8 +39,9 @@ from deltatune.training.optimization import (build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
 from deltatune.training.progress import RunLog
-from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partial_dir,
-                                        prepare_run_dir, run_dir_lock, write_summary)
+from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partial_dir, peak_memory,
+                                        prepare_run_dir, rewrite_summary, run_dir_lock,
+                                        write_summary)
 from deltatune.training.sharding import build_parallel, describe
 from deltatune.training.state import Progress, Run, Window
 
@@ -258,6 +259,9 @@ def _finish(run: Run, final_metrics: dict[str, float]) -> dict:
     summary = None
     with run.parallel.full_weights():
         summary = _write_summary(run, final_metrics, in_sync) if dist.is_main else None
+    peaks = dist.gather(peak_memory()[0])  # each rank's own peak (rank 0's includes the save)
+    if dist.enabled and dist.is_main:
+        summary = rewrite_summary(run.run_dir, {**summary, "peak_memory_bytes_by_rank": peaks})
     dist.barrier()
     finish_run_dir(run.run_dir, run.final_dir, dist)
     return dist.broadcast(summary)

@@ -199,6 +199,10 @@ def write_summary(run_dir: Path, model: nn.Module, tokenizer: Any, config: Any,
         "device": str(device),
         "wall_time_s": round(time.time() - started, 2),
     }
+    return rewrite_summary(run_dir, summary)
+
+
+def rewrite_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     text = json.dumps(summary, indent=2, default=_jsonable) + "\n"
     (run_dir / SUMMARY_FILE).write_text(text, encoding="utf-8")
     return json.loads(text)
