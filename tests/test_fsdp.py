@@ -186,3 +186,23 @@ def test_a_live_run_holds_its_directory(tmp_path, capsys):
     assert main(["train", str(config), f"output_dir={out}", "train.save_every=1", "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
+def test_plan_per_process(configs, capsys):
+    """`plan --world-size 2`: FSDP divides the weights, gradients and AdamW moments that full
+    fine-tuning holds (and the loaded base, for every method); DDP adds its gradient buckets."""
+    from deltatune.compare.plan import plan_from_config
+
+    root, config, _ = configs
+    one, ddp, fsdp = (
+        {p["method"]: p for p in plan_from_config(str(config["full"]), [], "full,lora", n, mode)}
+        for n, mode in ((1, "ddp"), (2, "ddp"), (2, "fsdp")))
+    assert "per process, 2 processes, fsdp" in capsys.readouterr().out
+    full = one["full"]
+    assert fsdp["full"]["optimizer_bytes"] == full["optimizer_bytes"] // 2
+    assert fsdp["full"]["gradient_bytes"] == full["gradient_bytes"] // 2
+    assert ddp["full"]["optimizer_bytes"] == full["optimizer_bytes"]
+    assert ddp["full"]["activation_bytes"] == fsdp["full"]["activation_bytes"] == full["activation_bytes"] // 2
+    assert fsdp["lora"]["optimizer_bytes"] == one["lora"]["optimizer_bytes"] // 2
+    assert main(["plan", str(config["full"]), "--world-size", "0"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

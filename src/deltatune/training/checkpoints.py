@@ -123,6 +123,9 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     directory = Path(directory)
     if (directory / SHARDED).is_dir():
         load_sharded(directory / SHARDED, model, optimizer)
+    elif any(hasattr(p, "full_tensor") for p in model.parameters()):  # a DTensor: fsdp run
+        raise DeltatuneError(f"{directory}: written by a one-process or DDP run, which fsdp cannot "
+                             "continue; resume it with train.distributed=ddp")
     else:
         restore_delta(model, directory / "adapter")
     try:
@@ -181,11 +184,7 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    state = _sharded_state(model, optimizer)
-    if not state["optimizer"]["state"]:
-        # A fresh AdamW has no moments yet: take one zero step so that they exist to be loaded.
-        _initialise_moments(optimizer)
-        state = _sharded_state(model, optimizer)
+    state = _sharded_state(model, optimizer)  # a fresh AdamW's moments are created (zeros) here
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except Exception as exc:
@@ -193,18 +192,6 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
                              f"{str(exc).strip().splitlines()[0][:160]})") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
-def _initialise_moments(optimizer: torch.optim.Optimizer) -> None:
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
 
 
 def load_latest_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
