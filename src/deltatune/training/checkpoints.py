@@ -186,7 +186,8 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
 
     state = _sharded_state(model, optimizer)  # a fresh AdamW's moments are created (zeros) here
     try:
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory),
+                 no_dist=not torch.distributed.is_initialized())  # one process: read every shard
     except Exception as exc:
         raise DeltatuneError(f"{directory}: unreadable sharded checkpoint ({type(exc).__name__}: "
                              f"{str(exc).strip().splitlines()[0][:160]})") from None
