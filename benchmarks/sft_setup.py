@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.jsonl"
+# DELTATUNE_SFT_DATA: another alpaca-format file (gpu_check.py sets it on machines without ../shared)
+DATA = Path(os.environ.get("DELTATUNE_SFT_DATA")
+            or ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.jsonl")
 MODEL = "smollm2-135m"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 8, 16

@@ -84,7 +84,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from deltatune.compare.plan import plan_from_config
 
-    plan_from_config(args.config, args.overrides, methods=args.methods)
+    plan_from_config(args.config, args.overrides, methods=args.methods,
+                     world_size=args.world_size, distributed=args.distributed)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--methods", default=None, help="comma-separated, e.g. full,lora,prefix")
         if name == "compare":
             p.add_argument("--overwrite", action="store_true")
+        else:
+            p.add_argument("--world-size", type=int, default=1,
+                           help="per-process memory when torchrun starts N processes")
+            p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp")
         p.set_defaults(func=func)
 
     p = sub.add_parser("merge", help="fold an adapter into the base and export a plain model")
@@ -204,6 +209,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # A torchrun worker leaves without interpreter teardown: gloo's worker threads can
+        # abort a process that finalizes after its process group is gone (SIGABRT, "terminate
+        # called without an active exception"), turning a finished run into a failed job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = parse_args(argv)

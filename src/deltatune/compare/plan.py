@@ -93,7 +93,7 @@ def release_freed_memory() -> None:
 def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
     """The collated batch of the run that makes its layers compute the most tokens, found by
     replaying the trainer's own batch stream (a pure function of seed and batch index)."""
-    from deltatune.training.loop import training_stream
+    from deltatune.training.batching import training_stream
 
     stream, steps = training_stream(dataset, train, collator)
     lengths = [len(e.input_ids) for e in dataset]
@@ -146,10 +146,12 @@ def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
 
 # ------------------------------------------------------------------------------------- per method
 def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_id: int | None,
-                run_config: Any, train: Any, baseline_bytes: int) -> MethodPlan:
-    """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched."""
+                run_config: Any, train: Any, baseline_bytes: int, world_size: int = 1,
+                distributed: str = "ddp") -> MethodPlan:
+    """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched.
+    world_size > 1: what each process holds under `distributed` (ddp | fsdp)."""
     from deltatune.training.optimization import resolve_bf16
-    from deltatune.training.loop import training_collator, training_stream
+    from deltatune.training.batching import training_collator, training_stream
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
@@ -177,12 +179,20 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
             + RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) * activations
             + RUNTIME_ALLOWANCE_BYTES)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
-    return MethodPlan(
+    plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
         optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
         predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),
         heaviest_batch_tokens=tokens, total_steps=total_steps)
+    if world_size > 1:
+        from deltatune.compare.world_plan import per_process
+
+        base = sum(p.numel() * p.element_size() for p in model.parameters())
+        retention = RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION))
+        plan = per_process(plan, adapted, base, world_size, distributed, bf16, retention,
+                           RUNTIME_ALLOWANCE_BYTES)
+    return plan
 
 
 def _delta_file_bytes(adapted: nn.Module, method) -> int:
@@ -194,7 +204,8 @@ def _delta_file_bytes(adapted: nn.Module, method) -> int:
 
 
 def plan_methods(run_config: Any, methods: list[str],
-                 per_method: dict[str, dict] | None = None) -> list[MethodPlan]:
+                 per_method: dict[str, dict] | None = None, world_size: int = 1,
+                 distributed: str = "ddp") -> list[MethodPlan]:
     """Plans for several methods on the run's model, its real training rows and batch order."""
     from deltatune.training import loop as _train  # noqa: F401  (training imports count toward the baseline)
     from deltatune.data.dataset import build_dataset
@@ -241,7 +252,8 @@ def plan_methods(run_config: Any, methods: list[str],
                 datasets[key] = build_dataset(data, tokenizer, run_config.task, "train", train.seed,
                                               num_labels)
             plan = plan_method(model, values, datasets[key], tokenizer.pad_token_id,
-                               dataclasses.replace(run_config, data=data), train, baseline)
+                               dataclasses.replace(run_config, data=data), train, baseline,
+                               world_size, distributed)
             plans[row] = dataclasses.replace(plan, method=row, quantize=str(quantize),
                                              base_weight_bytes=base_bytes)
         del model, datasets
@@ -277,11 +289,17 @@ def format_plans(plans: list[MethodPlan]) -> str:
     return "\n".join(rows)
 
 
-def plan_from_config(config_path: str, overrides: list[str], methods: str | None = None) -> list[dict]:
+def plan_from_config(config_path: str, overrides: list[str], methods: str | None = None,
+                     world_size: int = 1, distributed: str = "ddp") -> list[dict]:
     from deltatune.compare.settings import read_compare_config
+    from deltatune.errors import DeltatuneError
 
+    if world_size < 1:
+        raise DeltatuneError(f"--world-size: must be >= 1, got {world_size}")
     run_config, settings = read_compare_config(config_path, overrides)
     names = methods.split(",") if methods else settings["methods"]
-    plans = plan_methods(run_config, names, settings["per_method"])
+    plans = plan_methods(run_config, names, settings["per_method"], world_size, distributed)
+    if world_size > 1:
+        print(f"per process, {world_size} processes, {distributed} (batch_size is the global batch):")
     print(format_plans(plans))
     return [asdict(p) for p in plans]

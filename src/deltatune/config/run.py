@@ -33,6 +33,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("accuracy", "f1", "exact_match", "perplexity")
 METRICS_BY_TASK = {"classification": ("accuracy", "f1"), "causal-lm": ("perplexity", "exact_match")}
 ON_NAN = ("stop", "skip")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 DATA_ENV = "DELTATUNE_DATA"      # where ../shared/data lives on this machine, when set
 SHARED_DATA_PREFIX = "../shared/data"
 HUB_PREFIX = "hf:"               # data.train: hf:stanfordnlp/sst2 -> a datasets-library Hub name
@@ -109,6 +110,10 @@ class TrainConfig(ConfigSection):
     seed: int = 0
     log_every: int = 10
     on_nan: str = "stop"            # stop | skip (skip the step, keep going)
+    # under torchrun: ddp replicates the model; fsdp shards weights, gradients and optimizer state
+    # (torch FSDP2, every transformer layer + the root); auto = ddp
+    distributed: str = "auto"
+    fsdp_cpu_offload: bool = False  # fsdp on GPUs: sharded parameters and AdamW live in CPU memory
 
     def validate(self) -> None:
         self.positive("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every")
@@ -120,6 +125,7 @@ class TrainConfig(ConfigSection):
             self.fail("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
         self.one_of("schedule", SCHEDULES)
         self.one_of("on_nan", ON_NAN)
+        self.one_of("distributed", DISTRIBUTED)
         if self.metric is not None:
             self.one_of("metric", METRICS)
         if isinstance(self.bf16, str) and self.bf16 != "auto":

@@ -4,6 +4,10 @@
         adapter/              the delta, exactly as save_adapter writes it (usable on its own)
         trainer_state.pt      optimizer + scheduler state, RNG states of every rank, data position,
                               best metric so far (torch tensors and plain Python: weights_only)
+    run_dir/checkpoints/step-N/ of a sharded (FSDP) run:
+        sharded/              torch.distributed.checkpoint: each rank's shard of the trainable
+                              tensors and their AdamW moments (+ .metadata); loads at any world size
+        trainer_state.pt      scheduler, RNG states, data position (no optimizer: it is sharded)
 
 Each checkpoint is written to a temp directory and renamed into place, so a crash mid-write
 leaves the previous checkpoint intact; only the newest `keep` are kept.
@@ -28,6 +32,7 @@ from deltatune.methods import get_method
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
+SHARDED = "sharded"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -116,12 +121,21 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                     scheduler: Any) -> dict[str, Any]:
     """Restore the delta, optimizer and scheduler from `directory`; returns the trainer state."""
     directory = Path(directory)
-    restore_delta(model, directory / "adapter")
+    if (directory / SHARDED).is_dir():
+        load_sharded(directory / SHARDED, model, optimizer)
+    elif any(hasattr(p, "full_tensor") for p in model.parameters()):  # a DTensor: fsdp run
+        raise DeltatuneError(f"{directory}: written by a one-process or DDP run, which fsdp cannot "
+                             "continue; resume it with train.distributed=ddp")
+    else:
+        restore_delta(model, directory / "adapter")
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, in one line
         raise DeltatuneError(f"{directory / STATE_FILE}: unreadable checkpoint state "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if "optimizer" not in state:  # sharded: restored with the weights
+        scheduler.load_state_dict(state.pop("scheduler"))
+        return state
     try:
         optimizer.load_state_dict(state.pop("optimizer"))
     except (ValueError, KeyError) as exc:
@@ -129,6 +143,56 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                              f"trainable parameters ({exc}) — was the method changed?") from None
     scheduler.load_state_dict(state.pop("scheduler"))
     return state
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module,
+                            optimizer: torch.optim.Optimizer, scheduler: Any,
+                            trainer_state: dict[str, Any], keep: int, dist: Any) -> None:
+    """Every rank writes its shard into one temp directory (on a filesystem all nodes share);
+    rank 0 then adds trainer_state.pt and renames it into place, as save_checkpoint does."""
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(run_dir) / CHECKPOINTS / f"step-{step}"
+    tmp = Path(dist.broadcast(str(atomic_directory(final)) if dist.is_main else None))
+    try:
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
+        if dist.is_main:
+            torch.save({"scheduler": scheduler.state_dict(), **trainer_state}, tmp / STATE_FILE)
+            commit_directory(tmp, final)
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable tensors (by their names in the model) and their optimizer state: the same
+    keys whether the model is sharded over N ranks or whole in one process."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
+    return {"model": weights, "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read a sharded checkpoint into this run's model and optimizer, resharding to this world
+    size (one process included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = _sharded_state(model, optimizer)  # a fresh AdamW's moments are created (zeros) here
+    try:
+        dcp.load(state, checkpoint_id=str(directory),
+                 no_dist=not torch.distributed.is_initialized())  # one process: read every shard
+    except Exception as exc:
+        raise DeltatuneError(f"{directory}: unreadable sharded checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:160]})") from None
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def load_latest_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

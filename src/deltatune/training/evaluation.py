@@ -91,7 +91,17 @@ def default_metric(task: str) -> str:
 def _length_sorted_batches(dataset, batch_size: int, dist: Distributed) -> list[list[int]]:
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return batches[dist.rank::dist.world_size]
+    return _in_lockstep(batches[dist.rank::dist.world_size], len(batches), dist)
+
+
+def _in_lockstep(mine: list, total: int, dist: Distributed) -> list:
+    """Under lockstep, a rank with fewer batches runs its first one again (marked None in the
+    returned list's second half of each pair) so every rank makes the same number of forward
+    passes; the repeats are computed and thrown away."""
+    if not dist.lockstep:
+        return mine
+    rounds = -(-total // dist.world_size)
+    return mine + [None] * (rounds - len(mine))
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,6 +123,9 @@ def evaluate_model(model: nn.Module, dataset, task: str, collator, *, batch_size
     loss_sum, targets, rows = 0.0, 0, []
     try:
         for indices in _length_sorted_batches(dataset, batch_size, dist):
+            if indices is None:  # lockstep filler: a forward pass whose result is not counted
+                _ = model(**{k: v for k, v in _to(collator([dataset[0]]), device).items() if k != "labels"})
+                continue
             batch = _to(collator([dataset[i] for i in indices]), device)
             with autocast:
                 if task == "classification":
@@ -168,14 +181,20 @@ def _exact_match(model, dataset, tokenizer, batch_size, dist, autocast, max_new_
         # short word answers (verbalized labels): a few tokens past the longest one suffice
         longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
         max_new_tokens = min(max_new_tokens, longest + 4)
-    for start in range(0, len(indices), batch_size):
-        pairs = [split_prompt(dataset[i]) for i in indices[start:start + batch_size]]
+    starts = _in_lockstep(list(range(0, len(indices), batch_size)),
+                          -(-len(dataset) // batch_size), dist)
+    for start in starts:
+        filler = start is None  # lockstep: generate along with the other ranks, keep nothing
+        chunk = indices[:1] if filler else indices[start:start + batch_size]
+        pairs = [split_prompt(dataset[i]) for i in (chunk or [0])]
         width = max(len(p) for p, _ in pairs)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in pairs], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in pairs], device=device)
         with autocast:
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
+                                 do_sample=False, pad_token_id=pad, synced_gpus=dist.lockstep)
+        if filler or not chunk:
+            continue
         for row, (_, answer) in zip(out[:, width:], pairs):
             reference = answer if isinstance(answer, str) else tokenizer.decode(answer, skip_special_tokens=True)
             generated.append((tokenizer.decode(row, skip_special_tokens=True), reference))

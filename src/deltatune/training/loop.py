@@ -12,9 +12,11 @@ output_dir and renamed to output_dir only when complete; checkpoints live inside
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,64 +24,28 @@ import torch
 from torch import nn
 
 from deltatune.training.checkpoints import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
-                         rng_to_bytes, save_checkpoint)
+                         rng_to_bytes, save_checkpoint, save_sharded_checkpoint)
 from deltatune.deltas import active_config
-from deltatune.training.distributed import Distributed, setup_distributed, teardown_distributed
+from deltatune.training.batching import batch_tokens, training_collator, training_stream
+from deltatune.training.distributed import (Distributed, peer_failures, ranks_in_sync,
+                                            setup_distributed, teardown_distributed)
 from deltatune.errors import DeltatuneError
 from deltatune.training.evaluation import default_metric, evaluate_model, is_better
 from deltatune.training.losses import batch_loss, count_targets
 from deltatune.methods import default_lr_for
 from deltatune.methods.base import count_parameters
-from deltatune.training.packed_attention import ONE_ROW, packed_attention, supports_packed_attention
-from deltatune.training.optimization import (BatchStream, build_optimizer, build_scheduler,
+from deltatune.training.packed_attention import packed_attention
+from deltatune.training.optimization import (build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
 from deltatune.training.hardware import bf16_warning
 from deltatune.training.progress import RunLog
+from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partial_dir, peak_memory,
+                                        prepare_run_dir, rewrite_summary, run_dir_lock,
+                                        write_summary)
+from deltatune.training.sharding import build_parallel, describe
+from deltatune.training.state import Progress, Run, Window
 from deltatune.training.speed import hold_frozen_weights_in_bf16
-from deltatune.training.run_dir import check_output_dir, finish_run_dir, prepare_run_dir, write_summary
-
-
-@dataclass
-class Progress:
-    """Where a run is; saved in every checkpoint."""
-
-    step: int = 0                 # optimizer steps done
-    batch: int = 0                # global batches consumed (the data position)
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    train_tokens: int = 0
-    train_seconds: float = 0.0
-    stopped_early: bool = False
-
-
-def _tokens(batch: dict[str, torch.Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
-def training_collator(model: nn.Module, pad_token_id: int | None, task: str, data: Any,
-                      tc: Any) -> Collator:
-    """How the trainer batches rows for this (adapted) model. Padding-free (causal LM): a
-    batch's examples are laid end to end in one row and each attends only to itself
-    (packed_attention), so no layer computes a padding token."""
-    from deltatune.data.dataset import Collator
-
-    padding_free = (task == "causal-lm" and getattr(tc, "padding_free", True)
-                    and not data.packing and supports_packed_attention(model))
-    return Collator(pad_token_id, packing=data.packing or padding_free,
-                    max_length=ONE_ROW if padding_free else data.max_length)
-
-
-def training_stream(dataset: Any, tc: Any, collator: Collator,
-                    world_size: int = 1) -> tuple[BatchStream, int]:
-    """The run's batch order (rows grouped by length unless packed) and its number of steps."""
-    grouped = getattr(tc, "group_by_length", True) and not collator.packing
-    stream = BatchStream(len(dataset), tc.batch_size, tc.seed, world_size,
-                         [len(e.input_ids) for e in dataset] if grouped else None)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * stream.per_epoch / tc.grad_accum))
-    return stream, total_steps
 
 
 def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, eval_dataset=None,
@@ -91,10 +57,40 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     `on_step(step)` is called after every optimizer step (and its checkpoint); raising from it
     interrupts the run as a crash would, leaving the checkpoints for `resume=True`.
     """
+    dist = dist or setup_distributed()
+    final = Path(config.output_dir)
+    with run_dir_lock(final, dist.rank), peer_failures(dist, partial_dir(final)):
+        run = _setup(model, tokenizer, config, train_dataset, eval_dataset, resume, overwrite,
+                     dist, started or time.time())
+        return _train(run, on_step)
+
+
+def _train(run: Run, on_step: Callable[[int], None] | None) -> dict:
+    tc, progress = run.tc, run.progress
+    run.model.train()
+    try:
+        while progress.step < run.total_steps and not progress.stopped_early:
+            _optimizer_step(run)
+            if (run.eval_dataset is not None and tc.eval_every and progress.step % tc.eval_every == 0
+                    and progress.step < run.total_steps):
+                _evaluate(run, final=False)
+                run.model.train()
+                _check_early_stopping(run)
+            if tc.save_every and progress.step % tc.save_every == 0:
+                _checkpoint(run)
+            if on_step is not None:
+                on_step(progress.step)
+        final_metrics = _evaluate(run, final=True) if run.eval_dataset is not None else {}
+    finally:
+        run.log.close()
+    return _finish(run, final_metrics)
+
+
+def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, eval_dataset: Any,
+           resume: bool, overwrite: bool, dist: Distributed, started: float) -> Run:
+    """Data, run directory, optimizer and schedule; the checkpoint's state when resuming."""
     from deltatune.data.dataset import Collator, build_dataset
 
-    started = started or time.time()
-    dist = dist or setup_distributed()
     tc, task = config.train, config.task
     final_dir = Path(config.output_dir)
     run_dir = prepare_run_dir(final_dir, resume, overwrite, dist)
@@ -106,18 +102,23 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
     if len(train_dataset) == 0:
         raise DeltatuneError(f"{config.data.train}: the training set is empty")
     collator = training_collator(model, tokenizer.pad_token_id, task, config.data, tc)
-    eval_collator = Collator(tokenizer.pad_token_id)
 
     bare = model.to(dist.device)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(bare)
-    name, method_config = active_config(bare)
+    bf16 = dist.broadcast(resolve_bf16(tc.bf16, dist.device))  # ranks agree even if probes differ
+    # Before the optimizer: under fsdp it must see the sharded parameters.
+    parallel = build_parallel(bare, dist, getattr(tc, "distributed", "auto"), bf16=bf16,
+                              cpu_offload=getattr(tc, "fsdp_cpu_offload", False))
+    if parallel.sharded:
+        dist = dataclasses.replace(dist, lockstep=True)  # every forward is a collective now
+        parallel.dist = dist
+    _, method_config = active_config(bare)
     lr = tc.lr or default_lr_for(method_config)
     stream, total_steps = training_stream(train_dataset, tc, collator, dist.world_size)
-    warmup_steps = math.ceil(tc.warmup_ratio * total_steps)
     optimizer = build_optimizer(bare, lr, tc.weight_decay)
-    scheduler = build_scheduler(optimizer, tc.schedule, warmup_steps, total_steps)
-    trainable = [p for _, p in trainable_parameters(bare)]
+    scheduler = build_scheduler(optimizer, tc.schedule, math.ceil(tc.warmup_ratio * total_steps),
+                                total_steps)
     progress = Progress()
     set_seed(tc.seed)
     damaged: list[str] = []  # newer checkpoints that did not load (resume uses an older one)
@@ -131,154 +132,167 @@ def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, 
 
         save_run_config(config, run_dir / "config.yaml")
 
-    ddp = bare
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(bare, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    bf16 = dist.broadcast(resolve_bf16(tc.bf16, dist.device))  # ranks agree even if probes differ
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
-    metric = tc.metric or default_metric(task)
     log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
     if dist.is_main and (slow_bf16 := bf16_warning(tc.bf16, dist.device)):
         log.message(slow_bf16)
     for problem in damaged:
         log.message(f"skipped a damaged checkpoint ({problem}); resuming from {checkpoint.name}")
-    eval_kwargs = dict(batch_size=tc.eval_batch_size or tc.batch_size, dist=dist, bf16=bf16,
-                       tokenizer=tokenizer)
-    window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
+    return Run(config=config, tokenizer=tokenizer, dist=dist, run_dir=run_dir, final_dir=final_dir,
+                model=bare, parallel=parallel, optimizer=optimizer, scheduler=scheduler,
+                trainable=[p for _, p in trainable_parameters(bare)], stream=stream,
+                total_steps=total_steps, lr=lr, collator=collator,
+                eval_collator=Collator(tokenizer.pad_token_id), train_dataset=train_dataset,
+                eval_dataset=eval_dataset, bf16=bf16,
+                metric=tc.metric or default_metric(task), log=log, progress=progress,
+                started=started)
 
-    def run_eval(final: bool) -> dict[str, float]:
-        with_em = metric == "exact_match" or (final and config.data.format == "gsm8k")
-        metrics = evaluate_model(bare, eval_dataset, task, eval_collator,
-                                 with_exact_match=with_em, **eval_kwargs)
-        log.log({"step": progress.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        if metric not in metrics:
-            raise DeltatuneError(f"train.metric: {metric!r} is not computed for task {task!r} "
-                                 f"(available: {', '.join(k for k in metrics if k != 'examples')})")
-        if is_better(metric, metrics[metric], progress.best_metric):
-            progress.best_metric, progress.best_step = metrics[metric], progress.step
-            progress.evals_since_best = 0
-            if tc.eval_every and dist.is_main:
-                from deltatune.adapters_io import save_adapter
 
-                save_adapter(bare, run_dir / "best")
-        else:
-            progress.evals_since_best += 1
-        log.message(f"step {progress.step}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples"))
-        return metrics
+def _optimizer_step(run: Run) -> None:
+    """One optimizer step over `grad_accum` global batches; logs it."""
+    tc, task, dist, progress = run.tc, run.config.task, run.dist, run.progress
+    tick = time.perf_counter()
+    batches = [run.collator([run.train_dataset[i] for i in dist.shard(run.stream.rows(progress.batch + k))])
+               for k in range(tc.grad_accum)]
+    tokens = sum(batch_tokens(b) for b in batches)
+    counts = dist.all_reduce_sum(torch.tensor(
+        [sum(count_targets(task, b["labels"]) for b in batches), tokens], dtype=torch.float64))
+    targets, tokens = float(counts[0]), int(counts[1])
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=run.bf16)
+    step_loss = torch.zeros((), dtype=torch.float64)
+    for k, batch in enumerate(batches):
+        batch = {key: value.to(dist.device) for key, value in batch.items()}
+        last = k == len(batches) - 1
+        sync = run.parallel.accumulating(last)
+        # Backward too: gradient checkpointing re-runs the attention there.
+        attention = packed_attention(run.model) if run.collator.packing else contextlib.nullcontext()
+        with sync, attention:
+            with autocast:
+                loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model)
+            (loss * (dist.world_size / max(targets, 1.0))).backward()
+        step_loss += loss.detach().double().cpu()
+    step_loss = float(dist.all_reduce_sum(step_loss)) / max(targets, 1.0)
+    # With max_grad_norm None the norm is still measured (logged, and checked for nan).
+    grad_norm = run.parallel.clip_grad_norm(run.trainable, tc.max_grad_norm or math.inf)
+    finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+    lr_now = run.scheduler.get_last_lr()[0]
+    if finite:
+        run.optimizer.step()
+    elif tc.on_nan == "stop":
+        raise DeltatuneError(f"step {progress.step + 1}: the loss is {step_loss} (grad norm "
+                             f"{float(grad_norm)}); "
+                             "lower train.lr, or set train.on_nan=skip to skip such steps")
+    else:
+        run.log.message(f"step {progress.step + 1}: non-finite loss, step skipped")
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.batch += tc.grad_accum
+    seconds = time.perf_counter() - tick
+    progress.train_seconds += seconds
+    progress.train_tokens += tokens
+    window = run.window
+    if finite:
+        window.loss, window.steps = window.loss + step_loss, window.steps + 1
+    window.tokens, window.seconds = window.tokens + tokens, window.seconds + seconds
+    run.log.advance(step_loss if finite else None, tokens / seconds if seconds else None)
+    if progress.step % tc.log_every == 0 or progress.step == run.total_steps:
+        run.log.log({"step": progress.step, "epoch": round(progress.batch / run.stream.per_epoch, 4),
+                     "loss": window.loss / max(window.steps, 1), "lr": lr_now,
+                     "grad_norm": float(grad_norm),
+                     "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+                     "elapsed_s": round(time.time() - run.started, 2)})
+        run.window = Window()
 
-    bare.train()
-    try:
-        while progress.step < total_steps and not progress.stopped_early:
-            tick = time.perf_counter()
-            batches = [collator([train_dataset[i] for i in dist.shard(stream.rows(progress.batch + k))])
-                       for k in range(tc.grad_accum)]
-            tokens = sum(_tokens(b) for b in batches)
-            counts = dist.all_reduce_sum(torch.tensor(
-                [sum(count_targets(task, b["labels"]) for b in batches), tokens], dtype=torch.float64))
-            targets, tokens = float(counts[0]), int(counts[1])
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for k, batch in enumerate(batches):
-                batch = {key: value.to(dist.device) for key, value in batch.items()}
-                last = k == len(batches) - 1
-                # DDP syncs gradients on the last micro-batch only.
-                sync = ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()
-                # Backward too: gradient checkpointing re-runs the attention there.
-                attention = packed_attention(bare) if collator.packing else contextlib.nullcontext()
-                with sync, attention:
-                    with autocast:
-                        loss = batch_loss(ddp, task, batch, head_owner=bare)
-                    (loss * (dist.world_size / max(targets, 1.0))).backward()
-                step_loss += loss.detach().double().cpu()
-            step_loss = float(dist.all_reduce_sum(step_loss)) / max(targets, 1.0)
-            # With max_grad_norm None the norm is still measured (logged, and checked for nan).
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm or math.inf)
-            finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
-            lr_now = scheduler.get_last_lr()[0]
-            if finite:
-                optimizer.step()
-            elif tc.on_nan == "stop":
-                raise DeltatuneError(f"step {progress.step + 1}: the loss is {step_loss} (grad norm "
-                                     f"{float(grad_norm)}); "
-                                     "lower train.lr, or set train.on_nan=skip to skip such steps")
-            else:
-                log.message(f"step {progress.step + 1}: non-finite loss, step skipped")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batch += tc.grad_accum
-            seconds = time.perf_counter() - tick
-            progress.train_seconds += seconds
-            progress.train_tokens += tokens
-            if finite:
-                window_loss, window_steps = window_loss + step_loss, window_steps + 1
-            window_tokens, window_seconds = window_tokens + tokens, window_seconds + seconds
-            log.advance(step_loss if finite else None, tokens / seconds if seconds else None)
-            if progress.step % tc.log_every == 0 or progress.step == total_steps:
-                log.log({"step": progress.step, "epoch": round(progress.batch / stream.per_epoch, 4),
-                         "loss": window_loss / max(window_steps, 1), "lr": lr_now,
-                         "grad_norm": float(grad_norm),
-                         "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
-                         "elapsed_s": round(time.time() - started, 2)})
-                window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
-            if (eval_dataset is not None and tc.eval_every and progress.step % tc.eval_every == 0
-                    and progress.step < total_steps):
-                run_eval(final=False)
-                bare.train()
-                if tc.early_stopping_patience and progress.evals_since_best >= tc.early_stopping_patience:
-                    progress.stopped_early = True
-                    log.message(f"early stopping at step {progress.step}: no better {metric} in "
-                                f"{tc.early_stopping_patience} evaluations")
-            if tc.save_every and progress.step % tc.save_every == 0:
-                rng = [rng_from_bytes(b) for b in dist.gather(rng_to_bytes(capture_rng()))]
-                if dist.is_main:
-                    save_checkpoint(run_dir, progress.step, bare, optimizer, scheduler,
-                                    {"progress": asdict(progress), "rng": rng}, tc.keep_checkpoints)
-                dist.barrier()
-            if on_step is not None:
-                on_step(progress.step)
-        final_metrics = run_eval(final=True) if eval_dataset is not None else {}
-    finally:
-        log.close()
-    bare.eval()
-    in_sync = _ranks_in_sync(trainable, dist)
-    summary = None
-    if dist.is_main:
-        trainable_count, total_count = count_parameters(bare)
-        summary = write_summary(run_dir, bare, tokenizer, config, {
-            "trainable_params": trainable_count, "total_params": total_count,
-            "trainable_percent": round(100 * trainable_count / max(total_count, 1), 4),
-            "lr": lr, "bf16": bf16, "world_size": dist.world_size,
-            "steps": progress.step, "total_steps": total_steps,
-            "epochs": round(progress.batch / stream.per_epoch, 4),
-            "train_examples": len(train_dataset),
-            "truncated_train_rows": getattr(train_dataset, "stats", {}).get("truncated"),
-            "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
-            "train_time_s": round(progress.train_seconds, 3),
-            "time_per_step_s": round(progress.train_seconds / max(progress.step, 1), 4),
-            "tokens_per_s": round(progress.train_tokens / max(progress.train_seconds, 1e-9), 1),
-            "final_eval": final_metrics, "metric": metric,
-            "best": {"metric": metric, "value": progress.best_metric, "step": progress.best_step},
-            "stopped_early": progress.stopped_early, "ranks_in_sync": in_sync,
-        }, started, dist.device)
+
+def _evaluate(run: Run, final: bool) -> dict[str, float]:
+    """Evaluate, log, and keep `best` up to date."""
+    config, progress, metric = run.config, run.progress, run.metric
+    with_em = metric == "exact_match" or (final and config.data.format == "gsm8k")
+    metrics = evaluate_model(run.model, run.eval_dataset, config.task, run.eval_collator,
+                             with_exact_match=with_em,
+                             batch_size=run.tc.eval_batch_size or run.tc.batch_size,
+                             dist=run.dist, bf16=run.bf16, tokenizer=run.tokenizer)
+    run.log.log({"step": progress.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    if metric not in metrics:
+        raise DeltatuneError(f"train.metric: {metric!r} is not computed for task {config.task!r} "
+                             f"(available: {', '.join(k for k in metrics if k != 'examples')})")
+    if is_better(metric, metrics[metric], progress.best_metric):
+        progress.best_metric, progress.best_step = metrics[metric], progress.step
+        progress.evals_since_best = 0
+        if run.tc.eval_every:
+            from deltatune.adapters_io import save_adapter
+
+            with run.parallel.full_weights():  # every rank gathers; rank 0 writes
+                if run.dist.is_main:
+                    save_adapter(run.model, run.run_dir / "best")
+    else:
+        progress.evals_since_best += 1
+    run.log.message(f"step {progress.step}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples"))
+    return metrics
+
+
+def _check_early_stopping(run: Run) -> None:
+    patience = run.tc.early_stopping_patience
+    if patience and run.progress.evals_since_best >= patience:
+        run.progress.stopped_early = True
+        run.log.message(f"early stopping at step {run.progress.step}: no better {run.metric} in "
+                        f"{patience} evaluations")
+
+
+def _checkpoint(run: Run) -> None:
+    """checkpoints/step-N/ with every rank's RNG state (rank 0 writes; the others wait)."""
+    dist = run.dist
+    rng = [rng_from_bytes(b) for b in dist.gather(rng_to_bytes(capture_rng()))]
+    state = {"progress": asdict(run.progress), "rng": rng}
+    if run.parallel.sharded:
+        save_sharded_checkpoint(run.run_dir, run.progress.step, run.model, run.optimizer,
+                                run.scheduler, state, run.tc.keep_checkpoints, dist)
+    elif dist.is_main:
+        save_checkpoint(run.run_dir, run.progress.step, run.model, run.optimizer, run.scheduler,
+                        state, run.tc.keep_checkpoints)
     dist.barrier()
-    finish_run_dir(run_dir, final_dir, dist)
+
+
+def _finish(run: Run, final_metrics: dict[str, float]) -> dict:
+    """The final delta and summary.json (rank 0), then the run directory renamed into place."""
+    bare, dist = run.model, run.dist
+    bare.eval()
+    in_sync = None if run.parallel.sharded else ranks_in_sync(run.trainable, dist)
+    run.parallel.release_optimizer(run.optimizer)
+    summary = None
+    with run.parallel.full_weights():
+        summary = _write_summary(run, final_metrics, in_sync) if dist.is_main else None
+    peaks = dist.gather(peak_memory()[0])  # each rank's own peak (rank 0's includes the save)
+    if dist.enabled and dist.is_main:
+        summary = rewrite_summary(run.run_dir, {**summary, "peak_memory_bytes_by_rank": peaks})
+    dist.barrier()
+    finish_run_dir(run.run_dir, run.final_dir, dist)
     return dist.broadcast(summary)
 
 
-def _ranks_in_sync(trainable: list[torch.Tensor], dist: Distributed) -> bool | None:
-    """DDP keeps every rank's weights bit-identical; check it (cheaply) instead of assuming it."""
-    if not dist.enabled:
-        return None
-    with torch.no_grad():
-        checksum = [float(p.double().sum()) for p in trainable] + \
-                   [float(p.double().square().sum()) for p in trainable]
-    sums = dist.gather(checksum)
-    if any(s != sums[0] for s in sums):
-        raise DeltatuneError("distributed training diverged: the ranks' weights differ at the end")
-    return True
+def _write_summary(run: Run, final_metrics: dict[str, float], in_sync: bool | None) -> dict:
+    bare, dist, progress = run.model, run.dist, run.progress
+    trainable_count, total_count = count_parameters(bare)
+    train_dataset, eval_dataset = run.train_dataset, run.eval_dataset
+    summary = write_summary(run.run_dir, bare, run.tokenizer, run.config, {
+        "trainable_params": trainable_count, "total_params": total_count,
+        "trainable_percent": round(100 * trainable_count / max(total_count, 1), 4),
+        "lr": run.lr, "bf16": run.bf16, "world_size": dist.world_size,
+        "steps": progress.step, "total_steps": run.total_steps,
+        "epochs": round(progress.batch / run.stream.per_epoch, 4),
+        "train_examples": len(train_dataset),
+        "truncated_train_rows": getattr(train_dataset, "stats", {}).get("truncated"),
+        "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
+        "train_time_s": round(progress.train_seconds, 3),
+        "time_per_step_s": round(progress.train_seconds / max(progress.step, 1), 4),
+        "tokens_per_s": round(progress.train_tokens / max(progress.train_seconds, 1e-9), 1),
+        "final_eval": final_metrics, "metric": run.metric,
+        "best": {"metric": run.metric, "value": progress.best_metric, "step": progress.best_step},
+        "stopped_early": progress.stopped_early, "ranks_in_sync": in_sync,
+        "distributed": describe(run.parallel),
+    }, run.started, dist.device)
+    return summary
 
 
 def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] = (),
@@ -287,15 +301,24 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
     """`deltatune train CONFIG.yaml [key=value ...]`: load, apply the method, train, evaluate,
     save. Under torchrun every rank runs this; rank 0 writes. `on_step`: see `train`."""
     from deltatune.config.run import load_run_config
+
+    started = time.time()
+    config = load_run_config(config_path, list(overrides))
+    config.method_config()  # validate the method section first
+    # Fail before loading anything: a live run holding the directory, or the wrong flags.
+    with run_dir_lock(Path(config.output_dir), int(os.environ.get("RANK", "0"))):
+        check_output_dir(Path(config.output_dir), resume, overwrite)
+        return _train_from_config(config, resume, overwrite, on_step, started)
+
+
+def _train_from_config(config: Any, resume: bool, overwrite: bool,
+                       on_step: Callable[[int], None] | None, started: float) -> dict:
     from deltatune.data.dataset import build_dataset, num_labels_of
     from deltatune.data.labels import check_label_set
     from deltatune.deltas import apply
     from deltatune.models import load_model
 
-    started = time.time()
-    config = load_run_config(config_path, list(overrides))
     method_config = config.method_config()
-    check_output_dir(Path(config.output_dir), resume, overwrite)  # fail before loading anything
     dist = setup_distributed()
     finished = False
     try:

@@ -7,6 +7,8 @@ checkpoints, e.g. to train further).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -14,7 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -49,6 +51,63 @@ def check_output_dir(final: Path, resume: bool, overwrite: bool) -> None:
     if latest_checkpoint(partial) is not None and not overwrite:
         raise DeltatuneError(f"{final}: an interrupted run left checkpoints in {partial}; pass "
                              "--resume to continue it or --overwrite to start over")
+
+
+_HELD: dict[str, int] = {}  # lock file -> how many nested holders in this process
+
+
+def lock_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(final: Path, rank: int = 0) -> Iterator[None]:
+    """Rank 0 holds an exclusive flock on `.NAME.lock` beside output_dir (its pid inside) while
+    the run writes; a second `train` or `--resume` on the same directory is refused, naming that
+    pid. The kernel drops the lock when the holder dies, however it dies, so a stale file never
+    blocks anyone. (torchrun workers outlive a SIGKILLed launcher: this is what stops a resume
+    from racing them.)"""
+    path = lock_path(final)
+    if rank != 0 or str(path) in _HELD:
+        _HELD[str(path)] = _HELD.get(str(path), 0) + (rank == 0)
+        try:
+            yield
+        finally:
+            if rank == 0:
+                _HELD[str(path)] -= 1
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, final)
+    _HELD[str(path)] = 1
+    try:
+        yield
+    finally:
+        del _HELD[str(path)]
+        with contextlib.suppress(OSError):
+            path.unlink()  # still locked: whoever opened it meanwhile sees a stale inode and retries
+        os.close(fd)
+
+
+def _acquire(path: Path, final: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DeltatuneError(f"{final}: another run (pid {holder}) is still writing to this "
+                                 "output directory; wait for it to end, or stop that process "
+                                 "first") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the previous holder unlinked it between our open and our lock: again
 
 
 def prepare_run_dir(final: Path, resume: bool, overwrite: bool, dist: Distributed) -> Path:
@@ -140,6 +199,10 @@ def write_summary(run_dir: Path, model: nn.Module, tokenizer: Any, config: Any,
         "device": str(device),
         "wall_time_s": round(time.time() - started, 2),
     }
+    return rewrite_summary(run_dir, summary)
+
+
+def rewrite_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     text = json.dumps(summary, indent=2, default=_jsonable) + "\n"
     (run_dir / SUMMARY_FILE).write_text(text, encoding="utf-8")
     return json.loads(text)
