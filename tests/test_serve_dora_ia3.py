@@ -12,7 +12,8 @@ from byte_tokenizer import tiny_chat_llama
 from conftest import randomize_trainable
 
 import deltatune as dt
-from deltatune.serving.app import ServerThread, build_app
+from deltatune.serving.app import build_app
+from deltatune.serving.server import ServerThread
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,"]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.serving.app import ServerThread
+from deltatune.serving.server import ServerThread
 from deltatune.serving.generate import generate_text
 from deltatune.training.progress import RunLog
 from deltatune.ui.app import build_app
