@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from test_compare import SST2, tiny_model_dir  # noqa: F401  (the fixture)
 
 from deltatune.cli import main
-from deltatune.compare.live import TAIL_CHARS, comparison_eta, last_line, run_relayed
+from deltatune.compare.live import TAIL_CHARS, last_line, run_relayed
 
 
 def config_without_method(tmp_path: Path, model_dir: Path, compare: dict | None) -> Path:
@@ -38,7 +39,7 @@ def test_no_method_section_with_methods_flag_and_live_progress(tmp_path, tiny_mo
     rows = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert [r["method"] for r in rows] == ["lora"] and "error" not in rows[0]
     captured = capsys.readouterr()
-    assert "=== method 1 of 1: lora (2 steps planned) ===" in captured.out
+    assert "run 1 of 1: lora" in captured.out and "lora seed 0: done" in captured.out
     # the child's tqdm bar went through our stderr (relayed, not printed by this process)
     assert "2/2" in captured.err and "step" in captured.err
 
@@ -57,9 +58,9 @@ def test_no_method_section_with_compare_section_and_failing_child(tmp_path, tiny
     error = rows["adapter"]["error"]
     assert str(missing) in error and "\n" not in error and error.startswith("deltatune: error:")
     captured = capsys.readouterr()
-    assert "method 2 of 2: adapter" in captured.out
-    assert "ETA for the remaining method: ~" in captured.out and "measured:" in captured.out
-    assert f"adapter: failed: {error}" in captured.out
+    assert "run 2 of 2: adapter" in captured.out
+    assert re.search(r"run 2 of 2: adapter seed 0; ETA \d+ s", captured.out)  # measured on lora
+    assert f"adapter seed 0: failed: {error}" in captured.out
     assert error in captured.err  # the child's stderr reached ours live
 
 
@@ -74,12 +75,3 @@ def test_relay_streams_everything_and_keeps_the_tail(tmp_path):
     assert len(tail) == TAIL_CHARS and out.getvalue().endswith(tail)
     assert last_line(tail, code) == "last words: data.eval missing"
     assert last_line("", 7) == "exit code 7"
-
-
-def test_eta_from_measured_time_per_step():
-    summary = {"steps": 10, "train_time_s": 20.0}
-    # 2 s/step, 5 s fixed per method: 5 + 2*30 and 5 + 2*5
-    line = comparison_eta([(25.0, summary)], [30, 5])
-    assert "~1 min 20 s" in line and "2 s/step" in line and "5 s fixed" in line
-    assert "known once one has finished" in comparison_eta([], [30, 5])
-    assert comparison_eta([(25.0, summary)], []) == ""

@@ -18,8 +18,8 @@ from deltatune.serving.server import ServerThread
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,"]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def served(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("serve-dora-ia3")
     base, tokenizer = tiny_chat_llama()
     base = base.double()  # batched and one-row runs agree to ~1e-12: greedy texts must match
@@ -34,7 +34,8 @@ def served(tmp_path_factory):
                 if "magnitude" in pname or "ia3_l" in pname:
                     param.copy_(param.abs() * 5 + 0.5 if "ia3_l" in pname else param.abs() * 20)
         dirs[name] = dt.save_adapter(model, tmp / name)
-    app = build_app(copy.deepcopy(base), tokenizer, dirs, base_name="tiny", max_batch=8, batch_wait_ms=300)
+    app = build_app(copy.deepcopy(base), tokenizer, dirs, base_name="tiny", max_batch=8, batch_wait_ms=300,
+                    engine=request.param)
     server = ServerThread(app)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     yield {"client": client, "engine": app.state.engine, "dirs": dirs, "base": base, "tokenizer": tokenizer}
@@ -53,9 +54,14 @@ def library_text(served, adapter, prompt: str) -> str:
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
+def mixed_count(engine) -> int:
+    """Batches (static engine) or decoding steps (continuous) whose rows used several adapters."""
+    return engine.mixed_batches if hasattr(engine, "mixed_batches") else engine.batch.mixed_steps
+
+
 def test_dora_and_ia3_requests_share_batches_and_match_the_library(served):
     engine = served["engine"]
-    mixed_before = engine.mixed_batches
+    mixed_before = mixed_count(engine)
     requests = [(name, prompt) for prompt in PROMPTS for name in ("d", "i", "tiny")]
     with ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda r: served["client"].completions.create(
@@ -66,4 +72,4 @@ def test_dora_and_ia3_requests_share_batches_and_match_the_library(served):
         assert result.choices[0].text == expected, (name, prompt)
         texts[name, prompt] = expected
     assert len({texts["d", PROMPTS[0]], texts["i", PROMPTS[0]], texts["tiny", PROMPTS[0]]}) == 3
-    assert engine.mixed_batches > mixed_before
+    assert mixed_count(engine) > mixed_before

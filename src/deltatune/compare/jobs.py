@@ -137,6 +137,8 @@ def run_jobs(jobs: list[Job], out_dir: Path, workers: int, run_method: Callable[
         # run_method writes the child's config under its second argument; one folder per job.
         summary = run_method(job.values, out_dir / "jobs" / job.id)
         progress.finish(job, time.time() - tick)
+        outcome = f"failed: {summary['error']}" if "error" in summary else "done"
+        print(f"[{stage}] {job.label}: {outcome} after {time.time() - tick:.0f} s", flush=True)
         if "error" not in summary:
             key = json.dumps(job_key(job), default=str, indent=1)
             tmp = out_dir / "jobs" / job.id / "key.json.tmp"

@@ -62,37 +62,3 @@ def last_line(tail: str, returncode: int) -> str:
     """The child's one-line error: its last non-empty line (progress refreshes split on \\r)."""
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     return lines[-1] if lines else f"exit code {returncode}"
-
-
-def comparison_eta(finished: list[tuple[float, dict]], remaining_steps: list[int]) -> str:
-    """One line: the time left for the methods not yet run, from the finished ones' measurements.
-
-    `finished`: (wall seconds the child took, its summary) per finished method (failed ones are
-    left out: they say nothing about speed); `remaining_steps`: each remaining method's planned
-    optimizer steps.
-    """
-    if not remaining_steps:
-        return ""
-    measured = [(seconds, s) for seconds, s in finished if s.get("steps")]
-    if not measured:
-        return (f"ETA for {len(remaining_steps)} methods ({sum(remaining_steps)} steps planned): "
-                "known once one has finished (the plan predicts steps, not speed)")
-    per_step = sum(s["train_time_s"] for _, s in measured) / sum(s["steps"] for _, s in measured)
-    fixed = sum(max(0.0, seconds - s["train_time_s"]) for seconds, s in measured) / len(measured)
-    left = sum(fixed + steps * per_step for steps in remaining_steps)
-    methods = "the remaining method" if len(remaining_steps) == 1 else \
-        f"the {len(remaining_steps)} remaining methods"
-    return (f"ETA for {methods}: ~{_duration(left)} (measured: "
-            f"{per_step:.3g} s/step and {fixed:.0f} s fixed cost per method over "
-            f"{len(measured)} finished; times the plan's {sum(remaining_steps)} steps)")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
