@@ -19,7 +19,7 @@ from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import candidate_lrs, candidate_values, choose, judge, split_training
 from deltatune.compare.verdicts import search_table, verdicts
 from deltatune.compare.settings import split_row
-from deltatune.methods import get_method
+from deltatune.methods import config_from_dict, default_lr_for, get_method
 
 
 def _budget_line(config: Any, settings: dict, search: dict | None, n_search: int, n_final: int) -> str:
@@ -42,7 +42,7 @@ def run_search(config: Any, settings: dict, out_dir: Path, overwrite: bool,
     for name in settings["methods"]:
         values = method_run_config(config, settings, name, out_dir)
         values["train"]["seed"] = settings["seeds"][0]
-        lrs[name] = candidate_lrs(search, name, get_method(split_row(name)[0]).default_lr)
+        lrs[name] = candidate_lrs(search, name, default_lr_for(config_from_dict(values["method"])))
         for lr in lrs[name]:
             job_id = f"search-{name}-lr{lr:g}"
             candidate = candidate_values(values, lr, fit, heldout, search, out_dir / "runs" / job_id)
