@@ -85,6 +85,9 @@ def main() -> None:
                 if round_index:
                     times[name].append(wall)
                     cpu_use[name].append(cpu / (wall * torch.get_num_threads()))
+        if round_index:  # progress, so a run cut short still says something
+            print(f"round {round_index}: " + ", ".join(
+                f"{n} {statistics.median(t):.3f}s" for n, t in times.items()), flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
