@@ -5,7 +5,9 @@ as a child process, sends the same seeded workload from --clients concurrent cli
 it with SIGTERM (graceful drain) and checks it exits 0. The workload: --requests requests, half
 streaming, prompts of mixed length (one sentence to a long paragraph), max_tokens mixed
 (--max-tokens list), greedy, ignore_eos (every request generates exactly max_tokens), spread over
---adapters random LoRA adapters served from one --adapter-dir with --max-adapters resident.
+--adapters random LoRA adapters served from one --adapter-dir with --max-adapters resident
+("resident" scenarios keep all of them resident: mixing cost without swapping; the static engine
+never evicts). "single" sends the same requests all to adapter0.
 
 Every reply is checked against the library alone: a fresh base + load_adapter + generate() of
 that adapter on that prompt, one row. A reply that differs is "mixed up" when it equals another
@@ -146,7 +148,8 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
                  expected: dict, answers: dict) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "deltatune.cli", "serve", "--model", args.model, "--port", str(port),
-               "--engine", engine, "--adapter-dir", str(adapter_dir), "--max-adapters", str(args.max_adapters),
+               "--engine", engine, "--adapter-dir", str(adapter_dir),
+               "--max-adapters", str(args.adapters if name.endswith("resident") else args.max_adapters),
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -169,7 +172,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
             rss.append((time.perf_counter(), process.memory_info().rss))
 
     with httpx.Client(timeout=args.deadline) as warm:  # each adapter once, outside the timing
-        for i in range(1 if single else min(args.adapters, args.max_adapters)):
+        for i in range(1 if single else args.adapters if name.endswith("resident") else args.max_adapters):
             one_request(warm, url, {"prompt": "Hello", "max_tokens": 2, "stream": False}, f"adapter{i}")
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -252,8 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deadline", type=float, default=600, help="seconds any one request may take")
-    parser.add_argument("--scenarios", default="continuous-mixed,static-mixed,continuous-single",
-                        help="from continuous-mixed, static-mixed, continuous-single, static-single")
+    parser.add_argument("--scenarios", default="continuous-mixed,static-mixed,continuous-single,continuous-resident",
+                        help="from continuous-mixed, static-mixed, continuous-single, static-single, "
+                             "continuous-resident (mixed, with every adapter resident: no swapping)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx512_bf16", "amx_tile", "avx2"})
@@ -286,6 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary["continuous_over_static"] = (by_name["continuous-mixed"]["tokens_per_s"]
                                              / by_name["static-mixed"]["tokens_per_s"])
         print(f"continuous / static tokens/s (mixed load): {summary['continuous_over_static']:.2f}")
+    if "continuous-resident" in by_name and "continuous-single" in by_name:
+        summary["resident_mixed_over_single"] = (by_name["continuous-resident"]["tokens_per_s"]
+                                                 / by_name["continuous-single"]["tokens_per_s"])
+        print(f"mixed-adapter (all resident) / single-adapter tokens/s: {summary['resident_mixed_over_single']:.2f}")
     if "continuous-mixed" in by_name and "continuous-single" in by_name:
         summary["mixed_over_single"] = (by_name["continuous-mixed"]["tokens_per_s"]
                                         / by_name["continuous-single"]["tokens_per_s"])

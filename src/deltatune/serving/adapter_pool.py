@@ -3,7 +3,8 @@
 Known adapters come from `--adapter name=DIR`, from `--adapter-dir DIR` (every subdirectory with
 an adapter_config.json, looked up by name at request time, so adapters added there later are
 served too), from POST /v1/load_lora_adapter, and from adapters already on the model when the
-server starts (those cannot be reloaded, so they are never evicted).
+server starts (those cannot be reloaded, so they are never evicted and do not count against
+`max_adapters`).
 
 At most `max_adapters` stay resident. An adapter is loaded at its first request; when the model
 is full, the least recently used adapter with no rows in the running batch leaves. When every
@@ -119,7 +120,7 @@ class AdapterPool:
             return True
         if name in self.retired:
             raise DeltatuneError(f"adapter {name!r} was unloaded")
-        if self.max_adapters is not None and len(self.resident) >= self.max_adapters:
+        if self.max_adapters is not None and len(self.resident) - len(self.pinned) >= self.max_adapters:
             idle = [n for n in self.resident if not self.in_use[n] and n not in self.pinned]
             if not idle:
                 return False
