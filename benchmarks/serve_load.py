@@ -9,8 +9,8 @@ streaming, prompts of mixed length (one sentence to a long paragraph), max_token
 ("resident" scenarios keep all of them resident: mixing cost without swapping; the static engine
 never evicts). "single" sends the same requests all to adapter0.
 
-Every reply is checked against the library alone: a fresh base + load_adapter + generate() of
-that adapter on that prompt, one row. A reply that differs is "mixed up" when it equals another
+Every reply is checked against the library alone: load_adapter + generate() of that adapter on
+all prompts (one left-padded batch per adapter). A reply that differs is "mixed up" when it equals another
 adapter's answer, else "diverged" (where it departs is reported: batched float32 sums can flip a
 near-tie). Reports p50/p99 time to first token (streaming requests) and latency, tokens/s, and
 the server's RSS (sampled every 0.2 s; flat = the peak after the first quarter of the run is
@@ -86,18 +86,24 @@ def make_adapters(model, directory: Path, count: int, rank: int, seed: int) -> N
 
 
 def references(model, tokenizer, directory: Path, requests: list[dict], longest: int) -> dict:
-    """(adapter, prompt) -> greedy ids of `longest` tokens from the library alone, one row."""
+    """(adapter, prompt) -> greedy ids of `longest` tokens from the library alone: per adapter,
+    load_adapter + one left-padded generate() over the prompts (no serving code involved)."""
     refs = {}
+    texts = sorted({r["prompt"] for r in requests})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(t).input_ids for t in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     for adapter in sorted({r["adapter"] for r in requests}):
         dt.load_adapter(model, directory / adapter, name=adapter)
-        for prompt in sorted({r["prompt"] for r in requests}):
-            ids = torch.tensor([tokenizer(prompt).input_ids])
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=longest,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id or 0, eos_token_id=[],
-                                     temperature=None, top_p=None, top_k=None)
-            refs[adapter, prompt] = out[0, ids.shape[1]:].tolist()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=[], temperature=None, top_p=None, top_k=None)
+        for text, row in zip(texts, out[:, width:].tolist()):
+            refs[adapter, text] = row
         dt.delete_adapter(model, adapter)
+        print(f"  reference answers of {adapter} ready", flush=True)
     return refs
 
 
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         adapter_dir = Path(tmp)
         model, tokenizer = dt.load_model(args.model, task="causal-lm")
+        print(f"{args.model} loaded", flush=True)
         make_adapters(model, adapter_dir, args.adapters, args.rank, args.seed)
         start = time.perf_counter()
         refs = references(model, tokenizer, adapter_dir, requests, longest)
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         answers = {(a, p, k): tokenizer.decode(ids[:k], skip_special_tokens=True)
                    for (a, p), ids in refs.items() for k in lengths}
         distinct = len({answers[a, p, longest] for (a, p) in refs}) / len(refs)
-        print(f"references: {len(refs)} generate() calls in {time.perf_counter() - start:.0f} s; "
+        print(f"references: {len(refs)} answers from {args.adapters} generate() calls in {time.perf_counter() - start:.0f} s; "
               f"{distinct:.0%} of (adapter, prompt) answers distinct", flush=True)
         del model
         expected = sorted({r["adapter"] for r in requests})
