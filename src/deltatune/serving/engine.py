@@ -77,13 +77,14 @@ class ContinuousEngine(EngineCore):
         tokens = 0
         with self.cond:
             candidates = list(self.waiting)
+        wanted = frozenset(job.adapter for job in candidates)
         for job in candidates:
             if room <= 0:
                 break
             if not self.pool.admissible(job.adapter):
                 continue
             try:
-                if not self.pool.acquire(job.adapter):
+                if not self.pool.acquire(job.adapter, wanted):
                     continue
             except DeltatuneError as exc:
                 self.tracker.fail(job, f"adapter {job.adapter!r} could not be loaded: {exc}")
