@@ -5,10 +5,12 @@ as a child process, sends the same seeded workload from --clients concurrent cli
 it with SIGTERM (graceful drain) and checks it exits 0. The workload: --requests requests, half
 streaming, prompts of mixed length (one sentence to a long paragraph), max_tokens mixed
 (--max-tokens list), greedy, ignore_eos (every request generates exactly max_tokens), spread over
---adapters random LoRA adapters served from one --adapter-dir with --max-adapters resident.
+--adapters random LoRA adapters served from one --adapter-dir with --max-adapters resident
+("resident" scenarios keep all of them resident: mixing cost without swapping; the static engine
+never evicts). "single" sends the same requests all to adapter0.
 
-Every reply is checked against the library alone: a fresh base + load_adapter + generate() of
-that adapter on that prompt, one row. A reply that differs is "mixed up" when it equals another
+Every reply is checked against the library alone: load_adapter + generate() of that adapter on
+all prompts (one left-padded batch per adapter). A reply that differs is "mixed up" when it equals another
 adapter's answer, else "diverged" (where it departs is reported: batched float32 sums can flip a
 near-tie). Reports p50/p99 time to first token (streaming requests) and latency, tokens/s, and
 the server's RSS (sampled every 0.2 s; flat = the peak after the first quarter of the run is
@@ -84,18 +86,24 @@ def make_adapters(model, directory: Path, count: int, rank: int, seed: int) -> N
 
 
 def references(model, tokenizer, directory: Path, requests: list[dict], longest: int) -> dict:
-    """(adapter, prompt) -> greedy ids of `longest` tokens from the library alone, one row."""
+    """(adapter, prompt) -> greedy ids of `longest` tokens from the library alone: per adapter,
+    load_adapter + one left-padded generate() over the prompts (no serving code involved)."""
     refs = {}
+    texts = sorted({r["prompt"] for r in requests})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(t).input_ids for t in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     for adapter in sorted({r["adapter"] for r in requests}):
         dt.load_adapter(model, directory / adapter, name=adapter)
-        for prompt in sorted({r["prompt"] for r in requests}):
-            ids = torch.tensor([tokenizer(prompt).input_ids])
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=longest,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id or 0, eos_token_id=[],
-                                     temperature=None, top_p=None, top_k=None)
-            refs[adapter, prompt] = out[0, ids.shape[1]:].tolist()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=[], temperature=None, top_p=None, top_k=None)
+        for text, row in zip(texts, out[:, width:].tolist()):
+            refs[adapter, text] = row
         dt.delete_adapter(model, adapter)
+        print(f"  reference answers of {adapter} ready", flush=True)
     return refs
 
 
@@ -146,7 +154,8 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
                  expected: dict, answers: dict) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "deltatune.cli", "serve", "--model", args.model, "--port", str(port),
-               "--engine", engine, "--adapter-dir", str(adapter_dir), "--max-adapters", str(args.max_adapters),
+               "--engine", engine, "--adapter-dir", str(adapter_dir),
+               "--max-adapters", str(args.adapters if name.endswith("resident") else args.max_adapters),
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -169,7 +178,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
             rss.append((time.perf_counter(), process.memory_info().rss))
 
     with httpx.Client(timeout=args.deadline) as warm:  # each adapter once, outside the timing
-        for i in range(1 if single else min(args.adapters, args.max_adapters)):
+        for i in range(1 if single else args.adapters if name.endswith("resident") else args.max_adapters):
             one_request(warm, url, {"prompt": "Hello", "max_tokens": 2, "stream": False}, f"adapter{i}")
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -252,8 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deadline", type=float, default=600, help="seconds any one request may take")
-    parser.add_argument("--scenarios", default="continuous-mixed,static-mixed,continuous-single",
-                        help="from continuous-mixed, static-mixed, continuous-single, static-single")
+    parser.add_argument("--scenarios", default="continuous-mixed,static-mixed,continuous-single,continuous-resident",
+                        help="from continuous-mixed, static-mixed, continuous-single, static-single, "
+                             "continuous-resident (mixed, with every adapter resident: no swapping)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx512_bf16", "amx_tile", "avx2"})
@@ -264,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         adapter_dir = Path(tmp)
         model, tokenizer = dt.load_model(args.model, task="causal-lm")
+        print(f"{args.model} loaded", flush=True)
         make_adapters(model, adapter_dir, args.adapters, args.rank, args.seed)
         start = time.perf_counter()
         refs = references(model, tokenizer, adapter_dir, requests, longest)
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         answers = {(a, p, k): tokenizer.decode(ids[:k], skip_special_tokens=True)
                    for (a, p), ids in refs.items() for k in lengths}
         distinct = len({answers[a, p, longest] for (a, p) in refs}) / len(refs)
-        print(f"references: {len(refs)} generate() calls in {time.perf_counter() - start:.0f} s; "
+        print(f"references: {len(refs)} answers from {args.adapters} generate() calls in {time.perf_counter() - start:.0f} s; "
               f"{distinct:.0%} of (adapter, prompt) answers distinct", flush=True)
         del model
         expected = sorted({r["adapter"] for r in requests})
@@ -286,6 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary["continuous_over_static"] = (by_name["continuous-mixed"]["tokens_per_s"]
                                              / by_name["static-mixed"]["tokens_per_s"])
         print(f"continuous / static tokens/s (mixed load): {summary['continuous_over_static']:.2f}")
+    if "continuous-resident" in by_name and "continuous-single" in by_name:
+        summary["resident_mixed_over_single"] = (by_name["continuous-resident"]["tokens_per_s"]
+                                                 / by_name["continuous-single"]["tokens_per_s"])
+        print(f"mixed-adapter (all resident) / single-adapter tokens/s: {summary['resident_mixed_over_single']:.2f}")
     if "continuous-mixed" in by_name and "continuous-single" in by_name:
         summary["mixed_over_single"] = (by_name["continuous-mixed"]["tokens_per_s"]
                                         / by_name["continuous-single"]["tokens_per_s"])

@@ -193,6 +193,7 @@ def test_metrics_parse(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     post(server, "/v1/completions", {"model": "c", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert httpx.get(server["url"] + "/metrics", timeout=60).status_code == 401  # counted too
     text = httpx.get(server["url"] + "/metrics", headers={"authorization": f"Bearer {KEY}"}, timeout=60).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}

@@ -3,7 +3,8 @@
 Known adapters come from `--adapter name=DIR`, from `--adapter-dir DIR` (every subdirectory with
 an adapter_config.json, looked up by name at request time, so adapters added there later are
 served too), from POST /v1/load_lora_adapter, and from adapters already on the model when the
-server starts (those cannot be reloaded, so they are never evicted).
+server starts (those cannot be reloaded, so they are never evicted and do not count against
+`max_adapters`).
 
 At most `max_adapters` stay resident. An adapter is loaded at its first request; when the model
 is full, the least recently used adapter with no rows in the running batch leaves. When every
@@ -113,29 +114,31 @@ class AdapterPool:
         return len(self.resident)
 
     # ------------------------------------------------------------ engine thread only
-    def preload(self, name: str) -> bool:
-        """Load `name` now if there is room (evicting an idle adapter); False: every slot busy."""
+    def preload(self, name: str, wanted: frozenset = frozenset()) -> bool:
+        """Load `name` now if there is room (evicting an idle adapter, one not `wanted` by a
+        waiting request first); False: every slot busy."""
         if name in self.resident:
             return True
         if name in self.retired:
             raise DeltatuneError(f"adapter {name!r} was unloaded")
-        if self.max_adapters is not None and len(self.resident) >= self.max_adapters:
+        if self.max_adapters is not None and len(self.resident) - len(self.pinned) >= self.max_adapters:
             idle = [n for n in self.resident if not self.in_use[n] and n not in self.pinned]
             if not idle:
                 return False
-            self._evict(idle[0])
+            self._evict(min(idle, key=lambda n: n in wanted))  # stable: least recently used first
         self._load(name)
         return True
 
-    def acquire(self, name: str | None) -> bool:
-        """Pin `name` for one more row, loading it if needed; False: no room yet (try later)."""
+    def acquire(self, name: str | None, wanted: frozenset = frozenset()) -> bool:
+        """Pin `name` for one more row, loading it if needed; False: no room yet (try later).
+        `wanted`: the adapters waiting requests ask for (they are the last to be made to leave)."""
         if name is None:
             return True
-        if not self.preload(name):
+        if not self.preload(name, wanted):
             busy = [n for n in self.resident if n not in self.pinned]
-            if busy and self.draining is None:  # make room: the adapter that empties soonest
+            if busy and self.draining is None:  # make room: one nobody waits for, emptying soonest
                 order = list(self.resident)
-                self.draining = min(busy, key=lambda n: (self.in_use[n], order.index(n)))
+                self.draining = min(busy, key=lambda n: (n in wanted, self.in_use[n], order.index(n)))
             return False
         self.resident.move_to_end(name)
         self.in_use[name] += 1

@@ -77,13 +77,14 @@ class ContinuousEngine(EngineCore):
         tokens = 0
         with self.cond:
             candidates = list(self.waiting)
+        wanted = frozenset(job.adapter for job in candidates)
         for job in candidates:
             if room <= 0:
                 break
             if not self.pool.admissible(job.adapter):
                 continue
             try:
-                if not self.pool.acquire(job.adapter):
+                if not self.pool.acquire(job.adapter, wanted):
                     continue
             except DeltatuneError as exc:
                 self.tracker.fail(job, f"adapter {job.adapter!r} could not be loaded: {exc}")
@@ -107,17 +108,20 @@ class ContinuousEngine(EngineCore):
         return admitted
 
     def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
-        """The admitted rows by prompt length, in groups padded to at most PREFILL_TOKENS and to
-        under twice their shortest prompt: padding costs prefill compute, as much as real tokens."""
+        """The admitted rows by prompt length, in groups of at most PREFILL_TOKENS padded tokens
+        with at most half as much padding as real tokens: padding costs prefill compute like real
+        tokens do, and so does each extra forward call."""
         groups: list[list[Row]] = []
+        real = 0
         for row in sorted(rows, key=lambda r: len(r.job.prompt_ids)):
             length = len(row.job.prompt_ids)
-            group = groups[-1] if groups else None
-            if (group is None or length * (len(group) + 1) > PREFILL_TOKENS
-                    or length > 2 * len(group[0].job.prompt_ids)):
+            padded = length * (len(groups[-1]) + 1) if groups else 0
+            if not groups or padded > PREFILL_TOKENS or padded > 1.5 * (real + length):
                 groups.append([row])
+                real = length
             else:
-                group.append(row)
+                groups[-1].append(row)
+                real += length
         return groups
 
     def _first_tokens(self, rows: list[Row]) -> None:
