@@ -372,3 +372,13 @@ def test_generate_on_a_qlora_adapter_needs_no_flag(llama_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "kernels-community" not in out.stderr  # bitsandbytes' import-time warning is silenced
     assert out.stdout.strip()
+
+
+def test_generate_quantize_flag_overrides_the_record(llama_dir, tmp_path):
+    from deltatune.serving.generate import load_for_generation
+
+    dt.save_adapter(lora_on_nf4(llama_dir), tmp_path / "a")
+    model, _ = load_for_generation(str(llama_dir), str(tmp_path / "a"), "int8")
+    assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Linear8bitLt"
+    bare, _ = load_for_generation(str(llama_dir), None, "nf4")
+    assert bare.deltatune_quantization.type == "nf4"

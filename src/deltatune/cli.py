@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default=None,
+                   help="quantize the base (default: as the adapter was trained)")
     p.set_defaults(func=cmd_generate)
 
     for name, func, help_text in (("compare", cmd_compare, "train and compare several methods"),
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="most requests in one generate()")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a request waits for others to share its batch")
+    p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default=None,
+                   help="quantize the base (default: as the adapters were trained)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -228,7 +228,8 @@ def serve_from_cli(args) -> None:
     if not 0 <= args.port <= 65535:  # checked before the model loads, not deep inside uvicorn
         raise DeltatuneError(f"--port: must be in 0..65535, got {args.port}")
     adapters = parse_adapter_specs(args.adapter)
-    quantization = shared_quantization(adapters)  # the base the adapters were trained on
+    # the base the adapters were trained on, unless --quantize says otherwise
+    quantization = getattr(args, "quantize", None) or shared_quantization(adapters)
     model, tokenizer = load_model(args.model, task="causal-lm", quantize=quantization)
     use_inference_kernel(model)  # a server only generates
     app = build_app(model, tokenizer, adapters, base_name=args.model,
