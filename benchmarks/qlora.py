@@ -72,6 +72,10 @@ def train(args) -> dict:
     from deltatune.training.optimization import BatchStream
 
     model, tokenizer = load(args)
+    load_peak = vm_hwm_bytes()
+    # Linux: writing 5 to clear_refs resets VmHWM, so the training phase's own peak is measured
+    # too (loading a checkpoint maps the whole file: its pages count while quantizing it)
+    Path("/proc/self/clear_refs").write_text("5")
     dataset = S.load_examples(tokenizer, args.max_length)
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as out:
@@ -86,7 +90,10 @@ def train(args) -> dict:
     step_tokens = [sum(len(dataset[i].input_ids) for i in stream.rows(k))
                    for k in range(args.warmup, args.steps)]
     step_times = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
-    return {"real_tokens_per_s": sum(step_tokens) / sum(step_times),
+    train_peak = vm_hwm_bytes()
+    return {"load_peak_rss_gb": load_peak / 2**30, "train_peak_rss_gb": train_peak / 2**30,
+            "overall_peak_rss_gb": max(load_peak, train_peak) / 2**30,
+            "real_tokens_per_s": sum(step_tokens) / sum(step_times),
             "step_s_median": statistics.median(step_times), "losses": losses,
             "last5_loss": statistics.mean(losses[-5:]), "wall_s": time.perf_counter() - started}
 

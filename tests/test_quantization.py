@@ -372,3 +372,31 @@ def test_generate_on_a_qlora_adapter_needs_no_flag(llama_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "kernels-community" not in out.stderr  # bitsandbytes' import-time warning is silenced
     assert out.stdout.strip()
+
+
+def test_generate_quantize_flag_overrides_the_record(llama_dir, tmp_path):
+    from deltatune.serving.generate import load_for_generation
+
+    dt.save_adapter(lora_on_nf4(llama_dir), tmp_path / "a")
+    model, _ = load_for_generation(str(llama_dir), str(tmp_path / "a"), "int8")
+    assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Linear8bitLt"
+    bare, _ = load_for_generation(str(llama_dir), None, "nf4")
+    assert bare.deltatune_quantization.type == "nf4"
+
+
+def test_combining_adapters_on_a_quantized_base(llama_dir):
+    model, _ = dt.load_model(str(llama_dir), quantize=FP32)
+    torch.manual_seed(0)
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), name="a")
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["v_proj"]), name="b")
+    randomize_trainable(model)
+    for name in ("a", "b"):
+        dt.set_adapter(model, name)
+        randomize_trainable(model, seed=3 if name == "a" else 4)
+    # b is absent from q_proj: its zero piece there takes the layer's real
+    # (out, in), not the packed 4-bit weight's shape
+    dt.combine_adapters(model, ["a", "b"], [1.0, 1.0], how="cat", new_name="ab")
+    x = ids()
+    combined = logits(dt.set_adapter(model, "ab"), x)
+    assert not torch.equal(combined, logits(dt.set_adapter(model, "a"), x))
+    assert not torch.equal(combined, logits(dt.set_adapter(model, "b"), x))

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default=None,
+                   help="quantize the base (default: as the adapter was trained)")
     p.set_defaults(func=cmd_generate)
 
     for name, func, help_text in (("compare", cmd_compare, "train and compare several methods"),
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens x n (default: the context)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default=None,
+                   help="quantize the base (default: as the adapters were trained)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="local web app: runs, launch, compare, playground")

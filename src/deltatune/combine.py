@@ -24,7 +24,7 @@ from torch import nn
 from deltatune.deltas import apply, set_adapter
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import delta_state
-from deltatune.methods.lora import LoraConfig, LoraLayer, lora_layers
+from deltatune.methods.lora import LoraConfig, LoraLayer, in_out_features, lora_layers
 
 HOWS = ("linear", "cat", "svd")
 
@@ -66,7 +66,7 @@ def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how
 def _pieces(layer: LoraLayer, names: Sequence[str], ranks: Sequence[int], dtype: torch.dtype):
     """(A_i, B_i, scale_i) of each adapter on this layer as (r, in) / (out, r); zeros if absent."""
     weight = layer.base_layer.weight
-    out_f, in_f = weight.shape[::-1] if layer.transposed else weight.shape
+    in_f, out_f = in_out_features(layer.base_layer)  # (a 4-bit weight's shape is its packed one)
     pieces = []
     for name, r in zip(names, ranks):
         if name in layer.deltas:

@@ -214,6 +214,27 @@ def keep_one_weight_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def own_dense_weights(model: nn.Module) -> None:
+    """Copy the dense weights (embeddings, norms, heads) off the checkpoint's memory map.
+
+    transformers leaves weights whose dtype already matches pointing into the mmapped
+    safetensors file; on a quantized base that keeps the whole file mapped, and every page read
+    while quantizing stays in the process's resident set (1.9 GB of a 2.5 GB checkpoint for a
+    1B model, measured). Owning the small dense part releases the mapping."""
+    with torch.no_grad():
+        for module in model.modules():
+            if is_quantized_linear(module):
+                continue
+            for param in module.parameters(recurse=False):
+                param.data = param.data.clone()
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()  # keeps the buffer's persistence
+    import gc
+
+    gc.collect()
+
+
 def use_inference_kernel(model: nn.Module) -> None:
     """For processes that only generate (`generate`, `serve`): let bitsandbytes use its CPU
     inference kernel, ~10x faster per token than dequantizing each layer (4 vs 39 ms for a

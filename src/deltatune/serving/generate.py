@@ -54,8 +54,9 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def load_for_generation(model_name: str, adapter: str | None):
-    """(model, tokenizer) for generation: the base with the adapter's delta, or a full model dir."""
+def load_for_generation(model_name: str, adapter: str | None, quantize: str | None = None):
+    """(model, tokenizer) for generation: the base with the adapter's delta, or a full model dir.
+    The base is quantized as the adapter was trained (its record), or as `quantize` says."""
     from deltatune.adapters_io import load_adapter
     from deltatune.models import load_model
     from deltatune.quantization import recorded_quantization
@@ -66,7 +67,8 @@ def load_for_generation(model_name: str, adapter: str | None):
             raise DeltatuneError(f"{adapter}: adapter directory not found")
         if not (directory / "adapter_config.json").is_file() and (directory / "config.json").is_file():
             return load_model(str(directory), task="causal-lm")  # full fine-tune: a whole model
-    model, tokenizer = load_model(model_name, task="causal-lm", quantize=recorded_quantization(adapter))
+    model, tokenizer = load_model(model_name, task="causal-lm",
+                                  quantize=quantize or recorded_quantization(adapter))
     if adapter is not None:
         load_adapter(model, adapter)
     return model, tokenizer
@@ -76,7 +78,7 @@ def generate_from_cli(args: Any) -> str:
     from deltatune.quantization import use_inference_kernel
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)  # before the slow load
-    model, tokenizer = load_for_generation(args.model, args.adapter)
+    model, tokenizer = load_for_generation(args.model, args.adapter, getattr(args, "quantize", None))
     use_inference_kernel(model)  # this process only generates
     if torch.cuda.is_available():
         model.to("cuda")

@@ -72,7 +72,8 @@ def serve_from_cli(args) -> None:
                     max_body_bytes=args.max_body_bytes)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise DeltatuneError(f"--adapter-dir {args.adapter_dir}: directory not found")
-    quantization = shared_quantization(adapters)  # the base the adapters were trained on
+    # the base the adapters were trained on, unless --quantize says otherwise
+    quantization = getattr(args, "quantize", None) or shared_quantization(adapters)
     model, tokenizer = load_model(args.model, task="causal-lm", quantize=quantization)
     use_inference_kernel(model)  # a server only generates
     app = build_app(model, tokenizer, adapters, base_name=args.model, max_batch=args.max_batch,
