@@ -34,11 +34,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "fsdp-memory.json"))
+    parser.add_argument("--model", default="smollm2-135m", help="a preset or directory (tests: tiny)")
+    parser.add_argument("--runs", default="one,fsdp,ddp")
+    parser.add_argument("--no-plan", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
     config = work / "full.yaml"
     config.write_text(yaml.safe_dump({
-        "model": "smollm2-135m", "task": "causal-lm", "output_dir": str(work / "unused"),
+        "model": args.model, "task": "causal-lm", "output_dir": str(work / "unused"),
         "method": {"name": "full"},
         "data": {"train": str(DATA), "format": "alpaca", "max_length": 128,
                  "max_train_rows": args.rows},
@@ -46,7 +49,8 @@ def main() -> None:
                   "log_every": 1, "seed": 0, "warmup_ratio": 0.0}}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    runs = [("one process", 1, "ddp"), ("fsdp x2", 2, "fsdp"), ("ddp x2", 2, "ddp")]
+    runs = [r for r in [("one process", 1, "ddp"), ("fsdp x2", 2, "fsdp"), ("ddp x2", 2, "ddp")]
+            if r[0].split()[0] in args.runs.split(",")]
     results = []
     for name, procs, mode in runs:
         out = work / name.replace(" ", "-")
@@ -59,7 +63,7 @@ def main() -> None:
                        check=True, cwd=ROOT)
         summary = json.loads((out / "summary.json").read_text())
         peaks = summary.get("peak_memory_bytes_by_rank") or [summary["peak_memory_bytes"]]
-        plan = subprocess.run([sys.executable, "-m", "deltatune.cli", "plan", str(config),
+        plan = "full - 0 0" if args.no_plan else subprocess.run([sys.executable, "-m", "deltatune.cli", "plan", str(config),
                                "--methods", "full", "--world-size", str(procs),
                                "--distributed", mode], env=env, capture_output=True, text=True,
                               check=True, cwd=ROOT).stdout

@@ -76,6 +76,8 @@ class Sharded(Replicated):
             layers = list(transformer_layers(model))
         except DeltatuneError as exc:
             raise DeltatuneError(f"train.distributed=fsdp: {exc}; use train.distributed=ddp") from None
+        if dist.device.type == "cpu":
+            _return_large_blocks()
         for layer in layers:
             fully_shard(layer, mp_policy=precision, offload_policy=offload)
         fully_shard(model, mp_policy=precision, offload_policy=offload)
@@ -125,6 +127,19 @@ class Sharded(Replicated):
         """Drop the AdamW moments before the final gather: rank 0 then holds its shards plus one
         whole copy of the weights, never the moments on top."""
         optimizer.state.clear()
+
+
+def _return_large_blocks() -> None:
+    """CPU: every layer's gathered weights are allocated and freed again each forward and
+    backward. glibc raises its mmap threshold after the first such free and from then on keeps
+    the blocks in its heap, so the process's RSS grows by the gathered bytes step after step
+    (measured: 2.78 GB instead of 3.53 GB peak after two SmolLM2 steps with the threshold fixed
+    at 1 MiB). Fixing it keeps large blocks mmapped, returned to the OS when freed."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _unsharded_class(cls: type) -> type:
