@@ -117,6 +117,7 @@ def plot_curves(curves: dict[int, list[dict]], path: Path, title: str, task: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sizes = sorted(curves)
     forgetting = task == "causal-lm" and any(r.get("forgetting") is not None for rs in curves.values() for r in rs)
@@ -132,6 +133,8 @@ def plot_curves(curves: dict[int, list[dict]], path: Path, title: str, task: str
                         yerr=[scale * (r.get(f"{key}_std") or 0.0) for _, r in points],
                         marker="o", capsize=3, label=first["method"])
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{s:,}" for s in sizes])  # label the measured sizes, not powers of ten
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training rows (log scale)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

@@ -154,6 +154,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for r in ok:
         size = 80 + 900 * r["peak_memory_mb"] / peak
         ax.scatter(r["trainable_params"], 100 * r["score"], s=size, alpha=0.55)
+        if r.get("score_std"):  # std over seeds
+            ax.errorbar(r["trainable_params"], 100 * r["score"], yerr=100 * r["score_std"], fmt="none",
+                        ecolor="0.3", capsize=4)
         ax.annotate(f"{r['method']}\n{r['peak_memory_mb']:.0f} MB", (r["trainable_params"], 100 * r["score"]),
                     textcoords="offset points", xytext=(8, 6), fontsize=8)
     ax.set_xscale("log")

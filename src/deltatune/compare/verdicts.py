@@ -123,8 +123,12 @@ def _small_data(curves: dict | None) -> str:
     if small is None or large is None:
         return "**Small data** — full fine-tuning or every PEFT method failed at some size."
     (gs, bs, fs), (gl, bl, fl) = small, large
+    small_noise = noise(bs, fs)
     if gs > 0 and not level(bs, fs):
         verdict = "holds"
+    elif level(bs, fs) and small_noise is not None:
+        verdict = (f"not supported: at {sizes[0]:,} rows the best PEFT method is level with full fine-tuning "
+                   f"(within noise, ±{100 * small_noise:.1f} points)")
     elif gs > gl and (gs - gl) > (noise(bs, fs) or 0.0):
         verdict = "holds in part (PEFT's standing relative to full improves as data shrinks)"
     else:
