@@ -10,7 +10,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NAMES = {"deltatune": "deltatune LoRA", "peft-trainer": "peft + HF Trainer (dynamic padding)",
          "trl": "TRL SFTTrainer (padding_free)", "deltatune-full": "deltatune full fine-tuning",
-         "deltatune-frozen-fp32": "deltatune LoRA, frozen weights fp32 (before the lever)"}
+         "deltatune-frozen-fp32": "deltatune LoRA, frozen weights fp32 (before the lever)",
+         "deltatune-before": "deltatune LoRA, the code before this round (53c0504)"}
 
 
 def machine() -> str:
@@ -114,7 +115,7 @@ def main_section(raw: dict) -> list[str]:
     if ours and trl:
         speed = ours["tps"] / trl["tps"]
         out.append(f"| real tokens/s >= 1.2x TRL's best | {speed:.2f}x | {timed(speed >= 1.2)} |")
-    before = summary.get("deltatune-frozen-fp32")
+    before = summary.get("deltatune-before") or summary.get("deltatune-frozen-fp32")
     if ours and before:
         speed = ours["tps"] / before["tps"]
         out.append(f"| real tokens/s >= 1.2x the LoRA run before this round's levers | {speed:.2f}x | "

@@ -54,14 +54,17 @@ def _packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                       scaling=scaling, **kwargs)
     grouped = key.shape[1] != query.shape[1]  # GQA: SDPA repeats the kv heads itself
     positions = position_ids.expand(rows, -1)
-    out = torch.empty_like(query)
+    # Written straight into the (rows, seq, heads, head_dim) layout the caller wants: no
+    # transpose-and-copy of the whole output afterwards (nor its copy back in backward).
+    out = query.new_empty(rows, length, query.shape[1], query.shape[3])
+    heads_first = out.transpose(1, 2)  # (rows, heads, seq, head_dim), a view of out
     for row in range(rows):
         for start, end in example_spans(positions[row]):
-            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
+            heads_first[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
                 query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
                 value[row:row + 1, :, start:end], dropout_p=dropout, scale=scaling,
                 is_causal=True, enable_gqa=grouped)
-    return out.transpose(1, 2).contiguous(), None  # (rows, seq, heads, head_dim)
+    return out, None  # (rows, seq, heads, head_dim)
 
 
 def _packed_mask(batch_size: int, q_length: int, kv_length: int, *args,
