@@ -285,13 +285,22 @@ def test_sigterm_drains_the_cli_server(setup, tmp_path):
         headers = {"authorization": f"Bearer {KEY}"}
 
         def one(i):
-            body = {"model": NAMES[i], "prompt": PROMPTS[i], "max_tokens": 80, "ignore_eos": True}
+            body = {"model": NAMES[i], "prompt": PROMPTS[i], "max_tokens": 400, "ignore_eos": True}
             return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=120)
+
+        def running_rows() -> float:
+            text = httpx.get(url + "/metrics", headers=headers, timeout=5).text
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("deltatune_running_batch_size"))
 
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(one, i) for i in range(3)]
-            time.sleep(0.5)  # all three sent: two running (--max-batch 2), one waiting
-            assert not any(f.done() for f in futures)
+            # SIGTERM once rows are decoding (two running with --max-batch 2, one waiting), not
+            # after a fixed sleep: a fast machine could finish everything before it
+            deadline = time.monotonic() + 60
+            while running_rows() < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not all(f.done() for f in futures)
             server.send_signal(signal.SIGTERM)
             replies = [f.result() for f in futures]
         assert server.wait(timeout=60) == 0
@@ -299,5 +308,5 @@ def test_sigterm_drains_the_cli_server(setup, tmp_path):
         if server.poll() is None:
             server.kill()
     assert [r.status_code for r in replies] == [200, 200, 200]
-    assert [r.json()["usage"]["completion_tokens"] for r in replies] == [80, 80, 80]
+    assert [r.json()["usage"]["completion_tokens"] for r in replies] == [400, 400, 400]
     assert "every request in flight was answered" in server.stdout.read()
