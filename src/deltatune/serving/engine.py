@@ -133,20 +133,17 @@ class ContinuousEngine(EngineCore):
 
     def _prefill(self, rows: list[Row]) -> None:
         logits, cache, mask = self.batch.prefill(rows)
-        tokens = next_tokens(logits, [r.job for r in rows], [r.generator for r in rows])
-        keep = []
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            row.last_token = token
-            if self.tracker.advance(row.job, token):
-                self.pool.release(row.job.adapter)
-            else:
-                keep.append(i)
-        self.batch.join(rows, keep, cache, mask)
+        self.batch.join(rows, self._advance(rows, logits), cache, mask)
 
     def _decode(self) -> None:
         rows = self.batch.rows
         logits = self.batch.step()
         self.metrics.decode_steps.inc()
+        self.batch.keep(self._advance(rows, logits))
+
+    def _advance(self, rows: list[Row], logits) -> list[int]:
+        """Each row takes its next token; the indices of the rows that go on (finished rows
+        give their adapter back to the pool)."""
         tokens = next_tokens(logits, [r.job for r in rows], [r.generator for r in rows])
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
@@ -155,7 +152,7 @@ class ContinuousEngine(EngineCore):
                 self.pool.release(row.job.adapter)
             else:
                 keep.append(i)
-        self.batch.keep(keep)
+        return keep
 
     def _fail_batch(self, rows: list[Row], exc: Exception) -> None:
         self._fail_all([row.job for row in rows], exc)
