@@ -182,15 +182,18 @@ def ui_from_cli(args) -> None:
     """`deltatune ui [--runs DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]`."""
     import uvicorn
 
+    from deltatune.serving.limits import resolve_api_key
+
     if not 0 <= args.port <= 65535:
         raise DeltatuneError(f"--port: must be in 0..65535, got {args.port}")
-    if not _is_loopback(args.host) and not args.api_key:
+    api_key = resolve_api_key(args.api_key)  # as `serve`: --api-key, else $DELTATUNE_API_KEY
+    if not _is_loopback(args.host) and not api_key:
         raise DeltatuneError(f"--host {args.host}: the page can start training processes; bound "
                              "beyond this machine it needs --api-key KEY")
     root = Path(args.runs)
     if root.exists() and not root.is_dir():
         raise DeltatuneError(f"--runs {root}: not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    app = build_app(root, api_key=args.api_key)
+    app = build_app(root, api_key=api_key)
     print(f"deltatune ui: {root.resolve()} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
