@@ -75,14 +75,20 @@ def random_decoder(family: str, heads: int, head_dim: int, kv_heads: int, ffn: i
     return GPT2LMHeadModel(config).eval()
 
 
-@st.composite
-def lora_on_a_random_decoder(draw):
+def decoder_shape_and_targets(draw):
+    """A random decoder family, its layer shape and a non-empty set of its target modules."""
     family = draw(st.sampled_from(sorted(TARGETS)))
     heads = draw(st.integers(1, 4))
     kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
     shape = dict(heads=heads, head_dim=draw(st.sampled_from([4, 8, 16])), kv_heads=kv_heads,
                  ffn=draw(st.integers(4, 96)))
     targets = draw(st.lists(st.sampled_from(TARGETS[family]), min_size=1, unique=True))
+    return family, shape, targets
+
+
+@st.composite
+def lora_on_a_random_decoder(draw):
+    family, shape, targets = decoder_shape_and_targets(draw)
     config = dt.LoraConfig(r=draw(st.integers(1, 16)), alpha=draw(st.floats(0.5, 64)),
                            use_rslora=draw(st.booleans()), target_modules=targets)
     return family, shape, config, draw(st.floats(0.01, 1.0))
@@ -123,12 +129,7 @@ def test_merged_model_matches_unmerged_and_unmerge_restores_the_base(case, seed)
 # ------------------------------------------------------------------------- DoRA and (IA)³ merge
 @st.composite
 def rescaling_delta_on_a_random_decoder(draw):
-    family = draw(st.sampled_from(sorted(TARGETS)))
-    heads = draw(st.integers(1, 4))
-    kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
-    shape = dict(heads=heads, head_dim=draw(st.sampled_from([4, 8, 16])), kv_heads=kv_heads,
-                 ffn=draw(st.integers(4, 96)))
-    targets = draw(st.lists(st.sampled_from(TARGETS[family]), min_size=1, unique=True))
+    family, shape, targets = decoder_shape_and_targets(draw)
     if draw(st.booleans()):
         config = dt.LoraConfig(r=draw(st.integers(1, 16)), alpha=draw(st.floats(0.5, 64)),
                                use_rslora=draw(st.booleans()), target_modules=targets, use_dora=True)

@@ -18,8 +18,7 @@ from deltatune.compare.repeats import aggregate, curve_table, plot_curves
 from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import candidate_lrs, candidate_values, choose, judge, split_training
 from deltatune.compare.verdicts import search_table, verdicts
-from deltatune.compare.settings import split_row
-from deltatune.methods import config_from_dict, default_lr_for, get_method
+from deltatune.methods import config_from_dict, default_lr_for
 
 
 def _budget_line(config: Any, settings: dict, search: dict | None, n_search: int, n_final: int) -> str:
@@ -90,7 +89,7 @@ def run_comparison(config: Any, settings: dict, plans: dict, out_dir: Path, over
                    run_method: Callable, forgetting: Callable, method_run_config: Callable) -> list[dict]:
     search = settings["search"]
     methods, seeds = settings["methods"], settings["seeds"]
-    n_search = sum(len(candidate_lrs(search, m, get_method(split_row(m)[0]).default_lr)) for m in methods) if search else 0
+    n_search = sum(len(candidate_lrs(search, m, 1.0)) for m in methods) if search else 0  # only the count
     n_final = len(methods) * len(seeds) * (1 + len([s for s in settings["data_sizes"]
                                                     if s != config.data.max_train_rows]))
     print("budget: " + _budget_line(config, settings, search, n_search, n_final), flush=True)
