@@ -75,3 +75,19 @@ def test_relay_streams_everything_and_keeps_the_tail(tmp_path):
     assert len(tail) == TAIL_CHARS and out.getvalue().endswith(tail)
     assert last_line(tail, code) == "last words: data.eval missing"
     assert last_line("", 7) == "exit code 7"
+
+
+def test_plan_finds_four_classes_in_the_data_as_training_does(tmp_path, tiny_model_dir, capsys):
+    """AG News labels 0..3 with no num_labels: plan used to assume 2 classes and stop on label 2."""
+    config = yaml.safe_load(config_without_method(tmp_path, tiny_model_dir, None).read_text())
+    config["data"].update({"train": str(SST2.parent / "ag_news" / "test.jsonl"), "eval": None,
+                           "max_train_rows": 200})
+    path = tmp_path / "agnews.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["plan", str(path), "--methods", "lora"]) == 0
+    assert "lora" in capsys.readouterr().out
+    from deltatune.config.run import DataConfig
+    from deltatune.data.dataset import classes_of_training_file
+
+    assert classes_of_training_file(DataConfig(train=config["data"]["train"])) == 4
+    assert classes_of_training_file(DataConfig(train=str(SST2 / "train.jsonl"))) == 2

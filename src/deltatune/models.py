@@ -285,6 +285,9 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
     if task == "classification":
         if num_labels is None:
             num_labels = 2
+        if config.num_labels != num_labels:
+            # a classifier checkpoint with another class count: its head is replaced, fresh
+            kwargs["ignore_mismatched_sizes"] = True
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id

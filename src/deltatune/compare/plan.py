@@ -208,16 +208,17 @@ def plan_methods(run_config: Any, methods: list[str],
                  distributed: str = "ddp") -> list[MethodPlan]:
     """Plans for several methods on the run's model, its real training rows and batch order."""
     from deltatune.training import loop as _train  # noqa: F401  (training imports count toward the baseline)
-    from deltatune.data.dataset import build_dataset
+    from deltatune.data.dataset import build_dataset, classes_of_training_file
     from deltatune.errors import DeltatuneError
     from deltatune.models import load_model
 
     from deltatune.compare.settings import row_settings, split_row
 
-    num_labels = run_config.num_labels or (len(run_config.data.label_names)
-                                           if run_config.data.label_names else 2)
     if run_config.data.train is None:
         raise DeltatuneError("plan: data.train is not set (the plan replays the training rows)")
+    num_labels = run_config.num_labels
+    if run_config.task == "classification" and not num_labels:
+        num_labels = classes_of_training_file(run_config.data)  # as training will find them
     process_bytes = current_rss()
     # Rows on one base share one load; `lora@nf4` rows get the base quantized as they train on it.
     groups: list[tuple[Any, list[str]]] = []

@@ -218,6 +218,17 @@ def num_labels_of(dataset: TokenizedDataset) -> int:
     return max(2, max(labels) + 1)
 
 
+def classes_of_training_file(data: DataConfig) -> int:
+    """The class count a classification run will have, read from the labels of data.train alone
+    (no tokenizer, no model): len(label_names), else the largest integer label + 1 (at least 2).
+    For planning before a model is loaded; training still checks the label set in full."""
+    if data.label_names:
+        return len(data.label_names)
+    rows = read_rows(data.train, "train", data.text_field, limit=data.max_train_rows)
+    labels = [label_index(row, data.label_field, None, None, rows) for row in rows]
+    return max(2, max(labels, default=1) + 1)
+
+
 # ------------------------------------------------------------------------------- batching
 class Collator:
     """list[Example] -> tensors; pads to the longest row in the batch (dynamic padding).
