@@ -30,11 +30,11 @@ from torch import nn
 DIST_RUNTIME_BYTES = 60 * 1024 * 1024
 
 
-def _bytes(module: nn.Module, seen: set[int], trainable_only: bool = False) -> int:
+def _bytes(module: nn.Module, seen: set[int]) -> int:
     """Bytes of `module`'s own parameters not already in `seen` (tied weights count once)."""
     total = 0
     for p in module.parameters(recurse=False):
-        if id(p) not in seen and (p.requires_grad or not trainable_only):
+        if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     return total
