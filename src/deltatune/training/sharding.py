@@ -140,8 +140,9 @@ def _return_large_blocks() -> None:
     gathered bytes step after step (measured: 2.78 GB instead of 3.53 GB peak after two SmolLM2
     steps with the threshold fixed at 1 MiB). A threshold fixed at 128 KiB also returns the
     activations (a row of 128 tokens x 576 floats is 288 KiB) instead of leaving the heap
-    fragmented: peak RSS per rank over 4 SmolLM2 full fine-tuning steps 1910 MB vs 2096 MB with
-    1 MiB (same run, no slower). Large blocks stay mmapped, returned to the OS when freed."""
+    fragmented: peak RSS per rank over 6 SmolLM2 full fine-tuning steps 1915 MB vs 2142 MB with
+    1 MiB, for ~10% of the job's tokens/s (69 vs 76, alternated runs: fresh pages fault in).
+    Large blocks stay mmapped, returned to the OS when freed."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
