@@ -134,9 +134,11 @@ def test_fsdp_gathers_a_tied_head_once():
 def test_per_rank_plan_shards_what_fsdp_shards():
     """fsdp at N ranks: the loaded base, the delta and the AdamW moments count 1/N; no gradient
     shards at the forward-pass peak, but the whole gradients while accumulating (FSDP keeps
-    them unsharded until the last micro-batch); ddp keeps everything whole plus its buckets."""
+    them unsharded until the last micro-batch); activations at most SHARDED_RETENTION times (the
+    fsdp allocator setting returns freed blocks); ddp keeps everything whole plus its buckets."""
     from deltatune.compare.plan import MethodPlan
-    from deltatune.compare.world_plan import DIST_RUNTIME_BYTES, per_process, root_and_layer_bytes
+    from deltatune.compare.world_plan import (DIST_RUNTIME_BYTES, SHARDED_RETENTION, per_process,
+                                              root_and_layer_bytes)
 
     model = tied_llama()
     base = sum(p.numel() * 4 for p in model.parameters())
@@ -150,7 +152,8 @@ def test_per_rank_plan_shards_what_fsdp_shards():
         assert fsdp.baseline_bytes == 10_000 + base // n
         assert (fsdp.optimizer_bytes, fsdp.gradient_bytes) == (2 * base // n, base // n)
         assert fsdp.predicted_peak_bytes == int(10_000 + base // n + 2 * base // n + root + 2 * layer
-                                                + 1.5 * (4000 // n) + 800 // n + DIST_RUNTIME_BYTES)
+                                                + SHARDED_RETENTION * (4000 // n) + 800 // n
+                                                + DIST_RUNTIME_BYTES)
         accumulating = per_process(one, model, base, n, "fsdp", False, 1.5, 800, grad_accum=2)
         assert accumulating.predicted_peak_bytes - fsdp.predicted_peak_bytes == base
         bf16 = per_process(one, model, base, n, "fsdp", True, 1.5, 800)
