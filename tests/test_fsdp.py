@@ -206,3 +206,11 @@ def test_plan_per_process(configs, capsys):
     assert fsdp["lora"]["optimizer_bytes"] == one["lora"]["optimizer_bytes"] // 2
     assert main(["plan", str(config["full"]), "--world-size", "0"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_rank_gives_back_the_checkpoint_and_freed_blocks(tmp_path):
+    """Per-rank memory (benchmarks/fsdp_memory.py): after sharding no rank keeps the loaded
+    checkpoint mapped, and activation-sized blocks freed mid-step leave the RSS."""
+    result = torchrun(tiny_llama_dir(tmp_path), script=[os.path.join(TESTS, "fsdp_release.py")], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: ok," in result.stdout and "rank 1: ok," in result.stdout, result.stdout

@@ -108,3 +108,56 @@ def test_measuring_keeps_no_activation_alive():
     in_graph = [o for o in gc.get_objects()
                 if isinstance(o, torch.Tensor) and getattr(o, "grad_fn", None) is not None]
     assert in_graph == []
+
+
+def tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def test_fsdp_gathers_a_tied_head_once():
+    """The root group that fully_shard gathers holds the tied embedding/head tensor once."""
+    from deltatune.compare.world_plan import root_and_layer_bytes
+
+    model = tied_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    root, layer = root_and_layer_bytes(model)
+    assert root == 4 * (300 * 64 + 64)  # embedding (= head) + final norm
+    assert layer == 4 * sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_per_rank_plan_shards_what_fsdp_shards():
+    """fsdp at N ranks: the loaded base, the delta and the AdamW moments count 1/N; no gradient
+    shards at the forward-pass peak, but the whole gradients while accumulating (FSDP keeps
+    them unsharded until the last micro-batch); activations at most SHARDED_RETENTION times (the
+    fsdp allocator setting returns freed blocks); ddp keeps everything whole plus its buckets."""
+    from deltatune.compare.plan import MethodPlan
+    from deltatune.compare.world_plan import (DIST_RUNTIME_BYTES, SHARDED_RETENTION, per_process,
+                                              root_and_layer_bytes)
+
+    model = tied_llama()
+    base = sum(p.numel() * 4 for p in model.parameters())
+    one = MethodPlan(method="full", trainable_params=base // 4, total_params=base // 4,
+                     trainable_share=1.0, weights_bytes=base, gradient_bytes=base,
+                     optimizer_bytes=2 * base, activation_bytes=4000, baseline_bytes=base + 10_000,
+                     predicted_peak_bytes=0, predicted_file_bytes=base)
+    root, layer = root_and_layer_bytes(model)
+    for n in (2, 4):
+        fsdp = per_process(one, model, base, n, "fsdp", False, 1.5, 800)
+        assert fsdp.baseline_bytes == 10_000 + base // n
+        assert (fsdp.optimizer_bytes, fsdp.gradient_bytes) == (2 * base // n, base // n)
+        assert fsdp.predicted_peak_bytes == int(10_000 + base // n + 2 * base // n + root + 2 * layer
+                                                + SHARDED_RETENTION * (4000 // n) + 800 // n
+                                                + DIST_RUNTIME_BYTES)
+        accumulating = per_process(one, model, base, n, "fsdp", False, 1.5, 800, grad_accum=2)
+        assert accumulating.predicted_peak_bytes - fsdp.predicted_peak_bytes == base
+        bf16 = per_process(one, model, base, n, "fsdp", True, 1.5, 800)
+        assert fsdp.predicted_peak_bytes - bf16.predicted_peak_bytes == (root + 2 * layer) // 2
+    ddp = per_process(one, model, base, 2, "ddp", False, 1.5, 800)
+    assert ddp.predicted_peak_bytes == int(base + 10_000 + 4 * base + 1.5 * 2000 + 800 + DIST_RUNTIME_BYTES)
+    assert per_process(one, model, base, 1, "fsdp", False, 1.5, 800) is one

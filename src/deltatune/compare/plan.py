@@ -191,7 +191,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         base = sum(p.numel() * p.element_size() for p in model.parameters())
         retention = RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION))
         plan = per_process(plan, adapted, base, world_size, distributed, bf16, retention,
-                           RUNTIME_ALLOWANCE_BYTES)
+                           RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
 
 

@@ -6,11 +6,18 @@ The one-process plan (compare/plan.py) is rescaled term by term, as the trainer 
     ddp   each rank holds the whole model, its gradients and AdamW moments, plus DDP's gradient
           buckets (one more copy of the gradients, flattened for the all-reduce)
     fsdp  each rank keeps 1/N of every weight (the frozen base included: the loaded model's
-          bytes leave the baseline), of the gradients and of the moments; on top, the tensors
-          gathered for compute: the root module's own (embeddings, head, final norm: the root
-          stays gathered for the whole step) and two layers at a time (the one computing and
-          the one prefetched), in the compute dtype, plus the gradients of one layer and the
-          root before they are reduce-scattered.
+          bytes leave the baseline, and so do its memory-mapped file pages: the mapping is
+          released once fully_shard has replaced every loaded tensor by its shard) and 1/N of
+          the AdamW moments. The peak comes in the forward pass, with the activations of the
+          rank's share of the batch alive (measured per phase on SmolLM2: the backward pass
+          frees them faster than the reduce-scattered gradient shards grow). At that moment:
+          no gradients (the trainer sets them to None after each step) unless gradients are
+          being accumulated (train.grad_accum > 1: FSDP then keeps them unsharded, whole, until
+          the last micro-batch); the tensors gathered for compute, in the compute dtype: the
+          root module's own (embeddings, head, final norm; a tied head counts once; the root
+          stays gathered for the whole step) and two layers (the one computing and the one
+          prefetched); the runtime allowance per rank (its transient gradients and checkpoint
+          buffers are shards too); activations at most SHARDED_RETENTION times.
     both  the process group's own buffers and threads (DIST_RUNTIME_BYTES)
 """
 from __future__ import annotations
@@ -21,28 +28,41 @@ from typing import Any
 from torch import nn
 
 DIST_RUNTIME_BYTES = 60 * 1024 * 1024
+# Activations count at most this many times under fsdp: a CPU fsdp process fixes glibc's mmap
+# threshold (training/sharding.py), so the freed blocks that plan.RETENTION stands for go back to
+# the OS. Full fine-tuning's factor, measured to hold for LoRA too (SmolLM2, 2 ranks: 1416 MB
+# peak, 1421 MB predicted with it, 1925 MB with LoRA's one-process 2.3).
+SHARDED_RETENTION = 1.1
 
 
-def _bytes(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)
-               if p.requires_grad or not trainable_only)
+def _bytes(module: nn.Module, seen: set[int]) -> int:
+    """Bytes of `module`'s own parameters not already in `seen` (tied weights count once)."""
+    total = 0
+    for p in module.parameters(recurse=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
 
 
-def _root_and_layer_bytes(adapted: nn.Module) -> tuple[int, int, int, int]:
-    """(root weights, largest layer's weights, root trainable, largest layer's trainable) in fp32."""
+def root_and_layer_bytes(adapted: nn.Module) -> tuple[int, int]:
+    """(root weights, largest layer's weights) as loaded: what fully_shard gathers per group."""
     from deltatune.models import transformer_layers
 
     layers = list(transformer_layers(adapted))
     inside = {id(m) for layer in layers for m in layer.modules()}
-    root = sum(_bytes(m) for m in adapted.modules() if id(m) not in inside)
-    root_trainable = sum(_bytes(m, True) for m in adapted.modules() if id(m) not in inside)
-    layer = max((sum(_bytes(m) for m in layer.modules()) for layer in layers), default=0)
-    layer_trainable = max((sum(_bytes(m, True) for m in layer.modules()) for layer in layers), default=0)
-    return root, layer, root_trainable, layer_trainable
+    seen: set[int] = set()
+    root = sum(_bytes(m, seen) for m in adapted.modules() if id(m) not in inside)
+    return root, max((_layer_bytes(layer) for layer in layers), default=0)
+
+
+def _layer_bytes(layer: nn.Module) -> int:
+    seen: set[int] = set()
+    return sum(_bytes(m, seen) for m in layer.modules())
 
 
 def per_process(plan: Any, adapted: nn.Module, base_bytes: int, world_size: int, mode: str,
-                bf16: bool, retention: float, allowance: int) -> Any:
+                bf16: bool, retention: float, allowance: int, grad_accum: int = 1) -> Any:
     """`plan` (a MethodPlan for one process) as each of `world_size` processes sees it.
     base_bytes: the loaded (un-adapted) model's weights, part of plan.baseline_bytes."""
     if world_size <= 1:
@@ -51,12 +71,15 @@ def per_process(plan: Any, adapted: nn.Module, base_bytes: int, world_size: int,
     delta = max(0, plan.weights_bytes - base_bytes) if plan.method != "full" else 0
     activations = plan.activation_bytes // n
     if mode == "fsdp":
-        root, layer, root_grad, layer_grad = _root_and_layer_bytes(adapted)
+        root, layer = root_and_layer_bytes(adapted)
         compute = 0.5 if bf16 else 1.0
-        gathered = int(compute * (root + 2 * layer)) + root_grad + layer_grad
+        gathered = int(compute * (root + 2 * layer))
         baseline = plan.baseline_bytes - base_bytes + base_bytes // n
-        own = (delta + plan.gradient_bytes + plan.optimizer_bytes) // n
         gradients, optimizer = plan.gradient_bytes // n, plan.optimizer_bytes // n
+        accumulating = plan.gradient_bytes if grad_accum > 1 else 0
+        own = delta // n + optimizer + accumulating
+        allowance //= n
+        retention = min(retention, SHARDED_RETENTION)
     else:
         gathered = plan.gradient_bytes  # DDP's buckets
         baseline = plan.baseline_bytes
