@@ -149,7 +149,10 @@ def test_model_reloading_an_adapter_under_the_same_name():
             got = model(input_ids=ids, adapter_names=["a", None, "a"]).logits
             dt.set_adapter(model, "a")
             want = model(input_ids=ids).logits
+            with dt.disable_adapters(model):
+                base = model(input_ids=ids).logits
         torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=0, atol=1e-10)
+        torch.testing.assert_close(got[1], base[1], rtol=0, atol=1e-10)
         dt.delete_adapter(model, "a")
 
 
