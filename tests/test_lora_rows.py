@@ -168,3 +168,22 @@ def test_weights_made_inside_inference_mode():
         got = model(input_ids=ids, adapter_names=["a", None]).logits
         want = model(input_ids=ids[:1]).logits
     torch.testing.assert_close(got[:1], want, rtol=0, atol=1e-10)
+
+
+def test_serving_runs_an_inactive_adapter_without_switching():
+    """The engine's batch of one adapter that is not the active one runs as a mixed batch: same
+    rows as that adapter alone, and the active adapter is left as it was (no model walk)."""
+    from deltatune.serving.scheduler import adapters_for
+
+    model = tiny_llama().double()
+    for seed, name in enumerate(("a", "b")):
+        dt.apply(model, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), name)
+        randomize_trainable(model, seed=seed, std=0.3)
+    dt.set_adapter(model, "a")
+    ids = token_batch(2, 6)
+    with torch.no_grad(), adapters_for(model, ["b", "b"]):
+        got = model(input_ids=ids).logits
+    assert dt.deltas.delta_state(model).active == "a"
+    with torch.no_grad():
+        dt.set_adapter(model, "b")
+        torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=0, atol=1e-10)
