@@ -123,6 +123,10 @@ class AdapterPool:
         """May a new row for `name` join the batch now? (Not while its adapter drains.)"""
         return name is None or name != self.draining
 
+    def is_resident(self, name: str | None) -> bool:
+        """Can a row of `name` join without loading anything? (None: the base model, always.)"""
+        return name is None or name in self.resident
+
     def method(self, name: str | None) -> str | None:
         return None if name is None else delta_state(self.model).configs[name].method
 
