@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             for param in model.parameters():
                 if param.requires_grad:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.03)
+    dt.set_adapter(model, "a0")  # "one adapter" is the active one: the plain single-adapter path
     variants = {
         "one adapter": (["a0"] * args.rows, False),
         "mixed over 4": ([f"a{i % 4}" for i in range(args.rows)], False),
