@@ -145,6 +145,21 @@ def one_request(client: httpx.Client, url: str, request: dict, model: str) -> di
     return {"ok": True, "text": text, "ttft": first, "latency": time.perf_counter() - start}
 
 
+def server_counters(url: str) -> dict[str, float]:
+    """Totals from the server's /metrics (warm-up requests included): decode steps, adapter loads
+    and evictions, generated tokens."""
+    wanted = {"deltatune_decode_steps_total": "decode_steps", "deltatune_adapter_loads_total": "adapter_loads",
+              "deltatune_adapter_evictions_total": "adapter_evictions",
+              "deltatune_generation_tokens_total": "generated_tokens",
+              "deltatune_requests_total": "finished_requests"}
+    totals = dict.fromkeys(wanted.values(), 0.0)
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in wanted and not line.startswith("#"):
+            totals[wanted[name]] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
@@ -201,6 +216,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
     sampler.join()
     for client in clients:
         client.close()
+    counters = server_counters(url)
     server.send_signal(signal.SIGTERM)
     try:
         exit_code = server.wait(timeout=120)
@@ -237,12 +253,17 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
         "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
         "latency_p50": percentile(latency, 50), "latency_p99": percentile(latency, 99),
         "rss_first_quarter_mb": early / 2**20, "rss_rest_mb": late / 2**20,
-        "rss_growth": late / early - 1 if early else None, "sigterm_exit": exit_code,
+        "rss_growth": late / early - 1 if early else None, "sigterm_exit": exit_code, **counters,
+        # rows in the batch per decoding step: every generated token but each request's first
+        # (which comes from its prefill) is one row of one step
+        "rows_per_step": ((counters["generated_tokens"] - counters["finished_requests"]) / counters["decode_steps"]
+                          if counters["decode_steps"] else None),
     }
     print(f"{name:>18}: {summary['tokens_per_s']:6.1f} tok/s, {tokens} tokens in {seconds:.1f} s, "
           f"failed {len(failed)}, exact {checked['exact']}, mixed-up {checked['mixed_up']}, diverged "
           f"{checked['diverged']}; TTFT p50/p99 {summary['ttft_p50']:.2f}/{summary['ttft_p99']:.2f} s, "
-          f"latency p50/p99 {summary['latency_p50']:.2f}/{summary['latency_p99']:.2f} s; RSS "
+          f"latency p50/p99 {summary['latency_p50']:.2f}/{summary['latency_p99']:.2f} s; rows/step "
+          f"{summary['rows_per_step'] or 0:.1f}, adapter loads {counters['adapter_loads']:.0f}; RSS "
           f"{early / 2**20:.0f} -> {late / 2**20:.0f} MB; SIGTERM exit {exit_code}", flush=True)
     return summary
 

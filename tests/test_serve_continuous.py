@@ -86,6 +86,31 @@ def test_rows_join_mid_generation_and_adapters_come_and_go(setup):
     assert len(pool.resident) <= 2 and not any(pool.in_use.values())
 
 
+def test_admission_prefers_resident_adapters_then_demand_but_never_starves(setup):
+    """One slot, "a" resident: waiting jobs of "a" join before older ones of other adapters, then
+    the adapter with most waiting jobs takes the slot; a job waiting past STARVING_S goes first."""
+    from deltatune.serving import engine as engine_module
+
+    model, tokenizer = copy.deepcopy(setup["base"]), setup["tokenizer"]
+    pool = AdapterPool(model, "tiny", adapter_dir=setup["dir"], max_adapters=1)
+    engine = ContinuousEngine(model, tokenizer, pool, max_batch=8)  # not started: _admit by hand
+    ids = tokenizer("hi").input_ids
+
+    def admit(adapters, ages=None):
+        now = time.monotonic()
+        engine.waiting = [Job(prompt_ids=ids, adapter=a, max_tokens=2, submitted=now - (ages or {}).get(i, 0))
+                          for i, a in enumerate(adapters)]
+        rows = engine._admit()
+        for row in rows:
+            pool.release(row.job.adapter)
+        return [row.job.adapter for row in rows]
+
+    pool.preload("a")
+    assert admit(["b", "a", "c", "c", None, "a"]) == ["a", None, "a"]  # resident first, in order
+    assert admit(["b", "c", "c"]) == ["c", "c"]  # "a" (idle) leaves for "c": 2 waiting beat older "b"
+    assert admit(["c", "b", "c"], ages={1: engine_module.STARVING_S + 1}) == ["b"]  # "b" starved
+
+
 def test_sampling_stop_n_and_logprobs(setup):
     model, tokenizer = copy.deepcopy(setup["base"]), setup["tokenizer"]
     app = build_app(model, tokenizer, base_name="tiny", adapter_dir=setup["dir"])

@@ -160,6 +160,57 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+# Methods whose whole state sits in DeltaLayer deltas (and modules_to_save copies), so taking
+# those modules out and putting them back is a complete unload / reload.
+DETACHABLE_METHODS = ("lora", "ia3")
+
+
+@dataclasses.dataclass
+class DetachedAdapter:
+    """An adapter taken off a model with its modules intact (see detach_adapter)."""
+
+    name: str
+    config: MethodConfig
+    parts: dict[str, nn.Module]  # DeltaLayer path -> that layer's delta module for this adapter
+    kinds: dict[str, type]       # DeltaLayer path -> the layer's class (LoraLayer, ModuleCopy, ...)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for part in self.parts.values() for p in part.parameters())
+
+
+def detach_adapter(model: nn.Module, name: str) -> DetachedAdapter | None:
+    """delete_adapter, keeping the adapter's modules for attach_adapter (a reload without reading,
+    parsing, initialising or walking anything); None for methods that keep state elsewhere."""
+    config = delta_state(model).configs.get(name)
+    layers = [(path, layer) for path, layer in delta_layers(model) if name in layer.deltas]
+    parts = {path: layer.deltas[name] for path, layer in layers}
+    delete_adapter(model, name)
+    if config is None or config.method not in DETACHABLE_METHODS:
+        return None
+    return DetachedAdapter(name, config, parts, {path: type(layer) for path, layer in layers})
+
+
+def attach_adapter(model: nn.Module, detached: DetachedAdapter) -> bool:
+    """Put a detached adapter back (inactive, like one more loaded adapter); False when a layer it
+    came from is gone (every adapter there was removed, which unwraps the layer): load it again."""
+    state = delta_state(model)
+    if detached.name in state.configs:
+        raise DeltatuneError(f"adapter {detached.name!r} already exists on this model")
+    layers = []
+    for path, part in detached.parts.items():
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            return False
+        if type(layer) is not detached.kinds[path]:  # unwrapped (or since wrapped by another method)
+            return False
+        layers.append((layer, part))
+    for layer, part in layers:
+        layer.deltas[detached.name] = part
+    state.configs[detached.name] = detached.config
+    return True
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(delta_state(model).configs)
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import ModuleCopy, delta_layers, delta_state, disabled
-from deltatune.methods.lora import row_groups
+from deltatune.methods.base import ModuleCopy, cached_delta_layers, delta_state, disabled
+from deltatune.methods.lora_rows import row_groups
 
 MIXABLE_METHODS = ("lora", "ia3")
 
@@ -80,14 +80,14 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     switched off inside the block; the active adapter and any merged weights come back after.
     """
     row_adapters = check_mixable(model, names)
-    layers = list(delta_layers(model))
+    layers = cached_delta_layers(model)  # entered once per decoding step when serving
     # A merged delta lives in the base weight and would reach every row: take it out meanwhile.
     merged = [layer for _, layer in layers if getattr(layer, "merged", None)]
     for layer in merged:
         layer.unmerge()
     hooks = []
     try:
-        with disabled(model):  # base everywhere, except where a row names its adapter
+        with disabled(model, layers):  # base everywhere, except where a row names its adapter
             for _, layer in layers:
                 if hasattr(layer, "row_adapters"):  # LoraLayer, IA3Layer: split by row themselves
                     layer.row_adapters = row_adapters
@@ -123,7 +123,7 @@ def _batch_rows(args: tuple, kwargs: dict) -> int | None:
 def _checked_names(model: nn.Module, names, args: tuple, kwargs: dict) -> tuple[str | None, ...]:
     # A second block inside a first would, on leaving, switch the first one's rows off.
     if model.__dict__.get(_OPEN) is not None or any(
-            getattr(layer, "row_adapters", None) is not None for _, layer in delta_layers(model)):
+            getattr(layer, "row_adapters", None) is not None for _, layer in cached_delta_layers(model)):
         raise DeltatuneError("adapter_names: this model is already running a mixed batch (inside "
                              "mixed_adapters, or another call with adapter_names)")
     row_adapters = check_mixable(model, names, what="adapter_names")

@@ -115,6 +115,22 @@ def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
             yield path, module
 
 
+_swaps = 0  # modules swapped by set_parent so far (any model): a cached layer list is stale after one
+_LAYERS = "_deltatune_delta_layers"
+
+
+def cached_delta_layers(model: nn.Module) -> list[tuple[str, DeltaLayer]]:
+    """delta_layers(model) as a list, kept until a module is swapped or a delta added or removed.
+
+    For code run every step (a mixed batch per decoding step): walking named_modules costs ~3 ms
+    on a 30-layer model with 8 adapters (each LoRA delta adds 4 modules), this a dict lookup."""
+    key = (_swaps, tuple(delta_state(model).configs))
+    cached = model.__dict__.get(_LAYERS)
+    if cached is None or cached[0] != key:
+        cached = model.__dict__[_LAYERS] = (key, list(delta_layers(model)))
+    return cached[1]
+
+
 def peft_key_map(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """PEFT on-disk key -> this model's live tensor, for every DeltaLayer carrying `name`."""
     mapping: dict[str, torch.Tensor] = {}
@@ -130,6 +146,8 @@ def set_parent(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, child, module)
+    global _swaps
+    _swaps += 1
 
 
 def freeze(model: nn.Module) -> None:
@@ -243,17 +261,18 @@ def set_trainable(model: nn.Module, name: str | None) -> None:
 
 
 @contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare base model inside the block; the active adapter is restored after."""
+def disabled(model: nn.Module, layers: list[tuple[str, DeltaLayer]] | None = None) -> Iterator[nn.Module]:
+    """Run the bare base model inside the block; the active adapter is restored after.
+    `layers`: the model's delta layers when the caller has them (saves three walks)."""
     state = delta_state(model)
-    saved = {id(layer): layer.active for _, layer in delta_layers(model)}
+    saved = {id(layer): layer.active for _, layer in layers or delta_layers(model)}
     was_disabled = state.disabled
     state.disabled = True
-    for _, layer in delta_layers(model):
+    for _, layer in layers or delta_layers(model):
         layer.active = None
     try:
         yield model
     finally:
-        for _, layer in delta_layers(model):
+        for _, layer in layers or delta_layers(model):
             layer.active = saved.get(id(layer))
         state.disabled = was_disabled

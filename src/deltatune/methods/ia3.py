@@ -20,7 +20,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
-from deltatune.methods.lora import row_groups
+from deltatune.methods.lora_rows import row_groups
 
 
 def _check_targets(config: MethodConfig, field_name: str, allow_empty: bool = False) -> None:

@@ -11,7 +11,6 @@ Works on nn.Linear and GPT-2's Conv1D, whose weight is stored transposed: (in, o
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods import dora  # noqa: F401  (DoRA math, see dora.py)
+from deltatune.methods import lora_rows  # mixed-adapter batches, see lora_rows.py
 from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
 
 INITS = ("default", "gaussian")
@@ -129,23 +129,6 @@ class LoraDelta(nn.Module):
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
-@functools.lru_cache(maxsize=64)
-def row_groups(row_adapters: tuple[str | None, ...], batch: int,
-               device: torch.device) -> tuple[tuple[str, torch.Tensor], ...]:
-    """(adapter name, row indices) for every adapter used in a mixed batch; cached per shape."""
-    if batch % len(row_adapters):
-        raise DeltatuneError(f"mixed_adapters: the batch has {batch} rows but {len(row_adapters)} "
-                             f"adapter names were given (one per row expected)")
-    # generate() expands each row into consecutive copies (num_return_sequences, beams) and
-    # beam search only reorders rows within one input's block, so copies keep their adapter.
-    copies = batch // len(row_adapters)
-    groups = []
-    for name in dict.fromkeys(n for n in row_adapters if n is not None):
-        rows = [i * copies + c for i, n in enumerate(row_adapters) if n == name for c in range(copies)]
-        groups.append((name, torch.tensor(rows, device=device)))
-    return tuple(groups)
-
-
 class LoraLayer(DeltaLayer):
     """A linear layer with named LoRA deltas; `merged` names the delta folded into the weight."""
 
@@ -178,17 +161,7 @@ class LoraLayer(DeltaLayer):
 
     def _mixed_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch gets its own adapter's update (None: the base alone)."""
-        extra = torch.zeros_like(out)
-        # Each row belongs to one adapter, so copying its update into the zeros is the sum; on
-        # CPU index_copy_ on the 2-D (rows, features) view stays fast where index_add_ can take
-        # ~10-100 ms per call (seen with small hidden sizes and busy cores).
-        flat = extra.view(extra.shape[0], -1)
-        for name, rows in row_groups(self.row_adapters, x.shape[0], x.device):
-            if name not in self.deltas:  # that adapter does not touch this layer
-                continue
-            update = self._update(self.deltas[name], x.index_select(0, rows), out.index_select(0, rows))
-            flat.index_copy_(0, rows, update.reshape(len(rows), -1))
-        return extra
+        return lora_rows.mixed_update(self, x, out)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         d = self.deltas[name]

@@ -12,6 +12,10 @@ resident adapter has rows in flight, one of them (fewest rows, then least recent
 marked draining: the scheduler admits no new rows for it, and once its last row finishes it
 leaves and the waiting adapter comes in. Only the engine thread calls the methods that touch the
 model (acquire, release, sweep); the rest are safe from any thread.
+
+An evicted LoRA or (IA)³ adapter keeps its modules in a small cache (`cache_bytes`, least recently
+evicted leave first): loading it again attaches them (~1 ms) instead of reading, parsing and
+applying it (~50 ms on SmolLM2-135M, mostly walks over the model), unless its files changed since.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import nn
 
@@ -28,12 +33,18 @@ from deltatune.serving.metrics import ServingMetrics
 
 CONFIG_NAME = "adapter_config.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CACHE_BYTES = 256 * 2**20  # evicted adapters kept ready to attach again (8 LoRA r=8 of SmolLM2: ~23 MB)
+
+
+class Parked(NamedTuple):
+    adapter: object      # deltas.DetachedAdapter
+    files: tuple         # (path, mtime_ns, size) of what it was loaded from: changed files reload
 
 
 class AdapterPool:
     def __init__(self, model: nn.Module, base_name: str, adapters: dict[str, str | Path] | None = None,
                  adapter_dir: str | Path | None = None, max_adapters: int | None = None,
-                 metrics: ServingMetrics | None = None) -> None:
+                 metrics: ServingMetrics | None = None, cache_bytes: int = CACHE_BYTES) -> None:
         if max_adapters is not None and (isinstance(max_adapters, bool) or not isinstance(max_adapters, int)
                                          or max_adapters < 1):
             raise DeltatuneError(f"--max-adapters: must be a positive integer, got {max_adapters!r}")
@@ -49,6 +60,9 @@ class AdapterPool:
         self.in_use: Counter[str] = Counter()
         self.retired: set[str] = set()  # unloaded by request: leave once their rows finish
         self.draining: str | None = None
+        self.cache_bytes = cache_bytes
+        self.parked: OrderedDict[str, Parked] = OrderedDict()
+        self.loaded_from: dict[str, tuple] = {}
         for name, directory in (adapters or {}).items():
             self.register(name, directory)
 
@@ -87,6 +101,7 @@ class AdapterPool:
                 raise DeltatuneError(f"adapter {name!r} is already loaded; unload it first")
             self.sources[name] = path
             self.retired.discard(name)
+            self.parked.pop(name, None)  # a name served from another directory now
 
     def unregister(self, name: str) -> None:
         """Stop serving `name`; it leaves the model once its running rows finish."""
@@ -97,6 +112,7 @@ class AdapterPool:
             self.sources.pop(name, None)
             self.pinned.discard(name)
             self.retired.add(name)
+            self.parked.pop(name, None)
 
     def forget(self, name: str) -> None:
         """Undo register() for an adapter that failed to load."""
@@ -106,6 +122,10 @@ class AdapterPool:
     def admissible(self, name: str | None) -> bool:
         """May a new row for `name` join the batch now? (Not while its adapter drains.)"""
         return name is None or name != self.draining
+
+    def is_resident(self, name: str | None) -> bool:
+        """Can a row of `name` join without loading anything? (None: the base model, always.)"""
+        return name is None or name in self.resident
 
     def method(self, name: str | None) -> str | None:
         return None if name is None else delta_state(self.model).configs[name].method
@@ -158,22 +178,44 @@ class AdapterPool:
 
     def _load(self, name: str) -> None:
         from deltatune.adapters_io import load_adapter
+        from deltatune.deltas import attach_adapter
 
         with self.lock:
             path = self.sources.get(name) or self._from_dir(name)
         if path is None:
             raise DeltatuneError(f"adapter {name!r} is not known to this server")
-        load_adapter(self.model, path, name=name)
+        files = _files(path)
+        with self.lock:
+            parked = self.parked.pop(name, None)
+        if parked is None or parked.files != files or not attach_adapter(self.model, parked.adapter):
+            load_adapter(self.model, path, name=name)
+        self.loaded_from[name] = files
         self.resident[name] = None
         self.metrics.adapter_loads.inc()
 
     def _evict(self, name: str) -> None:
-        from deltatune.deltas import delete_adapter
+        from deltatune.deltas import detach_adapter
 
-        delete_adapter(self.model, name)
+        detached = detach_adapter(self.model, name)
+        files = self.loaded_from.pop(name, None)
+        with self.lock:
+            if detached is not None and files is not None and name not in self.retired:
+                self.parked[name] = Parked(detached, files)
+                while self.parked and sum(p.adapter.nbytes() for p in self.parked.values()) > self.cache_bytes:
+                    self.parked.popitem(last=False)
         del self.resident[name]
         self.in_use.pop(name, None)
         self.pinned.discard(name)
         if self.draining == name:
             self.draining = None
         self.metrics.adapter_evictions.inc()
+
+
+def _files(directory: Path) -> tuple:
+    """What an adapter directory holds, cheaply: a changed file means reading it again."""
+    found: list = [str(Path(directory).resolve())]
+    for file in sorted(Path(directory).iterdir()):
+        if file.is_file():
+            stat = file.stat()
+            found.append((file.name, stat.st_mtime_ns, stat.st_size))
+    return tuple(found)

@@ -24,12 +24,15 @@ Inside a running asyncio loop use `Job.for_loop(...)` and `await job.events.get(
 with `engine.call(lambda: ...)`, which runs on the engine thread between two steps.
 
 Each step the engine thread: runs pending calls; drops cancelled or timed-out waiting jobs;
-admits waiting jobs in arrival order while the batch has room (loading adapters as needed, see
-adapter_pool) and prefills them together; then runs one decoding step of the whole batch, hands
-each row its token and drops finished rows. Greedy rows produce exactly the tokens of the
+admits waiting jobs while the batch has room (resident adapters' jobs first, then the adapter
+most jobs wait for; loading adapters as needed, see adapter_pool) and prefills them together;
+then runs one decoding step of the whole batch, hands each row its token and drops finished rows. Greedy rows produce exactly the tokens of the
 library's generate() for their adapter (see kvcache for why).
 """
 from __future__ import annotations
+
+import time
+from collections import Counter
 
 import torch
 
@@ -47,6 +50,9 @@ SEQUENCE_METHODS = ("prompt", "ptuning", "prefix")
 # About this many prompt tokens are prefilled between two decoding steps (one prompt at least),
 # so a burst of long prompts delays the running rows by one bounded prefill at a time.
 PREFILL_TOKENS = 4096
+# A job waiting this long is admitted before any other (arrival order among such jobs), whatever
+# the adapters resident: the priority for resident adapters below must not starve anyone.
+STARVING_S = 10.0
 
 
 class ContinuousEngine(EngineCore):
@@ -68,7 +74,7 @@ class ContinuousEngine(EngineCore):
         return self.batch.joins_while_running
 
     def _admit(self) -> list[Row]:
-        """Waiting jobs that join now, in arrival order; stops at the first job that needs a
+        """Waiting jobs that join now (see the order below); stops at the first job that needs a
         different kind of batch (so that kind gets its turn once the batch drains)."""
         room = self.max_batch - len(self.batch.rows)
         group = self.batch.group
@@ -77,7 +83,18 @@ class ContinuousEngine(EngineCore):
         tokens = 0
         with self.cond:
             candidates = list(self.waiting)
-        wanted = frozenset(job.adapter for job in candidates)
+        demand = Counter(job.adapter for job in candidates)
+        wanted = frozenset(demand)
+        now = time.monotonic()
+        # Jobs of resident adapters first, then those of the adapter most jobs wait for (it takes
+        # the next free slot), arrival order within each; a job waiting STARVING_S goes first.
+        # Under swapping this keeps the batch fuller: what can run now runs, and a freed slot
+        # goes where it lets the most rows join.
+        def priority(job: Job) -> tuple:
+            resident = self.pool.is_resident(job.adapter)
+            return now - job.submitted < STARVING_S, not resident, 0 if resident else -demand[job.adapter]
+
+        candidates.sort(key=priority)  # stable: arrival order within equal priority
         for job in candidates:
             if room <= 0:
                 break
