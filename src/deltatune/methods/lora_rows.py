@@ -43,7 +43,9 @@ def row_groups(row_adapters: tuple[str | None, ...], batch: int,
     groups = []
     for name in dict.fromkeys(n for n in row_adapters if n is not None):
         rows = [i * copies + c for i, n in enumerate(row_adapters) if n == name for c in range(copies)]
-        groups.append((name, torch.tensor(rows, device=device)))
+        # cached across calls: a tensor made under inference_mode could never index a trained batch
+        with torch.inference_mode(False):
+            groups.append((name, torch.tensor(rows, device=device)))
     return tuple(groups)
 
 
