@@ -141,7 +141,8 @@ def _return_large_blocks() -> None:
     steps with the threshold fixed at 1 MiB). A threshold fixed at 128 KiB also returns the
     activations (a row of 128 tokens x 576 floats is 288 KiB) instead of leaving the heap
     fragmented: peak RSS per rank over 6 SmolLM2 full fine-tuning steps 1915 MB vs 2142 MB with
-    1 MiB, for ~10% of the job's tokens/s (69 vs 76, alternated runs: fresh pages fault in).
+    1 MiB, for ~8% of the job's tokens/s (69.0 vs 74.7, means of 3 alternated runs: fresh pages
+    fault in each step; 256 KiB: 1940 MB, no faster).
     Large blocks stay mmapped, returned to the OS when freed."""
     import ctypes
 
