@@ -1,6 +1,7 @@
 """LoRA on a dense base vs QLoRA (nf4 base) on the same SFT work, one run per process.
 
     python benchmarks/qlora.py make-llama1b DIR             # random Llama-3.2-1B-shaped model, saved once
+    python benchmarks/qlora.py make-llama3b DIR             # the same in Llama-3.2-3B's shape
     python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
                                            [--max-length 512] [--method lora|full]
     python benchmarks/qlora.py plan  MODEL (same options)   # deltatune's plan for that run
@@ -25,6 +26,11 @@ import sft_setup as S
 import torch
 from sft_run import LLAMA_1B_SHAPE
 
+# Llama-3.2-3B's published shape (3.21B parameters, 28 layers, tied 128k x 3072 embedding)
+LLAMA_3B_SHAPE = dict(LLAMA_1B_SHAPE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                      num_attention_heads=24, num_key_value_heads=8, head_dim=128)
+SHAPES = {"make-llama1b": LLAMA_1B_SHAPE, "make-llama3b": LLAMA_3B_SHAPE}
+
 
 def vm_hwm_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -33,11 +39,11 @@ def vm_hwm_bytes() -> int:
     return 0
 
 
-def make_llama1b(directory: str) -> None:
+def make_llama(directory: str, shape: dict) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(S.SEED)
-    model = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA_1B_SHAPE), dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
     model.save_pretrained(directory)
     # SmolLM2's tokenizer: its 49,152 ids all exist in the 128,256-row embedding
     AutoTokenizer.from_pretrained(S.model_path()).save_pretrained(directory)
@@ -128,7 +134,7 @@ def plan(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["make-llama1b", "train", "plan"])
+    parser.add_argument("command", choices=[*SHAPES, "save-quantized", "train", "plan"])
     parser.add_argument("model")
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -138,8 +144,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=S.BATCH)
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
     args = parser.parse_args()
-    if args.command == "make-llama1b":
-        return make_llama1b(args.model)
+    if args.command in SHAPES:
+        return make_llama(args.model, SHAPES[args.command])
     result = train(args) if args.command == "train" else plan(args)
     result.update(command=args.command, model=args.model, quantize=args.quantize, dtype=args.dtype,
                   method=args.method, batch=args.batch, max_length=args.max_length, steps=args.steps,

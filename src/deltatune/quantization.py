@@ -18,6 +18,7 @@ rounding it away).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import warnings
@@ -90,6 +91,32 @@ def parse_quantize(value: Any, where: str = "quantize") -> QuantizationConfig | 
             return None
         return QuantizationConfig(**value)
     raise DeltatuneError(f"{where}: expected none, {', '.join(TYPES)} or a mapping, got {value!r}")
+
+
+def stored_quantization(config: Any, name: str, requested: QuantizationConfig | None) -> QuantizationConfig | None:
+    """How a checkpoint saved quantized by bitsandbytes (`save_pretrained` of a QLoRA base, a
+    *-bnb-4bit model) stores its codes, read as they are; None for a dense one. `requested` may
+    repeat its type (its compute dtype applies), never ask for another (re-quantizing codes)."""
+    stored = getattr(config, "quantization_config", None)
+    values = stored if isinstance(stored, dict) or stored is None else stored.to_dict()
+    if not values or values.get("quant_method") != "bitsandbytes":
+        return None
+    found = (QuantizationConfig(type="int8") if values.get("load_in_8bit") or values.get("_load_in_8bit") else
+             QuantizationConfig(type=values.get("bnb_4bit_quant_type", "fp4"),
+                                double_quant=bool(values.get("bnb_4bit_use_double_quant", False))))
+    if requested is None:
+        return found
+    if requested.type != found.type:
+        raise DeltatuneError(f"quantize: {name} is already quantized as {found.type}; it cannot load "
+                             f"as {requested.type} (use quantize: {found.type}, or its dense checkpoint)")
+    return dataclasses.replace(found, compute_dtype=requested.compute_dtype)
+
+
+def set_compute_dtype(model: nn.Module, quantization: QuantizationConfig) -> None:
+    """Compute in this machine's resolved dtype, not the one a pre-quantized checkpoint names."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.compute_dtype = COMPUTE_DTYPES[quantization.compute_dtype]
 
 
 def import_bitsandbytes():
@@ -230,8 +257,6 @@ def own_dense_weights(model: nn.Module) -> None:
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
                     module._buffers[name] = buffer.clone()  # keeps the buffer's persistence
-    import gc
-
     gc.collect()
 
 
@@ -263,8 +288,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> str:
-    q = quantization_of(model)
-    return q.type if q is not None else "quantized"
+    return q.type if (q := quantization_of(model)) is not None else "quantized"
 
 
 # ------------------------------------------------------------------ back to dense
@@ -306,9 +330,8 @@ def dequantize_model(model: nn.Module) -> int:
             count += 1
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    for attribute in ("quantization_config",):
-        if hasattr(model.config, attribute):
-            delattr(model.config, attribute)
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     model.deltatune_quantization = None
     return count
 
