@@ -2,6 +2,8 @@
 
     python benchmarks/qlora.py make-llama1b DIR             # random Llama-3.2-1B-shaped model, saved once
     python benchmarks/qlora.py make-llama3b DIR             # the same in Llama-3.2-3B's shape
+    python benchmarks/qlora.py save-quantized MODEL --quantize nf4 --dtype bf16 --out DIR
+                                           # the base as users keep it: saved quantized, reloaded as is
     python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
                                            [--max-length 512] [--method lora|full]
     python benchmarks/qlora.py plan  MODEL (same options)   # deltatune's plan for that run
@@ -50,6 +52,21 @@ def make_llama(directory: str, shape: dict) -> None:
     print(json.dumps({"saved": directory, "params": sum(p.numel() for p in model.parameters())}))
 
 
+def save_quantized(args) -> dict:
+    model, tokenizer = load(args)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    files = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    return {"saved": args.out, "safetensors_gb": files / 2**30}
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_config(args, out: str):
     from deltatune.config.run import build_run_config
 
@@ -78,7 +95,7 @@ def train(args) -> dict:
     from deltatune.training.optimization import BatchStream
 
     model, tokenizer = load(args)
-    load_peak = vm_hwm_bytes()
+    load_peak, after_load = vm_hwm_bytes(), rss_bytes()
     # Linux: writing 5 to clear_refs resets VmHWM, so the training phase's own peak is measured
     # too (loading a checkpoint maps the whole file: its pages count while quantizing it)
     Path("/proc/self/clear_refs").write_text("5")
@@ -97,7 +114,8 @@ def train(args) -> dict:
                    for k in range(args.warmup, args.steps)]
     step_times = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
     train_peak = vm_hwm_bytes()
-    return {"load_peak_rss_gb": load_peak / 2**30, "train_peak_rss_gb": train_peak / 2**30,
+    return {"load_peak_rss_gb": load_peak / 2**30, "rss_after_load_gb": after_load / 2**30,
+            "train_peak_rss_gb": train_peak / 2**30,
             "overall_peak_rss_gb": max(load_peak, train_peak) / 2**30,
             "real_tokens_per_s": sum(step_tokens) / sum(step_times),
             "step_s_median": statistics.median(step_times), "losses": losses,
@@ -143,10 +161,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=S.BATCH)
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
+    parser.add_argument("--out", help="save-quantized: the directory to write")
     args = parser.parse_args()
     if args.command in SHAPES:
         return make_llama(args.model, SHAPES[args.command])
-    result = train(args) if args.command == "train" else plan(args)
+    result = {"train": train, "plan": plan, "save-quantized": save_quantized}[args.command](args)
     result.update(command=args.command, model=args.model, quantize=args.quantize, dtype=args.dtype,
                   method=args.method, batch=args.batch, max_length=args.max_length, steps=args.steps,
                   threads=torch.get_num_threads(), peak_rss_gb=vm_hwm_bytes() / 2**30)

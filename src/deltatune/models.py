@@ -16,7 +16,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
                                     keep_one_weight_layout, own_dense_weights, parse_quantize,
-                                    set_compute_dtype, stored_quantization)
+                                    follow_this_machine, stored_quantization)
 
 TASKS = ("causal-lm", "classification")
 
@@ -309,7 +309,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         model.hf_quantizer.remove_quantization_config(model)  # GGUF: dequantized on load
     if quantization is not None:
         keep_one_weight_layout(model)
-        set_compute_dtype(model, quantization)
+        follow_this_machine(model, quantization)
         own_dense_weights(model)
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base

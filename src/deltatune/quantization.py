@@ -4,16 +4,13 @@
 
 Only the linear projections inside the transformer layers are quantized; embeddings, norms and
 task heads (lm_head, classifier, score, pooler) stay dense. The quantization happens while
-transformers streams the checkpoint from disk (`from_pretrained(quantization_config=...)`), so
-the dense weights are never all in memory at once — the reason to quantize a big model at all.
-A model built in memory (a tiny random test model) is saved with `save_pretrained` first and
-reloaded; we do not quantize modules in place, because that needs the dense model resident and
-would diverge from the path every real checkpoint (and PEFT) takes.
+transformers streams the checkpoint from disk, so the dense weights are never all copied into
+memory; a checkpoint saved quantized loads as it is. A model built in memory (a tiny test model)
+is saved and reloaded first: quantizing in place would need the dense model resident.
 
 The deltas never see a quantized weight: LoRA adds its update to the quantized layer's output,
-adapters and the prompt methods sit outside the linears. Only merging touches the weights, and
-that goes through `dequantize_model` first (a 4-bit weight cannot absorb a small delta without
-rounding it away).
+adapters and the prompt methods sit outside the linears. Only merging touches the weights, via
+`dequantize_model` (a 4-bit weight cannot absorb a small delta without rounding it away).
 """
 from __future__ import annotations
 
@@ -94,9 +91,8 @@ def parse_quantize(value: Any, where: str = "quantize") -> QuantizationConfig | 
 
 
 def stored_quantization(config: Any, name: str, requested: QuantizationConfig | None) -> QuantizationConfig | None:
-    """How a checkpoint saved quantized by bitsandbytes (`save_pretrained` of a QLoRA base, a
-    *-bnb-4bit model) stores its codes, read as they are; None for a dense one. `requested` may
-    repeat its type (its compute dtype applies), never ask for another (re-quantizing codes)."""
+    """How a checkpoint saved quantized by bitsandbytes (a QLoRA base's save_pretrained, a *-bnb-4bit
+    model) stores its codes (None: dense). `requested` may repeat its type, never ask for another."""
     stored = getattr(config, "quantization_config", None)
     values = stored if isinstance(stored, dict) or stored is None else stored.to_dict()
     if not values or values.get("quant_method") != "bitsandbytes":
@@ -112,11 +108,22 @@ def stored_quantization(config: Any, name: str, requested: QuantizationConfig | 
     return dataclasses.replace(found, compute_dtype=requested.compute_dtype)
 
 
-def set_compute_dtype(model: nn.Module, quantization: QuantizationConfig) -> None:
-    """Compute in this machine's resolved dtype, not the one a pre-quantized checkpoint names."""
+def follow_this_machine(model: nn.Module, quantization: QuantizationConfig) -> None:
+    """Each 4-bit layer computes in the dtype resolved for this machine (not the one a saved
+    quantized checkpoint names) and, under autocast, returns the autocast dtype as a dense
+    nn.Linear does. bitsandbytes casts its output back to the input's dtype, so on an fp32 base
+    all that follows each projection (LoRA's sum, the MLP's products, what backward keeps)
+    stayed fp32: SmolLM2's QLoRA peaked above its LoRA (6.46 vs 5.12 GB) for that alone."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.compute_dtype = COMPUTE_DTYPES[quantization.compute_dtype]
+            module.register_forward_hook(_autocast_output)
+
+
+def _autocast_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+    if torch.is_autocast_enabled(device := output.device.type) and output.dtype == torch.float32:
+        return output.to(torch.get_autocast_dtype(device))  # the bf16 matmul's values, exactly
+    return None
 
 
 def import_bitsandbytes():
@@ -228,26 +235,19 @@ def device_map() -> dict | str:
 
 
 def keep_one_weight_layout(model: nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights on CPUs with AVX512-bf16.
-
-    On such CPUs the first no-grad forward in eval mode rewrites each Linear4bit's weight in
-    place into a bf16 inference layout (scales rounded to bf16, double quantization undone)
-    and from then on computes through a kernel with no backward. An evaluation in the middle
-    of training would then change the model's outputs and cut the gradient to every delta
-    beneath the layer. One layout for training, evaluation and saving is worth more than the
-    faster CPU inference kernel."""
+    """Stop bitsandbytes from repacking 4-bit weights on CPUs with AVX512-bf16: there the first
+    no-grad eval forward rewrites each Linear4bit's weight in place into a bf16 inference layout
+    (scales rounded, double quantization undone) whose kernel has no backward, so an evaluation
+    mid-training would change the outputs and cut every delta's gradient beneath the layer."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.support_avx512bf16_for_cpu = False
 
 
 def own_dense_weights(model: nn.Module) -> None:
-    """Copy the dense weights (embeddings, norms, heads) off the checkpoint's memory map.
-
-    transformers leaves weights whose dtype already matches pointing into the mmapped
-    safetensors file; on a quantized base that keeps the whole file mapped, and every page read
-    while quantizing stays in the process's resident set (1.9 GB of a 2.5 GB checkpoint for a
-    1B model, measured). Owning the small dense part releases the mapping."""
+    """Copy the dense weights (embeddings, norms, heads) off the checkpoint's memory map: left
+    there (transformers does when the dtype matches) they keep the whole file mapped, and every
+    page read while quantizing stays resident (1.9 GB of a 1B model's 2.5 GB file, measured)."""
     with torch.no_grad():
         for module in model.modules():
             if is_quantized_linear(module):
