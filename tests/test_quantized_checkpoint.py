@@ -3,7 +3,9 @@
 recorded like a base quantized while loading."""
 from __future__ import annotations
 
+import gc
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +68,14 @@ def test_a_saved_quantized_checkpoint_cannot_load_as_another_type(llama_dir, tmp
     saved_quantized(llama_dir, tmp_path / "q", "nf4")
     with pytest.raises(dt.DeltatuneError, match=r"quantize: .* is already quantized as nf4; it cannot load as int8"):
         dt.load_model(str(tmp_path / "q"), quantize="int8")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_saved_quantized_checkpoint_is_not_left_mapped(llama_dir, tmp_path, kind):
+    # one tensor left on the file's memory map keeps every page read while loading resident
+    original = saved_quantized(llama_dir, tmp_path / "q", kind)
+    model, _ = dt.load_model(str(tmp_path / "q"))
+    gc.collect()
+    assert str(tmp_path / "q") not in Path("/proc/self/maps").read_text()
+    x = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(model, x), logits(original, x))

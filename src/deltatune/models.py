@@ -15,7 +15,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
-                                    keep_one_weight_layout, own_dense_weights, parse_quantize,
+                                    keep_one_weight_layout, own_weights, parse_quantize,
                                     follow_this_machine, stored_quantization)
 
 TASKS = ("causal-lm", "classification")
@@ -310,7 +310,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
     if quantization is not None:
         keep_one_weight_layout(model)
         follow_this_machine(model, quantization)
-        own_dense_weights(model)
+        own_weights(model, codes_too=stored is not None)
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base
     model.config.deltatune_base = name_or_path

@@ -14,6 +14,8 @@ adapters and the prompt methods sit outside the linears. Only merging touches th
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -156,65 +158,6 @@ def dense_module_names(model_class: type, config: Any, layer_paths: tuple[str, .
     return outside, inside
 
 
-BLOCK = 64          # bitsandbytes' 4-bit block: one scale per 64 weights
-NESTED_BLOCK = 256  # double quantization: the scales are quantized to 8 bits in blocks of 256
-
-
-def quantized_weight_bytes(out_features: int, in_features: int, quantization: QuantizationConfig) -> int:
-    """Bytes bitsandbytes stores for one (out, in) weight: codes plus their scales."""
-    numel = out_features * in_features
-    if quantization.type == "int8":
-        return numel + 4 * out_features  # int8 codes + one fp32 scale per row
-    blocks = -(-numel // BLOCK)
-    if quantization.double_quant:  # 8-bit scales + one fp32 scale per 256 of them + 256-entry map
-        scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * 256
-    else:
-        scales = 4 * blocks
-    return -(-numel // 2) + scales + 4 * 16  # two codes per byte; the 16-value code book
-
-
-def predicted_weight_bytes(model: nn.Module, layer_paths: tuple[str, ...],
-                           quantization: QuantizationConfig | None, dtype: torch.dtype) -> int:
-    """The bytes a model's weights take once loaded with `quantization` (None: dense), from its
-    shapes alone (`model` may live on the meta device): what `plan` predicts for the base."""
-    total, seen = 0, set()
-    for path, module in model.named_modules():
-        inside = any(path.startswith(p + ".") for p in layer_paths)
-        quantize = quantization is not None and inside and isinstance(module, nn.Linear)
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if quantize and name == "weight":
-                total += quantized_weight_bytes(module.out_features, module.in_features, quantization)
-            else:
-                total += param.numel() * torch.empty((), dtype=dtype).element_size()
-    return total
-
-
-def stored_weight_bytes(model: nn.Module) -> int:
-    """The bytes a loaded model's weights occupy: parameters, buffers, and the scales that
-    bitsandbytes keeps beside its codes (which transformers' get_memory_footprint leaves out)."""
-    total, seen = 0, set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            total += param.numel() * param.element_size()
-            state = getattr(param, "quant_state", None)
-            if state is not None:
-                total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
-                             if torch.is_tensor(v))
-            scales = getattr(param, "SCB", None)
-            if scales is None and name == "weight" and is_quantized_linear(module):
-                scales = getattr(getattr(module, "state", None), "SCB", None)
-            if scales is not None:
-                total += scales.numel() * scales.element_size()
-        total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
-    return total
-
-
 def bitsandbytes_config(quantization: QuantizationConfig, keep_dense: list[str]):
     """transformers' BitsAndBytesConfig for `quantization`, keeping `keep_dense` unquantized."""
     from transformers import BitsAndBytesConfig
@@ -244,20 +187,39 @@ def keep_one_weight_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def own_dense_weights(model: nn.Module) -> None:
+def own_weights(model: nn.Module, codes_too: bool = False) -> None:
     """Copy the dense weights (embeddings, norms, heads) off the checkpoint's memory map: left
     there (transformers does when the dtype matches) they keep the whole file mapped, and every
-    page read while quantizing stays resident (1.9 GB of a 1B model's 2.5 GB file, measured)."""
+    page read while quantizing stays resident (1.9 GB of a 1B model's 2.5 GB file, measured).
+    `codes_too` (a checkpoint saved quantized): the codes and their scales as well, since any
+    one tensor left on the map keeps all of it mapped, the dense pages already read included."""
+    owned: dict[tuple, torch.Tensor] = {}
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:  # one copy per storage view (int8: CB is the data)
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in owned:
+            owned[key] = tensor.clone()
+        return owned[key]
+
     with torch.no_grad():
         for module in model.modules():
-            if is_quantized_linear(module):
+            quantized = is_quantized_linear(module)
+            if quantized and not codes_too:
                 continue
             for param in module.parameters(recurse=False):
-                param.data = param.data.clone()
+                param.data = own(param.data)
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
-                    module._buffers[name] = buffer.clone()  # keeps the buffer's persistence
+                    module._buffers[name] = own(buffer)  # keeps the buffer's persistence
+            state = getattr(module.weight, "quant_state", None) if quantized else None
+            for holder in ((module.weight, getattr(module, "state", None), state,
+                            getattr(state, "state2", None)) if quantized else ()):
+                for name in ("CB", "SCB", "absmax", "code", "offset"):
+                    if torch.is_tensor(vars(holder).get(name) if holder is not None else None):
+                        setattr(holder, name, own(getattr(holder, name)))
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc: hand quantizing's scratch back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def use_inference_kernel(model: nn.Module) -> None:
