@@ -7,6 +7,8 @@
     python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
                                            [--max-length 512] [--method lora|full]
     python benchmarks/qlora.py plan  MODEL (same options)   # deltatune's plan for that run
+    python benchmarks/qlora.py base-loss MODEL --quantize nf4 --steps 14
+                                           # the untrained base's loss on each step's rows
 
 MODEL is `smollm2-135m` or a saved directory. The work is sft_setup.py's (alpaca demo rows, chat
 template, loss on responses, LoRA r=8 on all seven projections, bf16 autocast, lr 2e-4); only the
@@ -122,6 +124,28 @@ def train(args) -> dict:
             "last5_loss": statistics.mean(losses[-5:]), "wall_s": time.perf_counter() - started}
 
 
+def base_loss(args) -> dict:
+    """The base model's own loss (no delta, no training) on the rows of each of the run's steps,
+    under the trainer's autocast: how much of a loss gap the quantization brings before training."""
+    from types import SimpleNamespace
+
+    from deltatune.training.batching import training_collator
+    from deltatune.training.losses import batch_loss, count_targets
+
+    model, tokenizer = load(args)
+    dataset = S.load_examples(tokenizer, args.max_length)
+    collate = training_collator(model, tokenizer.pad_token_id, "causal-lm", S.data_config(args.max_length),
+                                SimpleNamespace(padding_free=True))
+    rows = S.row_order(len(dataset), args.steps, args.batch)
+    model.eval()
+    losses = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in range(args.steps):
+            batch = collate([dataset[i] for i in rows[k * args.batch:(k + 1) * args.batch]])
+            losses.append(batch_loss(model, "causal-lm", batch).item() / count_targets("causal-lm", batch["labels"]))
+    return {"base_losses": losses, "base_last5_loss": statistics.mean(losses[-5:])}
+
+
 def mem_available_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -152,7 +176,7 @@ def plan(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=[*SHAPES, "save-quantized", "train", "plan"])
+    parser.add_argument("command", choices=[*SHAPES, "save-quantized", "train", "plan", "base-loss"])
     parser.add_argument("model")
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -165,7 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command in SHAPES:
         return make_llama(args.model, SHAPES[args.command])
-    result = {"train": train, "plan": plan, "save-quantized": save_quantized}[args.command](args)
+    result = {"train": train, "plan": plan, "save-quantized": save_quantized,
+              "base-loss": base_loss}[args.command](args)
     result.update(command=args.command, model=args.model, quantize=args.quantize, dtype=args.dtype,
                   method=args.method, batch=args.batch, max_length=args.max_length, steps=args.steps,
                   threads=torch.get_num_threads(), peak_rss_gb=vm_hwm_bytes() / 2**30)
