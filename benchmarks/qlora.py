@@ -1,9 +1,14 @@
 """LoRA on a dense base vs QLoRA (nf4 base) on the same SFT work, one run per process.
 
     python benchmarks/qlora.py make-llama1b DIR             # random Llama-3.2-1B-shaped model, saved once
+    python benchmarks/qlora.py make-llama3b DIR             # the same in Llama-3.2-3B's shape
+    python benchmarks/qlora.py save-quantized MODEL --quantize nf4 --dtype bf16 --out DIR
+                                           # the base as users keep it: saved quantized, reloaded as is
     python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
                                            [--max-length 512] [--method lora|full]
     python benchmarks/qlora.py plan  MODEL (same options)   # deltatune's plan for that run
+    python benchmarks/qlora.py base-loss MODEL --quantize nf4 --steps 14
+                                           # the untrained base's loss on each step's rows
 
 MODEL is `smollm2-135m` or a saved directory. The work is sft_setup.py's (alpaca demo rows, chat
 template, loss on responses, LoRA r=8 on all seven projections, bf16 autocast, lr 2e-4); only the
@@ -25,6 +30,11 @@ import sft_setup as S
 import torch
 from sft_run import LLAMA_1B_SHAPE
 
+# Llama-3.2-3B's published shape (3.21B parameters, 28 layers, tied 128k x 3072 embedding)
+LLAMA_3B_SHAPE = dict(LLAMA_1B_SHAPE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                      num_attention_heads=24, num_key_value_heads=8, head_dim=128)
+SHAPES = {"make-llama1b": LLAMA_1B_SHAPE, "make-llama3b": LLAMA_3B_SHAPE}
+
 
 def vm_hwm_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -33,15 +43,30 @@ def vm_hwm_bytes() -> int:
     return 0
 
 
-def make_llama1b(directory: str) -> None:
+def make_llama(directory: str, shape: dict) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(S.SEED)
-    model = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA_1B_SHAPE), dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
     model.save_pretrained(directory)
     # SmolLM2's tokenizer: its 49,152 ids all exist in the 128,256-row embedding
     AutoTokenizer.from_pretrained(S.model_path()).save_pretrained(directory)
     print(json.dumps({"saved": directory, "params": sum(p.numel() for p in model.parameters())}))
+
+
+def save_quantized(args) -> dict:
+    model, tokenizer = load(args)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    files = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    return {"saved": args.out, "safetensors_gb": files / 2**30}
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_config(args, out: str):
@@ -72,7 +97,7 @@ def train(args) -> dict:
     from deltatune.training.optimization import BatchStream
 
     model, tokenizer = load(args)
-    load_peak = vm_hwm_bytes()
+    load_peak, after_load = vm_hwm_bytes(), rss_bytes()
     # Linux: writing 5 to clear_refs resets VmHWM, so the training phase's own peak is measured
     # too (loading a checkpoint maps the whole file: its pages count while quantizing it)
     Path("/proc/self/clear_refs").write_text("5")
@@ -91,11 +116,34 @@ def train(args) -> dict:
                    for k in range(args.warmup, args.steps)]
     step_times = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
     train_peak = vm_hwm_bytes()
-    return {"load_peak_rss_gb": load_peak / 2**30, "train_peak_rss_gb": train_peak / 2**30,
+    return {"load_peak_rss_gb": load_peak / 2**30, "rss_after_load_gb": after_load / 2**30,
+            "train_peak_rss_gb": train_peak / 2**30,
             "overall_peak_rss_gb": max(load_peak, train_peak) / 2**30,
             "real_tokens_per_s": sum(step_tokens) / sum(step_times),
             "step_s_median": statistics.median(step_times), "losses": losses,
             "last5_loss": statistics.mean(losses[-5:]), "wall_s": time.perf_counter() - started}
+
+
+def base_loss(args) -> dict:
+    """The base model's own loss (no delta, no training) on the rows of each of the run's steps,
+    under the trainer's autocast: how much of a loss gap the quantization brings before training."""
+    from types import SimpleNamespace
+
+    from deltatune.training.batching import training_collator
+    from deltatune.training.losses import batch_loss, count_targets
+
+    model, tokenizer = load(args)
+    dataset = S.load_examples(tokenizer, args.max_length)
+    collate = training_collator(model, tokenizer.pad_token_id, "causal-lm", S.data_config(args.max_length),
+                                SimpleNamespace(padding_free=True))
+    rows = S.row_order(len(dataset), args.steps, args.batch)
+    model.eval()
+    losses = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in range(args.steps):
+            batch = collate([dataset[i] for i in rows[k * args.batch:(k + 1) * args.batch]])
+            losses.append(batch_loss(model, "causal-lm", batch).item() / count_targets("causal-lm", batch["labels"]))
+    return {"base_losses": losses, "base_last5_loss": statistics.mean(losses[-5:])}
 
 
 def mem_available_bytes() -> int:
@@ -128,7 +176,7 @@ def plan(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["make-llama1b", "train", "plan"])
+    parser.add_argument("command", choices=[*SHAPES, "save-quantized", "train", "plan", "base-loss"])
     parser.add_argument("model")
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -137,10 +185,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=S.BATCH)
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
+    parser.add_argument("--out", help="save-quantized: the directory to write")
     args = parser.parse_args()
-    if args.command == "make-llama1b":
-        return make_llama1b(args.model)
-    result = train(args) if args.command == "train" else plan(args)
+    if args.command in SHAPES:
+        return make_llama(args.model, SHAPES[args.command])
+    result = {"train": train, "plan": plan, "save-quantized": save_quantized,
+              "base-loss": base_loss}[args.command](args)
     result.update(command=args.command, model=args.model, quantize=args.quantize, dtype=args.dtype,
                   method=args.method, batch=args.batch, max_length=args.max_length, steps=args.steps,
                   threads=torch.get_num_threads(), peak_rss_gb=vm_hwm_bytes() / 2**30)

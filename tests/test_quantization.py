@@ -280,7 +280,8 @@ def test_cli_rejects_an_unknown_quantize_value(llama_dir, tmp_path):
 def test_predicted_weight_bytes_match_the_loaded_model(llama_dir, kind):
     from transformers import AutoModelForCausalLM
 
-    from deltatune.quantization import parse_quantize, predicted_weight_bytes, stored_weight_bytes
+    from deltatune.compare.quantized_bytes import predicted_weight_bytes, stored_weight_bytes
+    from deltatune.quantization import parse_quantize
 
     model, _ = dt.load_model(str(llama_dir), quantize=kind)
     with torch.device("meta"):

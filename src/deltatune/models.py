@@ -15,7 +15,8 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
-                                    keep_one_weight_layout, own_dense_weights, parse_quantize)
+                                    keep_one_weight_layout, own_weights, parse_quantize,
+                                    follow_this_machine, stored_quantization)
 
 TASKS = ("causal-lm", "classification")
 
@@ -291,7 +292,11 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
-    if quantization is not None:
+    stored = stored_quantization(config, name_or_path, quantization)
+    if stored is not None:  # saved quantized: its codes load as they are, with or without `quantize`
+        quantization = stored.resolved()
+        kwargs["device_map"] = device_map()
+    elif quantization is not None:
         quantization = quantization.resolved()
         kwargs.update(_quantized_load_kwargs(name_or_path, task, config, quantization))
     if task == "classification":
@@ -307,7 +312,8 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         model.hf_quantizer.remove_quantization_config(model)  # GGUF: dequantized on load
     if quantization is not None:
         keep_one_weight_layout(model)
-        own_dense_weights(model)
+        follow_this_machine(model, quantization)
+        own_weights(model, codes_too=stored is not None)
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base
     model.config.deltatune_base = name_or_path

@@ -4,20 +4,20 @@
 
 Only the linear projections inside the transformer layers are quantized; embeddings, norms and
 task heads (lm_head, classifier, score, pooler) stay dense. The quantization happens while
-transformers streams the checkpoint from disk (`from_pretrained(quantization_config=...)`), so
-the dense weights are never all in memory at once — the reason to quantize a big model at all.
-A model built in memory (a tiny random test model) is saved with `save_pretrained` first and
-reloaded; we do not quantize modules in place, because that needs the dense model resident and
-would diverge from the path every real checkpoint (and PEFT) takes.
+transformers streams the checkpoint from disk, so the dense weights are never all copied into
+memory; a checkpoint saved quantized loads as it is. A model built in memory (a tiny test model)
+is saved and reloaded first: quantizing in place would need the dense model resident.
 
 The deltas never see a quantized weight: LoRA adds its update to the quantized layer's output,
-adapters and the prompt methods sit outside the linears. Only merging touches the weights, and
-that goes through `dequantize_model` first (a 4-bit weight cannot absorb a small delta without
-rounding it away).
+adapters and the prompt methods sit outside the linears. Only merging touches the weights, via
+`dequantize_model` (a 4-bit weight cannot absorb a small delta without rounding it away).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import warnings
@@ -92,6 +92,42 @@ def parse_quantize(value: Any, where: str = "quantize") -> QuantizationConfig | 
     raise DeltatuneError(f"{where}: expected none, {', '.join(TYPES)} or a mapping, got {value!r}")
 
 
+def stored_quantization(config: Any, name: str, requested: QuantizationConfig | None) -> QuantizationConfig | None:
+    """How a checkpoint saved quantized by bitsandbytes (a QLoRA base's save_pretrained, a *-bnb-4bit
+    model) stores its codes (None: dense). `requested` may repeat its type, never ask for another."""
+    stored = getattr(config, "quantization_config", None)
+    values = stored if isinstance(stored, dict) or stored is None else stored.to_dict()
+    if not values or values.get("quant_method") != "bitsandbytes":
+        return None
+    found = (QuantizationConfig(type="int8") if values.get("load_in_8bit") or values.get("_load_in_8bit") else
+             QuantizationConfig(type=values.get("bnb_4bit_quant_type", "fp4"),
+                                double_quant=bool(values.get("bnb_4bit_use_double_quant", False))))
+    if requested is None:
+        return found
+    if requested.type != found.type:
+        raise DeltatuneError(f"quantize: {name} is already quantized as {found.type}; it cannot load "
+                             f"as {requested.type} (use quantize: {found.type}, or its dense checkpoint)")
+    return dataclasses.replace(found, compute_dtype=requested.compute_dtype)
+
+
+def follow_this_machine(model: nn.Module, quantization: QuantizationConfig) -> None:
+    """Each 4-bit layer computes in the dtype resolved for this machine (not the one a saved
+    quantized checkpoint names) and, under autocast, returns the autocast dtype as a dense
+    nn.Linear does. bitsandbytes casts its output back to the input's dtype, so on an fp32 base
+    all that follows each projection (LoRA's sum, the MLP's products, what backward keeps)
+    stayed fp32: SmolLM2's QLoRA peaked above its LoRA (6.46 vs 5.12 GB; now 5.15 vs 6.00)."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.compute_dtype = COMPUTE_DTYPES[quantization.compute_dtype]
+            module.register_forward_hook(_autocast_output)
+
+
+def _autocast_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+    if torch.is_autocast_enabled(device := output.device.type) and output.dtype == torch.float32:
+        return output.to(torch.get_autocast_dtype(device))  # the bf16 matmul's values, exactly
+    return None
+
+
 def import_bitsandbytes():
     """bitsandbytes, imported quietly: on AVX512-bf16 CPUs it logs a warning about an optional
     Hub kernel package on import, which would otherwise sit above every one-line error."""
@@ -122,65 +158,6 @@ def dense_module_names(model_class: type, config: Any, layer_paths: tuple[str, .
     return outside, inside
 
 
-BLOCK = 64          # bitsandbytes' 4-bit block: one scale per 64 weights
-NESTED_BLOCK = 256  # double quantization: the scales are quantized to 8 bits in blocks of 256
-
-
-def quantized_weight_bytes(out_features: int, in_features: int, quantization: QuantizationConfig) -> int:
-    """Bytes bitsandbytes stores for one (out, in) weight: codes plus their scales."""
-    numel = out_features * in_features
-    if quantization.type == "int8":
-        return numel + 4 * out_features  # int8 codes + one fp32 scale per row
-    blocks = -(-numel // BLOCK)
-    if quantization.double_quant:  # 8-bit scales + one fp32 scale per 256 of them + 256-entry map
-        scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * 256
-    else:
-        scales = 4 * blocks
-    return -(-numel // 2) + scales + 4 * 16  # two codes per byte; the 16-value code book
-
-
-def predicted_weight_bytes(model: nn.Module, layer_paths: tuple[str, ...],
-                           quantization: QuantizationConfig | None, dtype: torch.dtype) -> int:
-    """The bytes a model's weights take once loaded with `quantization` (None: dense), from its
-    shapes alone (`model` may live on the meta device): what `plan` predicts for the base."""
-    total, seen = 0, set()
-    for path, module in model.named_modules():
-        inside = any(path.startswith(p + ".") for p in layer_paths)
-        quantize = quantization is not None and inside and isinstance(module, nn.Linear)
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if quantize and name == "weight":
-                total += quantized_weight_bytes(module.out_features, module.in_features, quantization)
-            else:
-                total += param.numel() * torch.empty((), dtype=dtype).element_size()
-    return total
-
-
-def stored_weight_bytes(model: nn.Module) -> int:
-    """The bytes a loaded model's weights occupy: parameters, buffers, and the scales that
-    bitsandbytes keeps beside its codes (which transformers' get_memory_footprint leaves out)."""
-    total, seen = 0, set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            total += param.numel() * param.element_size()
-            state = getattr(param, "quant_state", None)
-            if state is not None:
-                total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
-                             if torch.is_tensor(v))
-            scales = getattr(param, "SCB", None)
-            if scales is None and name == "weight" and is_quantized_linear(module):
-                scales = getattr(getattr(module, "state", None), "SCB", None)
-            if scales is not None:
-                total += scales.numel() * scales.element_size()
-        total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
-    return total
-
-
 def bitsandbytes_config(quantization: QuantizationConfig, keep_dense: list[str]):
     """transformers' BitsAndBytesConfig for `quantization`, keeping `keep_dense` unquantized."""
     from transformers import BitsAndBytesConfig
@@ -201,38 +178,48 @@ def device_map() -> dict | str:
 
 
 def keep_one_weight_layout(model: nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights on CPUs with AVX512-bf16.
-
-    On such CPUs the first no-grad forward in eval mode rewrites each Linear4bit's weight in
-    place into a bf16 inference layout (scales rounded to bf16, double quantization undone)
-    and from then on computes through a kernel with no backward. An evaluation in the middle
-    of training would then change the model's outputs and cut the gradient to every delta
-    beneath the layer. One layout for training, evaluation and saving is worth more than the
-    faster CPU inference kernel."""
+    """Stop bitsandbytes from repacking 4-bit weights on CPUs with AVX512-bf16: there the first
+    no-grad eval forward rewrites each Linear4bit's weight in place into a bf16 inference layout
+    (scales rounded, double quantization undone) whose kernel has no backward, so an evaluation
+    mid-training would change the outputs and cut every delta's gradient beneath the layer."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.support_avx512bf16_for_cpu = False
 
 
-def own_dense_weights(model: nn.Module) -> None:
-    """Copy the dense weights (embeddings, norms, heads) off the checkpoint's memory map.
+def own_weights(model: nn.Module, codes_too: bool = False) -> None:
+    """Copy the dense weights (embeddings, norms, heads) off the checkpoint's memory map: left
+    there (transformers does when the dtype matches) they keep the whole file mapped, and every
+    page read while quantizing stays resident (1.9 GB of a 1B model's 2.5 GB file, measured).
+    `codes_too` (a checkpoint saved quantized): the codes and their scales as well, since any
+    one tensor left on the map keeps all of it mapped, the dense pages already read included."""
+    owned: dict[tuple, torch.Tensor] = {}
 
-    transformers leaves weights whose dtype already matches pointing into the mmapped
-    safetensors file; on a quantized base that keeps the whole file mapped, and every page read
-    while quantizing stays in the process's resident set (1.9 GB of a 2.5 GB checkpoint for a
-    1B model, measured). Owning the small dense part releases the mapping."""
+    def own(tensor: torch.Tensor) -> torch.Tensor:  # one copy per storage view (int8: CB is the data)
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in owned:
+            owned[key] = tensor.clone()
+        return owned[key]
+
     with torch.no_grad():
         for module in model.modules():
-            if is_quantized_linear(module):
+            quantized = is_quantized_linear(module)
+            if quantized and not codes_too:
                 continue
             for param in module.parameters(recurse=False):
-                param.data = param.data.clone()
+                param.data = own(param.data)
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
-                    module._buffers[name] = buffer.clone()  # keeps the buffer's persistence
-    import gc
-
+                    module._buffers[name] = own(buffer)  # keeps the buffer's persistence
+            state = getattr(module.weight, "quant_state", None) if quantized else None
+            for holder in ((module.weight, getattr(module, "state", None), state,
+                            getattr(state, "state2", None)) if quantized else ()):
+                for name in ("CB", "SCB", "absmax", "code", "offset"):
+                    if torch.is_tensor(vars(holder).get(name) if holder is not None else None):
+                        setattr(holder, name, own(getattr(holder, name)))
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc: hand quantizing's scratch back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def use_inference_kernel(model: nn.Module) -> None:
@@ -263,8 +250,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> str:
-    q = quantization_of(model)
-    return q.type if q is not None else "quantized"
+    return q.type if (q := quantization_of(model)) is not None else "quantized"
 
 
 # ------------------------------------------------------------------ back to dense
@@ -306,9 +292,8 @@ def dequantize_model(model: nn.Module) -> int:
             count += 1
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    for attribute in ("quantization_config",):
-        if hasattr(model.config, attribute):
-            delattr(model.config, attribute)
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     model.deltatune_quantization = None
     return count
 

@@ -263,10 +263,11 @@ def plan_methods(run_config: Any, methods: list[str],
 
 
 def predicted_base_bytes(model: nn.Module) -> int:
-    """The base's weight bytes as `quantization.predicted_weight_bytes` predicts them from the
+    """The base's weight bytes as `quantized_bytes.predicted_weight_bytes` predicts them from the
     model's shapes (the same numbers a model too big to load here would get)."""
     from deltatune.models import architecture_of
-    from deltatune.quantization import predicted_weight_bytes, quantization_of
+    from deltatune.compare.quantized_bytes import predicted_weight_bytes
+    from deltatune.quantization import quantization_of
 
     with torch.device("meta"):
         skeleton = type(model)(copy.deepcopy(model.config))
