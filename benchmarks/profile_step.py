@@ -76,7 +76,7 @@ def main() -> None:
     plain = time.perf_counter() - tick
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         tick = time.perf_counter()
         loss = step()
         seconds = time.perf_counter() - tick
@@ -92,6 +92,24 @@ def main() -> None:
         groups[group_of(event.key)] += event.self_cpu_time_total
     for group, value in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {group:60s} {value / 1e6:7.2f} s  {100 * value / total:5.1f}%")
+    # The matrix products split by kind: a base projection's product, the LoRA side paths'
+    # rank-r products (memory-bound: a full activation read for 8 outputs), the LM head.
+    kinds = defaultdict(lambda: [0.0, 0, 0.0])  # kind -> [seconds, calls, FLOPs]
+    for event in prof.key_averages(group_by_input_shape=True):
+        shapes = event.input_shapes
+        if event.key != "aten::mm" or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
+            continue
+        (m, k), (_, n) = shapes[0], shapes[1]
+        rank = min(m, k, n)
+        kind = ("LM head" if max(m, k, n) >= 32000 else
+                f"rank-{S.RANK} LoRA side paths" if rank <= 64 else "base projections")
+        kinds[kind][0] += event.self_cpu_time_total / 1e6
+        kinds[kind][1] += event.count
+        kinds[kind][2] += 2 * m * k * n * event.count
+    print("aten::mm by kind:")
+    for kind, (sec, calls, flops) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {kind:30s} {calls:5d} calls  {sec:6.3f} s  {flops / 1e9:7.1f} GFLOP  "
+              f"{flops / max(sec, 1e-9) / 1e9:8,.0f} GFLOP/s")
     print(f"top {args.top} operators by self CPU time:")
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         print(f"  {event.key:45s} {event.count:6d} calls  {event.self_cpu_time_total / 1e6:7.3f} s  "
