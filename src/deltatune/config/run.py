@@ -97,7 +97,6 @@ class TrainConfig(ConfigSection):
     max_grad_norm: float | None = 1.0   # None: no clipping
     bf16: bool | str = "auto"       # auto: where bf16 matmuls measure faster (`deltatune inspect --hardware`)
     frozen_bf16: bool = True        # under bf16, frozen linear weights stored in bf16 (same products, less memory)
-    bf16_norm_outputs: bool = True  # under bf16, the norms before q/k/v and gate/up cast once for all their consumers
     gradient_checkpointing: bool = False
     group_by_length: bool = True    # batch rows of similar length (less padding; order still random)
     # causal LM on plain-causal decoders (Llama family): a batch is one row of its examples end to

@@ -45,7 +45,7 @@ from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partia
                                         write_summary)
 from deltatune.training.sharding import build_parallel, describe
 from deltatune.training.state import Progress, Run, Window
-from deltatune.training.speed import bf16_norm_outputs, hold_frozen_weights_in_bf16
+from deltatune.training.speed import hold_frozen_weights_in_bf16
 
 
 def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, eval_dataset=None,
@@ -165,8 +165,7 @@ def _optimizer_step(run: Run) -> None:
         sync = run.parallel.accumulating(last)
         # Backward too: gradient checkpointing re-runs the attention there.
         attention = packed_attention(run.model) if run.collator.packing else contextlib.nullcontext()
-        casts = bf16_norm_outputs(run.model) if run.bf16 and tc.bf16_norm_outputs else contextlib.nullcontext()
-        with sync, attention, casts:
+        with sync, attention:
             with autocast:
                 loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model)
             (loss * (dist.world_size / max(targets, 1.0))).backward()

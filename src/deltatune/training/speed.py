@@ -13,9 +13,6 @@ Because the original fp32 values are gone, `train` only does this to a model it 
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -46,34 +43,3 @@ def hold_frozen_weights_in_bf16(model: nn.Module) -> int:
             freed += weight.numel() * 2
             weight.data = weight.data.to(torch.bfloat16)
     return freed
-
-
-# Norms whose output feeds only linear maps (the attention's q/k/v, the MLP's gate/up and any
-# LoRA side paths beside them) in the plain-causal decoders packed attention serves.
-NORMS_BEFORE_PROJECTIONS = ("input_layernorm", "post_attention_layernorm")
-
-
-def _cast_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    if (isinstance(output, torch.Tensor) and output.dtype == torch.float32
-            and torch.is_autocast_enabled(output.device.type)
-            and torch.get_autocast_dtype(output.device.type) == torch.bfloat16):
-        return output.to(torch.bfloat16)
-    return output
-
-
-@contextlib.contextmanager
-def bf16_norm_outputs(model: nn.Module) -> Iterator[int]:
-    """Inside the block, under bf16 autocast, the pre-attention and pre-MLP norms hand their
-    consumers bf16 (`train.bf16_norm_outputs`). The residual stream is fp32, so autocast would
-    cast the same norm output once per consumer (q, k, v and their LoRA side paths: six casts
-    per layer, four before the MLP) and cast every input gradient back to fp32; one cast at the
-    norm gives the products the same bf16 values (the forward is bit-identical), while the
-    consumers' input gradients are summed in bf16 before the one cast back (not bit-identical:
-    rounding of that sum). Yields how many norms it hooked."""
-    handles = [module.register_forward_hook(_cast_output) for name, module in model.named_modules()
-               if name.rsplit(".", 1)[-1] in NORMS_BEFORE_PROJECTIONS]
-    try:
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
