@@ -79,7 +79,8 @@ def main() -> None:
                        check=True, cwd=ROOT)
         summary = json.loads((out / "summary.json").read_text())
         peaks = summary.get("peak_memory_bytes_by_rank") or [summary["peak_memory_bytes"]]
-        same = [r["plan_mb"] for r in results if (r["processes"], r["mode"]) == (procs, mode if procs > 1 else None)]
+        key = (procs, mode if procs > 1 else None)  # a rerun of a planned shape: same plan
+        same = [r["plan_mb"] for r in results if (r["processes"], r["mode"]) == key]
         predicted_mb = 0.0 if args.no_plan else same[0] if same else plan_mb(config, procs, mode, env)
         results.append({"run": name, "processes": procs, "mode": mode if procs > 1 else None,
                         "malloc_env": extra, "load_average": os.getloadavg(),

@@ -31,7 +31,7 @@ DIST_RUNTIME_BYTES = 60 * 1024 * 1024
 # Activations count at most this many times under fsdp: a CPU fsdp process fixes glibc's mmap
 # threshold (training/sharding.py), so the freed blocks that plan.RETENTION stands for go back to
 # the OS. Full fine-tuning's factor, measured to hold for LoRA too (SmolLM2, 2 ranks: 1416 MB
-# peak, 1421 MB predicted with it, 1925 MB with LoRA's one-process 2.3).
+# peak, 1430 MB predicted with it, 1925 MB with LoRA's one-process 2.3).
 SHARDED_RETENTION = 1.1
 
 
