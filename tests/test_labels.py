@@ -10,27 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from test_compare import tiny_model_dir  # noqa: F401  (the fixture: a tiny BERT; any class count loads)
 
 from deltatune.cli import main
 from deltatune.data.dataset import Example
 from deltatune.data.labels import check_label_set
-from deltatune.models import resolve_model_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random BERT *without* a classification head (so any number of classes loads)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    directory = tmp_path_factory.mktemp("tiny-bert-base")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def run(tmp_path: Path, model_dir: Path, train: list[int], eval: list[int], capsys,

@@ -3,6 +3,8 @@ the architecture facts methods need to find layers, attention, feed-forward bloc
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import importlib.util
 import os
 import shutil
@@ -314,10 +316,19 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         keep_one_weight_layout(model)
         follow_this_machine(model, quantization)
         own_weights(model, codes_too=stored is not None)
+        release_freed_memory()  # quantizing's scratch
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base
     model.config.deltatune_base = name_or_path
     return model, tokenizer
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap blocks back to the OS (glibc keeps them otherwise): after quantizing a
+    base while loading it, and after `plan` (compare would sit on gigabytes while its children run)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _quantized_load_kwargs(name_or_path: str, task: str, config, quantization) -> dict:

@@ -14,10 +14,7 @@ adapters and the prompt methods sit outside the linears. Only merging touches th
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import warnings
@@ -217,9 +214,6 @@ def own_weights(model: nn.Module, codes_too: bool = False) -> None:
                 for name in ("CB", "SCB", "absmax", "code", "offset"):
                     if torch.is_tensor(vars(holder).get(name) if holder is not None else None):
                         setattr(holder, name, own(getattr(holder, name)))
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc: hand quantizing's scratch back
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def use_inference_kernel(model: nn.Module) -> None:

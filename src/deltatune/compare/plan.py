@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
-import gc
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,7 +38,7 @@ from torch import nn
 from deltatune.deltas import apply
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.base import count_parameters
-from deltatune.models import transformer_layers
+from deltatune.models import release_freed_memory, transformer_layers
 
 LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # Peak RSS above the other terms, per byte of live activations: glibc keeps blocks freed by
@@ -79,14 +77,6 @@ class MethodPlan:
 
 def current_rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
-
-
-def release_freed_memory() -> None:
-    """Hand the heap blocks freed by planning back to the OS. glibc keeps them otherwise, and
-    `compare` would sit on gigabytes of them while its training children run."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ------------------------------------------------------------------------------ the heaviest step

@@ -98,7 +98,8 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
 
 def compare_from_config(config_path: str, overrides: list[str], methods: str | None = None,
                         overwrite: bool = False) -> list[dict]:
-    from deltatune.compare.plan import plan_methods, release_freed_memory
+    from deltatune.compare.plan import plan_methods
+    from deltatune.models import release_freed_memory
 
     config, settings = read_compare_config(config_path, overrides)
     if methods:
