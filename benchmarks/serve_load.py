@@ -146,17 +146,20 @@ def one_request(client: httpx.Client, url: str, request: dict, model: str) -> di
 
 
 def server_counters(url: str) -> dict[str, float]:
-    """Totals from the server's /metrics (warm-up requests included): decode steps, adapter loads
-    and evictions, generated tokens."""
+    """Totals from the server's /metrics so far: decode steps, adapter loads
+    and evictions, generated tokens, prefill forwards, engine seconds per phase (continuous)."""
     wanted = {"deltatune_decode_steps_total": "decode_steps", "deltatune_adapter_loads_total": "adapter_loads",
               "deltatune_adapter_evictions_total": "adapter_evictions",
               "deltatune_generation_tokens_total": "generated_tokens",
-              "deltatune_requests_total": "finished_requests"}
+              "deltatune_requests_total": "finished_requests",
+              "deltatune_prefill_forwards_total": "prefill_forwards"}
     totals = dict.fromkeys(wanted.values(), 0.0)
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         name = line.split("{")[0].split(" ")[0]
         if name in wanted and not line.startswith("#"):
             totals[wanted[name]] += float(line.rsplit(" ", 1)[1])
+        elif name == "deltatune_engine_seconds_total":  # {phase="prefill"} -> prefill_seconds
+            totals[line.split('"')[1] + "_seconds"] = float(line.rsplit(" ", 1)[1])
     return totals
 
 
@@ -195,6 +198,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
     with httpx.Client(timeout=args.deadline) as warm:  # each adapter once, outside the timing
         for i in range(1 if single else args.adapters if name.endswith("resident") else args.max_adapters):
             one_request(warm, url, {"prompt": "Hello", "max_tokens": 2, "stream": False}, f"adapter{i}")
+    before = server_counters(url)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     clients = [httpx.Client(timeout=args.deadline) for _ in range(args.clients)]
@@ -216,7 +220,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
     sampler.join()
     for client in clients:
         client.close()
-    counters = server_counters(url)
+    counters = {k: v - before.get(k, 0.0) for k, v in server_counters(url).items()}  # the timed run's
     server.send_signal(signal.SIGTERM)
     try:
         exit_code = server.wait(timeout=120)
@@ -263,7 +267,9 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
           f"failed {len(failed)}, exact {checked['exact']}, mixed-up {checked['mixed_up']}, diverged "
           f"{checked['diverged']}; TTFT p50/p99 {summary['ttft_p50']:.2f}/{summary['ttft_p99']:.2f} s, "
           f"latency p50/p99 {summary['latency_p50']:.2f}/{summary['latency_p99']:.2f} s; rows/step "
-          f"{summary['rows_per_step'] or 0:.1f}, adapter loads {counters['adapter_loads']:.0f}; RSS "
+          f"{summary['rows_per_step'] or 0:.1f}, adapter loads {counters['adapter_loads']:.0f}; engine s prefill/"
+          f"decode/idle {counters.get('prefill_seconds', 0):.1f}/{counters.get('decode_seconds', 0):.1f}/"
+          f"{counters.get('idle_seconds', 0):.1f} ({counters['prefill_forwards']:.0f} prefills); RSS "
           f"{early / 2**20:.0f} -> {late / 2**20:.0f} MB; SIGTERM exit {exit_code}", flush=True)
     return summary
 

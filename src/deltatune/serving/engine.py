@@ -142,21 +142,26 @@ class ContinuousEngine(EngineCore):
         return groups
 
     def _first_tokens(self, rows: list[Row]) -> None:
+        start = time.perf_counter()
         for group in self._prefill_groups(rows):
             try:
                 self._prefill(group)
             except Exception as exc:  # one bad prefill must not take the server down
                 self._fail_batch(group, exc)
+            self.metrics.prefill_forwards.inc()
+        self.metrics.engine_seconds.inc("prefill", by=time.perf_counter() - start)
 
     def _prefill(self, rows: list[Row]) -> None:
         logits, cache, mask = self.batch.prefill(rows)
         self.batch.join(rows, self._advance(rows, logits), cache, mask)
 
     def _decode(self) -> None:
+        start = time.perf_counter()
         rows = self.batch.rows
         logits = self.batch.step()
         self.metrics.decode_steps.inc()
         self.batch.keep(self._advance(rows, logits))
+        self.metrics.engine_seconds.inc("decode", by=time.perf_counter() - start)
 
     def _advance(self, rows: list[Row], logits) -> list[int]:
         """Each row takes its next token; the indices of the rows that go on (finished rows
@@ -195,4 +200,6 @@ class ContinuousEngine(EngineCore):
             self.running_rows = len(self.batch.rows)
             self.pool.sweep()
             if not self.batch.rows and not admitted:
+                start = time.perf_counter()
                 self._idle_wait(0.05 if not self.waiting else 0.005)
+                self.metrics.engine_seconds.inc("idle", by=time.perf_counter() - start)
