@@ -7,7 +7,6 @@ Reuses test_serve_continuous's tiny float64 Llama and its four saved LoRA adapte
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from collections import Counter
 
@@ -73,10 +72,11 @@ def test_draining_adapter_takes_only_jobs_that_end_before_its_rows(setup):
 
 
 def test_busy_adapter_never_evicted_and_nobody_starves(setup, monkeypatch):
-    """One slot; "a" gets a new job whenever one finishes (it never empties by itself) while one
-    job waits for "b": it is served after STARVING_S, no adapter leaves with rows in flight, and
-    every greedy reply equals generate()'s."""
-    monkeypatch.setattr(engine_module, "STARVING_S", 0.3)
+    """One slot; jobs for "a" keep coming (8 in the engine at any time, so "a" always outweighs
+    the one job for "b" and demand alone would keep it resident until they stop): the "b" job is
+    served once it has waited STARVING_S, long before the stream ends; no adapter leaves with
+    rows in flight; every greedy reply equals generate()'s."""
+    monkeypatch.setattr(engine_module, "STARVING_S", 0.05)
     model, tokenizer = copy.deepcopy(setup["base"]), setup["tokenizer"]
     pool = AdapterPool(model, "tiny", adapter_dir=setup["dir"], max_adapters=1)
     evicted_busy = []
@@ -89,34 +89,25 @@ def test_busy_adapter_never_evicted_and_nobody_starves(setup, monkeypatch):
 
     monkeypatch.setattr(pool, "_evict", checked_evict)
     engine = ContinuousEngine(model, tokenizer, pool, max_batch=4)
+
+    def job(adapter, i):
+        return Job(prompt_ids=tokenizer(PROMPTS[i % 4]).input_ids, adapter=adapter, max_tokens=6 + i % 5)
+
     engine.start()
-    jobs, stop = [], threading.Event()
-
-    def submit(adapter, i):
-        job = Job(prompt_ids=tokenizer(PROMPTS[i % 4]).input_ids, adapter=adapter, max_tokens=6 + i % 5)
-        jobs.append(engine.submit(job))
-        return job
-
-    def keep_a_busy():
-        i = 0
-        while not stop.is_set():
-            submit("a", i).result(timeout=60)
-            i += 1
-
     try:
-        feeders = [threading.Thread(target=keep_a_busy) for _ in range(3)]
-        for feeder in feeders:
-            feeder.start()
-        while len(jobs) < 3:
+        a_jobs = [engine.submit(job("a", i)) for i in range(4)]
+        while not a_jobs[0].token_ids:  # "a" is resident and running
             time.sleep(0.001)
-        b = submit("b", 1)
-        b.result(timeout=60)
-        stop.set()
-        for feeder in feeders:
-            feeder.join(60)
+        b = engine.submit(job("b", 1))
+        while len(a_jobs) < 160:
+            if sum(j.finish_reason is None for j in a_jobs) < 8:
+                a_jobs.append(engine.submit(job("a", len(a_jobs))))
+            time.sleep(0.0005)
+        for j in a_jobs + [b]:
+            j.result(timeout=120)
     finally:
         engine.stop()
     assert b.finish_reason == "length" and not evicted_busy
-    assert sum(j.adapter == "a" for j in jobs) > 3 and pool.metrics.adapter_loads.get() >= 2
-    for job in jobs:
-        assert job.token_ids == library_ids(setup, job.adapter, job.prompt_ids, job.max_tokens), job.adapter
+    assert sum(j.finished_at > b.finished_at for j in a_jobs) >= 40  # "b" did not wait for the stream
+    for j in a_jobs[::7] + [b]:
+        assert j.token_ids == library_ids(setup, j.adapter, j.prompt_ids, j.max_tokens), j.adapter

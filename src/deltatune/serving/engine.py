@@ -95,8 +95,10 @@ class ContinuousEngine(EngineCore):
         # Under swapping this keeps the batch fuller: what can run now runs, and a freed slot
         # goes where it lets the most rows join.
         def priority(job: Job) -> tuple:
+            if now - job.submitted >= STARVING_S:
+                return (0,)  # arrival order among these, whatever their adapter
             resident = self.pool.is_resident(job.adapter)
-            return now - job.submitted < STARVING_S, not resident, 0 if resident else -demand[job.adapter]
+            return 1, not resident, 0 if resident else -demand[job.adapter]
 
         candidates.sort(key=priority)  # stable: arrival order within equal priority
         for job in candidates:
