@@ -107,6 +107,23 @@ def references(model, tokenizer, directory: Path, requests: list[dict], longest:
     return refs
 
 
+def cached_references(args, model, tokenizer, directory: Path, requests: list[dict], longest: int) -> dict:
+    """references(), kept in --references-cache: a rerun with the same model, adapters (same seed and
+    rank) and workload reads them back instead of spending a minute on generate()."""
+    key = json.dumps([args.model, args.adapters, args.rank, args.seed, requests, longest])
+    path = Path(args.references_cache) if args.references_cache else None
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["key"] == key:
+            return {(a, p): ids for a, p, ids in stored["answers"]}
+    refs = references(model, tokenizer, directory, requests, longest)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "answers": [[a, p, ids] for (a, p), ids in refs.items()]}))
+        tmp.replace(path)
+    return refs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -292,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="from continuous-mixed, static-mixed, continuous-single, static-single, "
                              "continuous-resident (mixed, with every adapter resident: no swapping)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--references-cache", default=None,
+                        help="JSON file keeping the generate() reference answers between runs")
     args = parser.parse_args(argv)
     flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx512_bf16", "amx_tile", "avx2"})
     print(f"cpu flags: {' '.join(flags)}; cores {os.cpu_count()}", flush=True)
@@ -304,12 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.model} loaded", flush=True)
         make_adapters(model, adapter_dir, args.adapters, args.rank, args.seed)
         start = time.perf_counter()
-        refs = references(model, tokenizer, adapter_dir, requests, longest)
+        refs = cached_references(args, model, tokenizer, adapter_dir, requests, longest)
         lengths = sorted({r["max_tokens"] for r in requests})
         answers = {(a, p, k): tokenizer.decode(ids[:k], skip_special_tokens=True)
                    for (a, p), ids in refs.items() for k in lengths}
         distinct = len({answers[a, p, longest] for (a, p) in refs}) / len(refs)
-        print(f"references: {len(refs)} answers from {args.adapters} generate() calls in {time.perf_counter() - start:.0f} s; "
+        print(f"references: {len(refs)} answers from {args.adapters} generate() calls (or the cache) in {time.perf_counter() - start:.0f} s; "
               f"{distinct:.0%} of (adapter, prompt) answers distinct", flush=True)
         del model
         expected = sorted({r["adapter"] for r in requests})
