@@ -19,7 +19,6 @@ from deltatune.errors import DeltatuneError
 from deltatune.serving.adapter_pool import AdapterPool
 from deltatune.serving.job import Job, TextTracker
 from deltatune.serving.metrics import ServingMetrics
-from deltatune.serving.packed import pack_linears
 
 
 class QueueFull(Exception):
@@ -37,15 +36,13 @@ class Draining(Exception):
 class EngineCore:
     def __init__(self, model: nn.Module, tokenizer, pool: AdapterPool | None = None,
                  max_batch: int = 32, max_queue: int | None = None,
-                 metrics: ServingMetrics | None = None, pack_weights: bool = True) -> None:
+                 metrics: ServingMetrics | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise DeltatuneError(f"serve: max_batch must be a positive integer, got {max_batch!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 1):
             raise DeltatuneError(f"serve: max_queue must be a positive integer, got {max_queue!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        if pack_weights:  # float32 on CPU: the base's linear weights stay packed for MKL (see packed)
-            pack_linears(model)
         self.metrics = metrics or (pool.metrics if pool is not None else ServingMetrics())
         self.pool = pool or AdapterPool(model, str(getattr(model, "name_or_path", None) or "base"),
                                         metrics=self.metrics)
