@@ -107,6 +107,23 @@ def references(model, tokenizer, directory: Path, requests: list[dict], longest:
     return refs
 
 
+def cached_references(args, model, tokenizer, directory: Path, requests: list[dict], longest: int) -> dict:
+    """references(), kept in --references-cache: a rerun with the same model, adapters (same seed and
+    rank) and workload reads them back instead of spending a minute on generate()."""
+    key = json.dumps([args.model, args.adapters, args.rank, args.seed, requests, longest])
+    path = Path(args.references_cache) if args.references_cache else None
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["key"] == key:
+            return {(a, p): ids for a, p, ids in stored["answers"]}
+    refs = references(model, tokenizer, directory, requests, longest)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "answers": [[a, p, ids] for (a, p), ids in refs.items()]}))
+        tmp.replace(path)
+    return refs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,17 +163,20 @@ def one_request(client: httpx.Client, url: str, request: dict, model: str) -> di
 
 
 def server_counters(url: str) -> dict[str, float]:
-    """Totals from the server's /metrics (warm-up requests included): decode steps, adapter loads
-    and evictions, generated tokens."""
+    """Totals from the server's /metrics so far: decode steps, adapter loads
+    and evictions, generated tokens, prefill forwards, engine seconds per phase (continuous)."""
     wanted = {"deltatune_decode_steps_total": "decode_steps", "deltatune_adapter_loads_total": "adapter_loads",
               "deltatune_adapter_evictions_total": "adapter_evictions",
               "deltatune_generation_tokens_total": "generated_tokens",
-              "deltatune_requests_total": "finished_requests"}
+              "deltatune_requests_total": "finished_requests",
+              "deltatune_prefill_forwards_total": "prefill_forwards"}
     totals = dict.fromkeys(wanted.values(), 0.0)
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         name = line.split("{")[0].split(" ")[0]
         if name in wanted and not line.startswith("#"):
             totals[wanted[name]] += float(line.rsplit(" ", 1)[1])
+        elif name == "deltatune_engine_seconds_total":  # {phase="prefill"} -> prefill_seconds
+            totals[line.split('"')[1] + "_seconds"] = float(line.rsplit(" ", 1)[1])
     return totals
 
 
@@ -195,6 +215,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
     with httpx.Client(timeout=args.deadline) as warm:  # each adapter once, outside the timing
         for i in range(1 if single else args.adapters if name.endswith("resident") else args.max_adapters):
             one_request(warm, url, {"prompt": "Hello", "max_tokens": 2, "stream": False}, f"adapter{i}")
+    before = server_counters(url)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     clients = [httpx.Client(timeout=args.deadline) for _ in range(args.clients)]
@@ -216,7 +237,7 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
     sampler.join()
     for client in clients:
         client.close()
-    counters = server_counters(url)
+    counters = {k: v - before.get(k, 0.0) for k, v in server_counters(url).items()}  # the timed run's
     server.send_signal(signal.SIGTERM)
     try:
         exit_code = server.wait(timeout=120)
@@ -263,7 +284,9 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
           f"failed {len(failed)}, exact {checked['exact']}, mixed-up {checked['mixed_up']}, diverged "
           f"{checked['diverged']}; TTFT p50/p99 {summary['ttft_p50']:.2f}/{summary['ttft_p99']:.2f} s, "
           f"latency p50/p99 {summary['latency_p50']:.2f}/{summary['latency_p99']:.2f} s; rows/step "
-          f"{summary['rows_per_step'] or 0:.1f}, adapter loads {counters['adapter_loads']:.0f}; RSS "
+          f"{summary['rows_per_step'] or 0:.1f}, adapter loads {counters['adapter_loads']:.0f}; engine s prefill/"
+          f"decode/idle {counters.get('prefill_seconds', 0):.1f}/{counters.get('decode_seconds', 0):.1f}/"
+          f"{counters.get('idle_seconds', 0):.1f} ({counters['prefill_forwards']:.0f} prefills); RSS "
           f"{early / 2**20:.0f} -> {late / 2**20:.0f} MB; SIGTERM exit {exit_code}", flush=True)
     return summary
 
@@ -286,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="from continuous-mixed, static-mixed, continuous-single, static-single, "
                              "continuous-resident (mixed, with every adapter resident: no swapping)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--references-cache", default=None,
+                        help="JSON file keeping the generate() reference answers between runs")
     args = parser.parse_args(argv)
     flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx512_bf16", "amx_tile", "avx2"})
     print(f"cpu flags: {' '.join(flags)}; cores {os.cpu_count()}", flush=True)
@@ -298,12 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.model} loaded", flush=True)
         make_adapters(model, adapter_dir, args.adapters, args.rank, args.seed)
         start = time.perf_counter()
-        refs = references(model, tokenizer, adapter_dir, requests, longest)
+        refs = cached_references(args, model, tokenizer, adapter_dir, requests, longest)
         lengths = sorted({r["max_tokens"] for r in requests})
         answers = {(a, p, k): tokenizer.decode(ids[:k], skip_special_tokens=True)
                    for (a, p), ids in refs.items() for k in lengths}
         distinct = len({answers[a, p, longest] for (a, p) in refs}) / len(refs)
-        print(f"references: {len(refs)} answers from {args.adapters} generate() calls in {time.perf_counter() - start:.0f} s; "
+        print(f"references: {len(refs)} answers from {args.adapters} generate() calls (or the cache) in {time.perf_counter() - start:.0f} s; "
               f"{distinct:.0%} of (adapter, prompt) answers distinct", flush=True)
         del model
         expected = sorted({r["adapter"] for r in requests})

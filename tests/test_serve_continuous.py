@@ -231,6 +231,9 @@ def test_metrics_parse(server):
     for name in ("deltatune_queue_depth", "deltatune_running_batch_size", "deltatune_adapters_resident",
                  "deltatune_adapter_loads_total", "deltatune_adapter_evictions_total"):
         assert name in families or name.removesuffix("_total") in families
+    assert samples[("deltatune_prefill_forwards_total", ())] >= 1
+    assert samples[("deltatune_engine_seconds_total", (("phase", "prefill"),))] > 0
+    assert samples[("deltatune_engine_seconds_total", (("phase", "decode"),))] > 0
 
 
 def test_timeout_gives_504(setup):

@@ -8,10 +8,12 @@ server starts (those cannot be reloaded, so they are never evicted and do not co
 
 At most `max_adapters` stay resident. An adapter is loaded at its first request; when the model
 is full, the least recently used adapter with no rows in the running batch leaves. When every
-resident adapter has rows in flight, one of them (fewest rows, then least recently used) is
-marked draining: the scheduler admits no new rows for it, and once its last row finishes it
-leaves and the waiting adapter comes in. Only the engine thread calls the methods that touch the
-model (acquire, release, sweep); the rest are safe from any thread.
+resident adapter has rows in flight, `plan_drain` swaps by demand: if more requests wait for an
+adapter outside than the least-held resident one has waiting and running (or a request has waited
+too long), that one is marked draining: the scheduler gives it no new rows (except ones that end
+before its last running row does), and once its last row finishes it leaves and the waiting
+adapter comes in. Only the engine thread calls the methods that touch the model (acquire,
+release, sweep, plan_drain); the rest are safe from any thread.
 
 An evicted LoRA or (IA)³ adapter keeps its modules in a small cache (`cache_bytes`, least recently
 evicted leave first): loading it again attaches them (~1 ms) instead of reading, parsing and
@@ -23,7 +25,7 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Collection, Mapping, NamedTuple
 
 from torch import nn
 
@@ -119,10 +121,6 @@ class AdapterPool:
         with self.lock:
             self.sources.pop(name, None)
 
-    def admissible(self, name: str | None) -> bool:
-        """May a new row for `name` join the batch now? (Not while its adapter drains.)"""
-        return name is None or name != self.draining
-
     def is_resident(self, name: str | None) -> bool:
         """Can a row of `name` join without loading anything? (None: the base model, always.)"""
         return name is None or name in self.resident
@@ -155,14 +153,33 @@ class AdapterPool:
         if name is None:
             return True
         if not self.preload(name, wanted):
-            busy = [n for n in self.resident if n not in self.pinned]
-            if busy and self.draining is None:  # make room: one nobody waits for, emptying soonest
-                order = list(self.resident)
-                self.draining = min(busy, key=lambda n: (n in wanted, self.in_use[n], order.index(n)))
-            return False
+            return False  # no room yet: plan_drain makes some when demand says so
         self.resident.move_to_end(name)
         self.in_use[name] += 1
         return True
+
+    def plan_drain(self, demand: Mapping[str, int], left: Mapping[str, int],
+                   urgent: Collection[str] = ()) -> None:
+        """With every slot held by running rows, mark one resident adapter draining when a waiting
+        adapter needs its slot more. `demand`: jobs waiting per adapter; `left`: per resident
+        adapter, the most tokens any of its running rows may still take; `urgent`: adapters with
+        a job waiting too long (they get a slot whatever the counts, so nobody starves). The one
+        to leave holds the fewest jobs (waiting + running), then empties soonest, then is least
+        recently used; it drains when the most-demanded adapter outside has more jobs waiting."""
+        if self.draining is not None or self.max_adapters is None:
+            return
+        outside = [n for n in demand if n is not None and n not in self.resident and n not in self.retired]
+        busy = [n for n in self.resident if n not in self.pinned]
+        if not outside or len(busy) < self.max_adapters or not all(self.in_use[n] for n in busy):
+            return  # nobody waits outside, or a slot is free / idle (acquire takes it)
+        order = list(self.resident)
+
+        def held(n: str) -> int:
+            return demand.get(n, 0) + self.in_use[n]
+
+        leaving = min(busy, key=lambda n: (held(n), left.get(n, 0), order.index(n)))
+        if max(demand[n] for n in outside) > held(leaving) or any(n in urgent for n in outside):
+            self.draining = leaving
 
     def release(self, name: str | None) -> None:
         if name is not None:

@@ -25,7 +25,8 @@ with `engine.call(lambda: ...)`, which runs on the engine thread between two ste
 
 Each step the engine thread: runs pending calls; drops cancelled or timed-out waiting jobs;
 admits waiting jobs while the batch has room (resident adapters' jobs first, then the adapter
-most jobs wait for; loading adapters as needed, see adapter_pool) and prefills them together;
+most jobs wait for; loading adapters as needed and, with every slot busy, swapping one out by
+demand: adapter_pool.plan_drain) and prefills them together;
 then runs one decoding step of the whole batch, hands each row its token and drops finished rows. Greedy rows produce exactly the tokens of the
 library's generate() for their adapter (see kvcache for why).
 """
@@ -86,19 +87,26 @@ class ContinuousEngine(EngineCore):
         demand = Counter(job.adapter for job in candidates)
         wanted = frozenset(demand)
         now = time.monotonic()
+        left = self._tokens_left()
+        starving = {job.adapter for job in candidates if now - job.submitted >= STARVING_S}
+        self.pool.plan_drain(demand, left, starving)
         # Jobs of resident adapters first, then those of the adapter most jobs wait for (it takes
         # the next free slot), arrival order within each; a job waiting STARVING_S goes first.
         # Under swapping this keeps the batch fuller: what can run now runs, and a freed slot
         # goes where it lets the most rows join.
         def priority(job: Job) -> tuple:
+            if now - job.submitted >= STARVING_S:
+                return (0,)  # arrival order among these, whatever their adapter
             resident = self.pool.is_resident(job.adapter)
-            return now - job.submitted < STARVING_S, not resident, 0 if resident else -demand[job.adapter]
+            return 1, not resident, 0 if resident else -demand[job.adapter]
 
         candidates.sort(key=priority)  # stable: arrival order within equal priority
         for job in candidates:
             if room <= 0:
                 break
-            if not self.pool.admissible(job.adapter):
+            # A draining adapter takes only jobs that end no later than its running rows do.
+            if job.adapter is not None and job.adapter == self.pool.draining \
+                    and job.max_tokens - 1 > left.get(job.adapter, 0):
                 continue
             try:
                 if not self.pool.acquire(job.adapter, wanted):
@@ -120,9 +128,18 @@ class ContinuousEngine(EngineCore):
                 break
             group = kind
             admitted.append(Row(job, row_generator(job, job.choice)))
+            left[job.adapter] = max(left.get(job.adapter, 0), job.max_tokens - 1)
             room -= 1
         self._take_waiting(dropped + [row.job for row in admitted])
         return admitted
+
+    def _tokens_left(self) -> dict[str | None, int]:
+        """Per adapter, the most decoding steps any of its running rows may still take."""
+        left: dict[str | None, int] = {}
+        for row in self.batch.rows:
+            job = row.job
+            left[job.adapter] = max(left.get(job.adapter, 0), job.max_tokens - len(job.token_ids))
+        return left
 
     def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
         """The admitted rows by prompt length, in groups of at most PREFILL_TOKENS padded tokens
@@ -142,21 +159,26 @@ class ContinuousEngine(EngineCore):
         return groups
 
     def _first_tokens(self, rows: list[Row]) -> None:
+        start = time.perf_counter()
         for group in self._prefill_groups(rows):
             try:
                 self._prefill(group)
             except Exception as exc:  # one bad prefill must not take the server down
                 self._fail_batch(group, exc)
+            self.metrics.prefill_forwards.inc()
+        self.metrics.engine_seconds.inc("prefill", by=time.perf_counter() - start)
 
     def _prefill(self, rows: list[Row]) -> None:
         logits, cache, mask = self.batch.prefill(rows)
         self.batch.join(rows, self._advance(rows, logits), cache, mask)
 
     def _decode(self) -> None:
+        start = time.perf_counter()
         rows = self.batch.rows
         logits = self.batch.step()
         self.metrics.decode_steps.inc()
         self.batch.keep(self._advance(rows, logits))
+        self.metrics.engine_seconds.inc("decode", by=time.perf_counter() - start)
 
     def _advance(self, rows: list[Row], logits) -> list[int]:
         """Each row takes its next token; the indices of the rows that go on (finished rows
@@ -195,4 +217,6 @@ class ContinuousEngine(EngineCore):
             self.running_rows = len(self.batch.rows)
             self.pool.sweep()
             if not self.batch.rows and not admitted:
+                start = time.perf_counter()
                 self._idle_wait(0.05 if not self.waiting else 0.005)
+                self.metrics.engine_seconds.inc("idle", by=time.perf_counter() - start)

@@ -11,6 +11,9 @@
     deltatune_adapters_resident                         gauge
     deltatune_adapter_loads_total / _evictions_total    counter
     deltatune_decode_steps_total                        counter   forward passes of the batch
+    deltatune_prefill_forwards_total                    counter   forward passes of new prompts
+    deltatune_engine_seconds_total{phase}               counter   engine thread time: prefill,
+                                                                  decode, idle (nothing to run)
 """
 from __future__ import annotations
 
@@ -114,6 +117,9 @@ class ServingMetrics:
         self.adapter_loads = Counter("deltatune_adapter_loads_total", "Adapters loaded into the model.")
         self.adapter_evictions = Counter("deltatune_adapter_evictions_total", "Adapters unloaded to make room.")
         self.decode_steps = Counter("deltatune_decode_steps_total", "Forward passes of the running batch.")
+        self.prefill_forwards = Counter("deltatune_prefill_forwards_total", "Forward passes of new prompts.")
+        self.engine_seconds = Counter("deltatune_engine_seconds_total",
+                                      "Engine thread time by phase (prefill, decode, idle).", ("phase",))
         self.gauges: list[Gauge] = []
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
@@ -132,6 +138,6 @@ class ServingMetrics:
         lines: list[str] = []
         for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.rejected, self.ttft,
                        self.latency, *self.gauges, self.adapter_loads, self.adapter_evictions,
-                       self.decode_steps):
+                       self.decode_steps, self.prefill_forwards, self.engine_seconds):
             lines += metric.render()
         return "\n".join(lines) + "\n"
