@@ -2,6 +2,7 @@
 
     python benchmarks/qlora.py make-llama1b DIR             # random Llama-3.2-1B-shaped model, saved once
     python benchmarks/qlora.py make-llama3b DIR             # the same in Llama-3.2-3B's shape
+    python benchmarks/qlora.py make-llama8b DIR             # Llama-3.1-8B's shape, written shard by shard
     python benchmarks/qlora.py save-quantized MODEL --quantize nf4 --dtype bf16 --out DIR
                                            # the base as users keep it: saved quantized, reloaded as is
     python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
@@ -33,7 +34,11 @@ from sft_run import LLAMA_1B_SHAPE
 # Llama-3.2-3B's published shape (3.21B parameters, 28 layers, tied 128k x 3072 embedding)
 LLAMA_3B_SHAPE = dict(LLAMA_1B_SHAPE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                       num_attention_heads=24, num_key_value_heads=8, head_dim=128)
-SHAPES = {"make-llama1b": LLAMA_1B_SHAPE, "make-llama3b": LLAMA_3B_SHAPE}
+# Llama-3.1-8B's published shape (8.03B parameters, 32 layers, untied 128k x 4096 embedding and head)
+LLAMA_8B_SHAPE = dict(LLAMA_1B_SHAPE, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+SHAPES = {"make-llama1b": LLAMA_1B_SHAPE, "make-llama3b": LLAMA_3B_SHAPE, "make-llama8b": LLAMA_8B_SHAPE}
+STREAMED = {"make-llama8b"}  # written tensor by tensor: the 16 GB model is never whole in memory
 
 
 def vm_hwm_bytes() -> int:
@@ -52,6 +57,55 @@ def make_llama(directory: str, shape: dict) -> None:
     # SmolLM2's tokenizer: its 49,152 ids all exist in the 128,256-row embedding
     AutoTokenizer.from_pretrained(S.model_path()).save_pretrained(directory)
     print(json.dumps({"saved": directory, "params": sum(p.numel() for p in model.parameters())}))
+
+
+def write_llama_shards(directory: str, shape: dict, shard_bytes: int = 2 * 2**30) -> None:
+    """A random bf16 model of `shape` written shard by shard (safetensors + index), with the same
+    initialisation transformers gives a fresh Llama (weights N(0, 0.02), norms 1): a model too big
+    to build whole in memory on this machine."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, dtype="bfloat16")
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(S.SEED)
+    names = [(n, p.shape) for n, p in skeleton.named_parameters()]  # a tied head is listed once
+    weight_map, shard, size, total, files = {}, {}, 0, 0, []
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            files.append((f"model-{len(files) + 1:05d}.safetensors", shard))
+            save_file(shard, out / files[-1][0], metadata={"format": "pt"})
+            weight_map.update({name: files[-1][0] for name in shard})
+            shard, size = {}, 0
+
+    for name, tensor_shape in names:
+        tensor = torch.empty(tensor_shape, dtype=torch.bfloat16)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            for rows in torch.split(torch.arange(tensor_shape[0]), 4096):  # fp32 scratch stays small
+                tensor[rows[0]:rows[-1] + 1] = torch.randn((len(rows), *tensor_shape[1:]), generator=generator) * 0.02
+        nbytes = tensor.numel() * 2
+        if size + nbytes > shard_bytes:
+            flush()
+        shard[name], size, total = tensor, size + nbytes, total + nbytes
+    flush()
+    final = {f"model-{k + 1:05d}-of-{len(files):05d}.safetensors": name for k, (name, _) in enumerate(files)}
+    for new_name, old_name in final.items():
+        (out / old_name).rename(out / new_name)
+    renamed = {old: new for new, old in final.items()}
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}, indent=2))
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(S.model_path()).save_pretrained(out)
+    print(json.dumps({"saved": directory, "params": sum(p.numel() for p in skeleton.parameters()),
+                      "safetensors_gb": total / 2**30}))
 
 
 def save_quantized(args) -> dict:
@@ -187,6 +241,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
     parser.add_argument("--out", help="save-quantized: the directory to write")
     args = parser.parse_args()
+    if args.command in STREAMED:
+        return write_llama_shards(args.model, SHAPES[args.command])
     if args.command in SHAPES:
         return make_llama(args.model, SHAPES[args.command])
     result = {"train": train, "plan": plan, "save-quantized": save_quantized,

@@ -112,10 +112,14 @@ def follow_this_machine(model: nn.Module, quantization: QuantizationConfig) -> N
     quantized checkpoint names) and, under autocast, returns the autocast dtype as a dense
     nn.Linear does. bitsandbytes casts its output back to the input's dtype, so on an fp32 base
     all that follows each projection (LoRA's sum, the MLP's products, what backward keeps)
-    stayed fp32: SmolLM2's QLoRA peaked above its LoRA (6.46 vs 5.12 GB; now 5.15 vs 6.00)."""
+    stayed fp32: SmolLM2's QLoRA peaked above its LoRA (6.46 vs 5.12 GB; now 5.15 vs 6.00).
+    On CPU each layer dequantizes into one reused buffer (quantized_compute.py says why)."""
+    from deltatune.quantized_compute import compute_through_one_buffer
+
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.compute_dtype = COMPUTE_DTYPES[quantization.compute_dtype]
+            compute_through_one_buffer(module)
             module.register_forward_hook(_autocast_output)
 
 
