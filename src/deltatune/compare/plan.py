@@ -41,16 +41,20 @@ from deltatune.methods.base import count_parameters
 from deltatune.models import release_freed_memory, transformer_layers
 
 LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
-# Peak RSS above the other terms, per byte of live activations: glibc keeps blocks freed by
-# earlier steps (with MALLOC_MMAP_THRESHOLD_=65536 a forward grew RSS by exactly the counted
-# bytes). Fitted per method on `deltatune compare` runs of examples/demo-compare-minilm.yaml and
-# examples/compare-smollm2.yaml (each factor predicts both within 9%; README "plan vs measured").
+# Peak RSS above the other terms, per byte of saved activations, once glibc's heap has ratcheted
+# to its limit (see allocator_fill): glibc keeps blocks freed by earlier steps (with
+# MALLOC_MMAP_THRESHOLD_=65536 a forward grew RSS by exactly the counted bytes). Fitted per method
+# on `deltatune compare` runs of examples/demo-compare-minilm.yaml and
+# examples/compare-smollm2.yaml (README "plan vs measured").
 # Full fine-tuning's large long-lived gradient and optimizer buffers leave the allocator little
-# to keep; LoRA keeps the most (2.6-2.8x on both models; not root-caused: the per-wrapper input
-# gradients that backward adds up are the suspect). Other methods get DEFAULT_RETENTION.
+# to keep; LoRA keeps the most. Other methods get DEFAULT_RETENTION.
 RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 1.75, "prompt": 1.5, "ptuning": 1.5,
              "prefix": 1.35}
 DEFAULT_RETENTION = 1.6
+# The share of its heap that a batch larger than every earlier one cannot reuse (the holes its
+# predecessors' smaller tensors left), measured from per-step traces (benchmarks/memory_trace.py:
+# SmolLM2 LoRA and QLoRA, 0.46-0.52 at each of the four steps that grew the heap).
+UNREUSABLE_SHARE = 0.5
 RUNTIME_ALLOWANCE_BYTES = 250 * 1024 * 1024
 # At most this many batches of the run are replayed to find the heaviest (lengths only: cheap).
 MAX_REPLAYED_BATCHES = 100_000
@@ -73,6 +77,7 @@ class MethodPlan:
     total_steps: int = 0            # optimizer steps the run will take (compare's ETA uses it)
     quantize: str = "none"          # the base's quantization (a `lora@nf4` comparison row)
     base_weight_bytes: int = 0      # the base's weights as loaded, predicted from its shapes
+    allocator_fill: float = 0.0     # how far the batch sequence ratchets the heap (0..1)
 
 
 def current_rss() -> int:
@@ -80,9 +85,9 @@ def current_rss() -> int:
 
 
 # ------------------------------------------------------------------------------ the heaviest step
-def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
-    """The collated batch of the run that makes its layers compute the most tokens, found by
-    replaying the trainer's own batch stream (a pure function of seed and batch index)."""
+def step_costs(dataset: Any, train: Any, collator: Any) -> tuple[Any, list[int]]:
+    """(the run's batch stream, the tokens its layers compute at each batch, in training order),
+    replayed from the trainer's own batch stream (a pure function of seed and batch index)."""
     from deltatune.training.batching import training_stream
 
     stream, steps = training_stream(dataset, train, collator)
@@ -93,8 +98,38 @@ def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
         return sum(sizes) if collator.packing else len(sizes) * max(sizes)
 
     batches = min(steps * train.grad_accum, MAX_REPLAYED_BATCHES)
-    rows = max((stream.rows(k) for k in range(batches)), key=cost)
-    return collator([dataset[i] for i in rows])
+    return stream, [cost(stream.rows(k)) for k in range(batches)]
+
+
+def allocator_fill(costs: list[int], unreusable: float = UNREUSABLE_SHARE) -> float:
+    """How far the run's batch sequence drives glibc's heap toward its limit: 0 when the first
+    batch is the heaviest, 1 after many ever-larger batches.
+
+    glibc never hands back a heap block that lies below a live one, and every training step
+    leaves small long-lived allocations (optimizer state, kernel caches, Python objects) among
+    the blocks its activations used. A later batch no larger than an earlier one fits in the
+    holes that batch left; a batch larger than all before it (a "record") reuses only
+    (1 - unreusable) of the heap and takes the rest of its demand from fresh pages:
+    heap <- unreusable * heap + demand. With demand proportional to the batch's tokens this
+    walks the replayed records; the heap starts at the heaviest batch's demand (the first batch is
+    the heaviest) and tends to 1 / (1 - unreusable) times it; the fill is the share of that
+    extra reached. Records in a shuffled order grow like ln(steps): 4 in SmolLM2's 14-step
+    bench, 3 in 5 steps at a length cap the rows reach."""
+    heaviest = max(costs, default=0)
+    if heaviest <= 0:
+        return 0.0
+    top, heap = 0, 0.0
+    for cost in costs:
+        if cost > top:
+            heap, top = unreusable * heap + cost / heaviest, cost
+    return (heap - 1) * (1 - unreusable) / unreusable
+
+
+def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
+    """The collated batch of the run that makes its layers compute the most tokens."""
+    stream, costs = step_costs(dataset, train, collator)
+    heaviest = max(range(len(costs)), key=costs.__getitem__)
+    return collator([dataset[i] for i in stream.rows(heaviest)])
 
 
 def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: bool,
@@ -150,37 +185,44 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     trainable, total = count_parameters(adapted)
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
-    batch = heaviest_batch(dataset, train, collator)
+    stream, costs = step_costs(dataset, train, collator)
+    batch = collator([dataset[i] for i in stream.rows(max(range(len(costs)), key=costs.__getitem__))])
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    activations = saved_for_backward_bytes(adapted, task, batch, collator.packing, bf16)
+    saved = saved_for_backward_bytes(adapted, task, batch, collator.packing, bf16)
     if train.gradient_checkpointing:
         # only each layer's input is kept, and one layer's activations exist again in backward
         layers = max(1, len(transformer_layers(adapted)))
-        activations = activations // layers + layers * tokens * adapted.config.hidden_size * 4
-    activations += logit_bytes(adapted, task, batch)
+        saved = saved // layers + layers * tokens * adapted.config.hidden_size * 4
+    logits = logit_bytes(adapted, task, batch)
+    activations = saved + logits
+    # The heap keeps up to RETENTION[method] times the saved activations, as far as this run's
+    # batch sequence ratchets it (allocator_fill). The logits chunk (200 MB for a 49k vocabulary)
+    # is above glibc's largest mmap threshold (32 MB): mapped on its own and unmapped when freed,
+    # it counts once.
+    fill = allocator_fill(costs)
+    retention = 1 + (RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) - 1) * fill
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
     gradients = 4 * trainable
     optimizer = 8 * trainable
     # the delta's own tensors are new memory on top of the loaded base
     delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
     peak = (baseline_bytes + delta_weights + gradients + optimizer
-            + RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) * activations
-            + RUNTIME_ALLOWANCE_BYTES)
+            + retention * saved + logits + RUNTIME_ALLOWANCE_BYTES)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
         optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
         predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),
-        heaviest_batch_tokens=tokens, total_steps=total_steps)
+        heaviest_batch_tokens=tokens, total_steps=total_steps, allocator_fill=fill)
     if world_size > 1:
         from deltatune.compare.world_plan import per_process
 
         base = sum(p.numel() * p.element_size() for p in model.parameters())
-        retention = RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION))
-        plan = per_process(plan, adapted, base, world_size, distributed, bf16, retention,
+        blended = (retention * saved + logits) / max(activations, 1)  # per byte of activations
+        plan = per_process(plan, adapted, base, world_size, distributed, bf16, blended,
                            RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
 
