@@ -93,6 +93,12 @@ def main() -> None:
             for parameter in model.parameters():
                 parameter.sum()
         model.register_forward_hook(lambda *a: marks.append(("forward", time.perf_counter())))
+
+        def shape(module, args, kwargs):  # the tokens each training batch computes
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if module.training and ids is not None:
+                marks.append(("tokens", int(ids.numel())))
+        model.register_forward_pre_hook(shape, with_kwargs=True)
         state["start"] = sample()
         marks.append(("start", time.perf_counter()))
         sampler.start()
@@ -123,6 +129,7 @@ def report(args, start: dict, samples: list, marks: list, dataset) -> None:
 
     ends = [t for kind, t in marks if kind in ("start", "step")]
     forwards = [t for kind, t in marks if kind == "forward"]
+    shapes = [n for kind, n in marks if kind == "tokens"]
     gb = 2 ** 30
     print(json.dumps({"start_rss_gb": start["rss"] / gb, "start_live_gb": start["live"] / gb,
                       **vars(args)}))
@@ -135,7 +142,8 @@ def report(args, start: dict, samples: list, marks: list, dataset) -> None:
         live = max(inside, key=lambda s: s["live"])
         forward_end = next((t for t in forwards if a <= t < b), None)
         at_forward = next((s for t, s in samples if forward_end and t >= forward_end), None)
-        tokens = sum(len(dataset[i].input_ids) for i in stream.rows(k)) if stream else None
+        tokens = (sum(len(dataset[i].input_ids) for i in stream.rows(k)) if stream
+                  else shapes[k] if k < len(shapes) else None)
         print(json.dumps({
             "step": k + 1, "tokens": tokens, "seconds": round(b - a, 2),
             "peak_rss_gb": round((peak["rss"] - start["rss"]) / gb, 3),

@@ -51,10 +51,10 @@ LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 1.75, "prompt": 1.5, "ptuning": 1.5,
              "prefix": 1.35}
 DEFAULT_RETENTION = 1.6
-# The share of its heap that a batch larger than every earlier one cannot reuse (the holes its
-# predecessors' smaller tensors left), measured from per-step traces (benchmarks/memory_trace.py:
-# SmolLM2 LoRA and QLoRA, 0.46-0.52 at each of the four steps that grew the heap).
-UNREUSABLE_SHARE = 0.5
+# The share of the held heap a training batch can reuse (allocator_fill), fitted to per-step
+# traces of the heap (benchmarks/memory_trace.py; SmolLM2 LoRA 14 and 30 steps, QLoRA 14 steps:
+# 0.42-0.50; README "plan vs measured").
+REUSABLE_SHARE = 0.5
 RUNTIME_ALLOWANCE_BYTES = 250 * 1024 * 1024
 # At most this many batches of the run are replayed to find the heaviest (lengths only: cheap).
 MAX_REPLAYED_BATCHES = 100_000
@@ -101,28 +101,25 @@ def step_costs(dataset: Any, train: Any, collator: Any) -> tuple[Any, list[int]]
     return stream, [cost(stream.rows(k)) for k in range(batches)]
 
 
-def allocator_fill(costs: list[int], unreusable: float = UNREUSABLE_SHARE) -> float:
+def allocator_fill(costs: list[int], reusable: float = REUSABLE_SHARE) -> float:
     """How far the run's batch sequence drives glibc's heap toward its limit: 0 when the first
-    batch is the heaviest, 1 after many ever-larger batches.
+    batch is the heaviest and nothing follows, near 1 after a few dozen batches of similar size.
 
     glibc never hands back a heap block that lies below a live one, and every training step
     leaves small long-lived allocations (optimizer state, kernel caches, Python objects) among
-    the blocks its activations used. A later batch no larger than an earlier one fits in the
-    holes that batch left; a batch larger than all before it (a "record") reuses only
-    (1 - unreusable) of the heap and takes the rest of its demand from fresh pages:
-    heap <- unreusable * heap + demand. With demand proportional to the batch's tokens this
-    walks the replayed records; the heap starts at the heaviest batch's demand (the first batch is
-    the heaviest) and tends to 1 / (1 - unreusable) times it; the fill is the share of that
-    extra reached. Records in a shuffled order grow like ln(steps): 4 in SmolLM2's 14-step
-    bench, 3 in 5 steps at a length cap the rows reach."""
+    the blocks its activations used, so the heap is a ratchet. A batch finds in it holes sized
+    for earlier batches' tensors, of which it can fill only a share (`reusable`); whatever more
+    its activations need comes from fresh pages: heap <- max(heap, (1 - reusable) * heap +
+    demand), demand proportional to the batch's tokens. Walked over the replayed batch order,
+    the heap starts at the first batch's demand and tends to 1 / reusable times the heaviest
+    batch's; the fill is the share of that extra which the run reaches."""
     heaviest = max(costs, default=0)
     if heaviest <= 0:
         return 0.0
-    top, heap = 0, 0.0
+    heap = 0.0
     for cost in costs:
-        if cost > top:
-            heap, top = unreusable * heap + cost / heaviest, cost
-    return (heap - 1) * (1 - unreusable) / unreusable
+        heap = max(heap, (1 - reusable) * heap + cost / heaviest)
+    return min(1.0, (heap - 1) / (1 / reusable - 1))
 
 
 def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
