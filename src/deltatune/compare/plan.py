@@ -12,13 +12,21 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
         backward is counted (parameters excluded, shared storage once). What a method saves
         differs a lot: a frozen linear layer keeps nothing, a LoRA-wrapped or fully trained one
         keeps its input, prompt methods lengthen every row, padded batches pay for their padding.
-    the LM head's logits for one chunk of labelled rows (never the whole batch x seq x vocab)
-    the allocator's share: a process's RSS runs ahead of the memory it actually uses, because
-        glibc keeps the blocks freed by earlier steps (whose token counts differ from step to
-        step) in its heaps instead of returning them; measured at 1.3-2.8x the live activations,
-        depending mostly on the method, so activations count RETENTION[method] times
-    a runtime allowance: the backward pass's transient gradients, evaluation, checkpoint buffers
-(both calibrated on measured runs: README "plan vs measured").
+    the LM head's logits for one chunk of labelled rows (never the whole batch x seq x vocab),
+        once: a chunk (200 MB for a 49k vocabulary) is above glibc's largest mmap threshold
+        (32 MB), so it gets its own mapping and goes back to the OS when freed
+    the allocator's share: glibc's heap is a ratchet. Training steps leave small long-lived
+        blocks among the ones their activations used, so the heap cannot shrink, and a batch
+        finds in it holes sized for earlier batches' tensors, of which it fills only about half
+        (REUSABLE_SHARE); what more it needs comes from fresh pages. allocator_fill walks that
+        over the run's replayed batch order: the heap starts at one batch's demand and tends to
+        twice the heaviest's, reached after a few dozen batches (a 63-step `compare` run) but
+        not in 5-14 steps. The saved activations count 1 + (RETENTION[method] - 1) x fill
+        times: RETENTION is the saturated factor, which depends on the method (full fine-
+        tuning's big long-lived buffers leave the heap little to keep; LoRA keeps the most)
+    a runtime allowance: evaluation, checkpoint buffers, the per-step creep of small blocks
+(calibrated on measured runs and per-step heap traces, benchmarks/memory_trace.py: README
+"plan vs measured").
 
 `compare` prints the prediction beside the measured peak, so the estimate is checked on every run.
 """
