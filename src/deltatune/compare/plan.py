@@ -86,6 +86,7 @@ class MethodPlan:
     quantize: str = "none"          # the base's quantization (a `lora@nf4` comparison row)
     base_weight_bytes: int = 0      # the base's weights as loaded, predicted from its shapes
     allocator_fill: float = 0.0     # how far the batch sequence ratchets the heap (0..1)
+    logit_bytes: int = 0            # the LM head's logits chunk, part of activation_bytes
 
 
 def current_rss() -> int:
@@ -221,7 +222,8 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
         optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
         predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),
-        heaviest_batch_tokens=tokens, total_steps=total_steps, allocator_fill=fill)
+        heaviest_batch_tokens=tokens, total_steps=total_steps, allocator_fill=fill,
+        logit_bytes=logits)
     if world_size > 1:
         from deltatune.compare.world_plan import per_process
 
