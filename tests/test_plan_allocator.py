@@ -59,4 +59,49 @@ def test_peak_counts_the_saved_activations_as_far_as_the_run_ratchets(lengths):
         + plan.gradient_bytes + plan.optimizer_bytes + RUNTIME_ALLOWANCE_BYTES
     expected = own + (1 + (RETENTION["lora"] - 1) * fill) * saved + logits
     assert plan.predicted_peak_bytes == int(expected)
-    assert plan.allocator_fill == fill
+    assert plan.allocator_fill == fill and plan.logit_bytes == logits
+
+
+def test_an_int8_base_counts_the_inputs_bitsandbytes_keeps_outside_the_graph(tmp_path):
+    """On CPU bitsandbytes trains 8-bit layers through MatMul8bitFp, which keeps each input as
+    `ctx.A` rather than through save_for_backward: plan must count it (once per storage)."""
+    import torch
+    from tiny_runs import tiny_llama_dir
+
+    from deltatune.compare.plan import saved_for_backward_bytes
+    from deltatune.training.losses import batch_loss
+
+    pytest.importorskip("bitsandbytes")
+    model, _ = dt.load_model(str(tiny_llama_dir(tmp_path)), quantize="int8")
+    model = dt.apply(model, dt.LoraConfig(r=4))
+    ids = torch.randint(3, 250, (2, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    counted = saved_for_backward_bytes(model, "causal-lm", batch, packed=False, bf16=True)
+
+    # the same forward, by hand: what autograd saves, plus every ctx.A on the graph
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = batch_loss(model, "causal-lm", batch)
+    hooked = sum(n for ptr, n in storages.items() if ptr not in parameters)
+    seen, stack, inputs = set(), [loss.grad_fn], {}
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        kept = getattr(node, "A", None)
+        if isinstance(kept, torch.Tensor):
+            inputs[kept.untyped_storage().data_ptr()] = kept.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    storages.update(inputs)
+    expected = sum(n for ptr, n in storages.items() if ptr not in parameters)
+    del loss
+    assert inputs and expected > hooked  # the int8 layers do keep inputs the hooks never see
+    assert counted == expected

@@ -47,6 +47,7 @@ from deltatune.deltas import apply
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.base import count_parameters
 from deltatune.models import release_freed_memory, transformer_layers
+from deltatune.quantization import is_quantized_linear
 
 LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # Peak RSS above the other terms, per byte of saved activations, once glibc's heap has ratcheted
@@ -156,12 +157,24 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
         # garbage collector cannot see (it kept every planned method's activations alive).
         return tensor.detach()
 
+    def input_kept(module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and args[0].requires_grad:  # else autograd keeps no node
+            keep(args[0])
+
+    # bitsandbytes' 8-bit layers train on CPU through MatMul8bitFp, which keeps its input as an
+    # attribute of the autograd context (`ctx.A`), out of saved_tensors_hooks' sight
+    hooks = [m.register_forward_pre_hook(input_kept) for m in model.modules()
+             if type(m).__name__ == "Linear8bitLt" and is_quantized_linear(m)]
     model.train()
     attention = packed_attention(model) if packed else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = batch_loss(model, task, batch)
-    del loss  # frees the graph and everything it saved
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = batch_loss(model, task, batch)
+        del loss  # frees the graph and everything it saved
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sum(saved.values())
 
 
