@@ -142,16 +142,24 @@ def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
 def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: bool,
                              bf16: bool) -> int:
     """Bytes autograd keeps for backward after one training forward + loss of `batch`."""
+    return sum(saved_bytes_by_kind(model, task, batch, packed, bf16))
+
+
+def saved_bytes_by_kind(model: nn.Module, task: str, batch: dict, packed: bool,
+                        bf16: bool) -> tuple[int, int]:
+    """(bytes autograd saves for backward, bytes of the inputs that bitsandbytes' 8-bit layers
+    keep beside them) after one training forward + loss of `batch`; a storage counts once."""
     from deltatune.training.losses import batch_loss
     from deltatune.training.packed_attention import packed_attention
 
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
+    inputs: dict[int, int] = {}
 
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
+    def keep(tensor: torch.Tensor, into: dict[int, int] = saved) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
+            into[storage.data_ptr()] = storage.nbytes()
         # Detached: the graph then holds the memory (so no later tensor reuses an address
         # counted here) without a tensor that points back into the graph, a cycle Python's
         # garbage collector cannot see (it kept every planned method's activations alive).
@@ -159,7 +167,7 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
 
     def input_kept(module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and args[0].requires_grad:  # else autograd keeps no node
-            keep(args[0])
+            keep(args[0], inputs)
 
     # bitsandbytes' 8-bit layers train on CPU through MatMul8bitFp, which keeps its input as an
     # attribute of the autograd context (`ctx.A`), out of saved_tensors_hooks' sight
@@ -175,7 +183,7 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(saved.values())
+    return sum(saved.values()), sum(n for ptr, n in inputs.items() if ptr not in saved)
 
 
 def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
@@ -209,17 +217,20 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    saved = saved_for_backward_bytes(adapted, task, batch, collator.packing, bf16)
+    saved, kept_inputs = saved_bytes_by_kind(adapted, task, batch, collator.packing, bf16)
     if train.gradient_checkpointing:
         # only each layer's input is kept, and one layer's activations exist again in backward
         layers = max(1, len(transformer_layers(adapted)))
         saved = saved // layers + layers * tokens * adapted.config.hidden_size * 4
     logits = logit_bytes(adapted, task, batch)
-    activations = saved + logits
+    activations = saved + kept_inputs + logits
     # The heap keeps up to RETENTION[method] times the saved activations, as far as this run's
     # batch sequence ratchets it (allocator_fill). The logits chunk (200 MB for a 49k vocabulary)
     # is above glibc's largest mmap threshold (32 MB): mapped on its own and unmapped when freed,
-    # it counts once.
+    # it counts once. So do the inputs an 8-bit layer keeps (kept_inputs): every forward makes
+    # those tensors anyway (a dense or 4-bit layer frees them at once), so keeping them until
+    # backward adds their bytes to the step's peak but no new sizes to the heap's churn
+    # (SmolLM2 at 8 x 512: int8 grows 0.95 GB more than nf4 in training, README).
     fill = allocator_fill(costs)
     retention = 1 + (RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) - 1) * fill
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
@@ -228,7 +239,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     # the delta's own tensors are new memory on top of the loaded base
     delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
     peak = (baseline_bytes + delta_weights + gradients + optimizer
-            + retention * saved + logits + RUNTIME_ALLOWANCE_BYTES)
+            + retention * saved + kept_inputs + logits + RUNTIME_ALLOWANCE_BYTES)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
@@ -241,7 +252,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         from deltatune.compare.world_plan import per_process
 
         base = sum(p.numel() * p.element_size() for p in model.parameters())
-        blended = (retention * saved + logits) / max(activations, 1)  # per byte of activations
+        blended = (retention * saved + kept_inputs + logits) / max(activations, 1)  # per byte
         plan = per_process(plan, adapted, base, world_size, distributed, bf16, blended,
                            RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
