@@ -12,6 +12,8 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
         backward is counted (parameters excluded, shared storage once). What a method saves
         differs a lot: a frozen linear layer keeps nothing, a LoRA-wrapped or fully trained one
         keeps its input, prompt methods lengthen every row, padded batches pay for their padding.
+        Plus the inputs that bitsandbytes' 8-bit layers keep as an autograd-context attribute
+        (ctx.A) on CPU, out of the hooks' sight; counted once (see plan_method)
     the LM head's logits for one chunk of labelled rows (never the whole batch x seq x vocab),
         once: a chunk (200 MB for a 49k vocabulary) is above glibc's largest mmap threshold
         (32 MB), so it gets its own mapping and goes back to the OS when freed
@@ -20,8 +22,8 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
         finds in it holes sized for earlier batches' tensors, of which it fills only about half
         (REUSABLE_SHARE); what more it needs comes from fresh pages. allocator_fill walks that
         over the run's replayed batch order: the heap starts at one batch's demand and tends to
-        twice the heaviest's, reached after a few dozen batches (a 63-step `compare` run) but
-        not in 5-14 steps. The saved activations count 1 + (RETENTION[method] - 1) x fill
+        twice the heaviest's: fill 0.99 on compare-smollm2's 63 padding-free steps, 0.76-0.88
+        on the 4-14-step QLoRA benchmark runs. The saved activations count 1 + (RETENTION[method] - 1) x fill
         times: RETENTION is the saturated factor, which depends on the method (full fine-
         tuning's big long-lived buffers leave the heap little to keep; LoRA keeps the most)
     a runtime allowance: evaluation, checkpoint buffers, the per-step creep of small blocks
