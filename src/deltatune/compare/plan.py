@@ -23,9 +23,10 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
         (REUSABLE_SHARE); what more it needs comes from fresh pages. allocator_fill walks that
         over the run's replayed batch order: the heap starts at one batch's demand and tends to
         twice the heaviest's: fill 0.99 on compare-smollm2's 63 padding-free steps, 0.76-0.88
-        on the 4-14-step QLoRA benchmark runs. The saved activations count 1 + (RETENTION[method] - 1) x fill
-        times: RETENTION is the saturated factor, which depends on the method (full fine-
-        tuning's big long-lived buffers leave the heap little to keep; LoRA keeps the most)
+        on the 4-14-step QLoRA benchmark runs. The saved activations count
+        1 + (RETENTION[method] - 1) x fill times: RETENTION is the saturated factor, which
+        depends on the method (full fine-tuning's big long-lived buffers leave the heap little
+        to keep; LoRA keeps the most)
     a runtime allowance: evaluation, checkpoint buffers, the per-step creep of small blocks
 (calibrated on measured runs and per-step heap traces, benchmarks/memory_trace.py: README
 "plan vs measured").
