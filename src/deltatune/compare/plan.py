@@ -216,7 +216,8 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
     stream, costs = step_costs(dataset, train, collator)
-    batch = collator([dataset[i] for i in stream.rows(max(range(len(costs)), key=costs.__getitem__))])
+    heaviest = max(range(len(costs)), key=costs.__getitem__)
+    batch = collator([dataset[i] for i in stream.rows(heaviest)])
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
