@@ -105,3 +105,33 @@ def test_an_int8_base_counts_the_inputs_bitsandbytes_keeps_outside_the_graph(tmp
     del loss
     assert inputs and expected > hooked  # the int8 layers do keep inputs the hooks never see
     assert counted == expected
+
+
+def test_the_inputs_an_int8_layer_keeps_count_once_in_the_peak(tmp_path):
+    """Every forward makes those inputs anyway; keeping them until backward adds their bytes,
+    not RETENTION times their bytes (SmolLM2 int8 vs nf4, README "plan vs measured")."""
+    import copy
+
+    from tiny_runs import tiny_llama_dir
+
+    from deltatune.compare.plan import saved_bytes_by_kind
+
+    pytest.importorskip("bitsandbytes")
+    model, _ = dt.load_model(str(tiny_llama_dir(tmp_path)), quantize="int8")
+    train = SimpleNamespace(batch_size=2, seed=1, group_by_length=False, max_steps=None, epochs=1,
+                            grad_accum=1, bf16=True, gradient_checkpointing=False, padding_free=True)
+    run = SimpleNamespace(task="causal-lm", data=DataConfig(train="x.jsonl", max_length=64))
+    dataset = rows_of([20, 5, 40, 12, 33, 8, 27, 16])
+    plan = plan_method(model, {"name": "lora", "r": 4}, dataset, 0, run, train, 0)
+
+    adapted = dt.apply(copy.deepcopy(model), dt.LoraConfig(r=4))
+    collator = training_collator(adapted, 0, "causal-lm", run.data, train)
+    batch = heaviest_batch(dataset, train, collator)
+    saved, kept = saved_bytes_by_kind(adapted, "causal-lm", batch, collator.packing, bf16=True)
+    assert kept > 0 and plan.allocator_fill > 0  # else counting them once or R times agree
+    retention = 1 + (RETENTION["lora"] - 1) * plan.allocator_fill
+    own = plan.predicted_peak_bytes - retention * saved - kept - plan.logit_bytes
+    assert plan.activation_bytes == saved + kept + plan.logit_bytes
+    assert own == pytest.approx(4 * (plan.total_params - sum(p.numel() for p in model.parameters()))
+                                + plan.gradient_bytes + plan.optimizer_bytes
+                                + RUNTIME_ALLOWANCE_BYTES, abs=2)
