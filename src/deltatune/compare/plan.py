@@ -61,7 +61,8 @@ LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # Full fine-tuning's large long-lived gradient and optimizer buffers leave the allocator little
 # to keep; LoRA keeps the most. Other methods get DEFAULT_RETENTION. adapter, prompt, prefix and
 # ptuning re-fitted in issue 15 round 3 on both configs' runs with that round's code, whose
-# saturated factors agreed within 5% (adapter 2.16 / 2.33, prompt 1.98 / 2.07, ptuning 1.96;
+# saturated factors agreed within 5% (MiniLM / SmolLM2: adapter 2.16 / 2.33 (SmolLM2 from an
+# earlier run), prompt 1.98 / 2.07, ptuning 1.96 / -;
 # prefix 1.57 / 1.80, within 14%).
 RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 2.2, "prompt": 2.0, "ptuning": 2.0,
              "prefix": 1.65}
