@@ -224,7 +224,8 @@ def plan(args) -> dict:
         config = run_config(args, out)
         p = plan_method(model, config.method, dataset, tokenizer.pad_token_id, config, config.train, baseline)
     return {"predicted_peak_gb": p.predicted_peak_bytes / 2**30, "baseline_gb": baseline / 2**30,
-            "activation_gb": p.activation_bytes / 2**30,
+            "activation_gb": p.activation_bytes / 2**30, "allocator_fill": p.allocator_fill,
+            "logit_gb": p.logit_bytes / 2**30,
             "base_weight_gb": predicted_base_bytes(model) / 2**30}
 
 

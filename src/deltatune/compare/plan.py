@@ -12,13 +12,24 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
         backward is counted (parameters excluded, shared storage once). What a method saves
         differs a lot: a frozen linear layer keeps nothing, a LoRA-wrapped or fully trained one
         keeps its input, prompt methods lengthen every row, padded batches pay for their padding.
-    the LM head's logits for one chunk of labelled rows (never the whole batch x seq x vocab)
-    the allocator's share: a process's RSS runs ahead of the memory it actually uses, because
-        glibc keeps the blocks freed by earlier steps (whose token counts differ from step to
-        step) in its heaps instead of returning them; measured at 1.3-2.8x the live activations,
-        depending mostly on the method, so activations count RETENTION[method] times
-    a runtime allowance: the backward pass's transient gradients, evaluation, checkpoint buffers
-(both calibrated on measured runs: README "plan vs measured").
+        Plus the inputs that bitsandbytes' 8-bit layers keep as an autograd-context attribute
+        (ctx.A) on CPU, out of the hooks' sight; counted once (see plan_method)
+    the LM head's logits for one chunk of labelled rows (never the whole batch x seq x vocab),
+        once: a chunk (200 MB for a 49k vocabulary) is above glibc's largest mmap threshold
+        (32 MB), so it gets its own mapping and goes back to the OS when freed
+    the allocator's share: glibc's heap is a ratchet. Training steps leave small long-lived
+        blocks among the ones their activations used, so the heap cannot shrink, and a batch
+        finds in it holes sized for earlier batches' tensors, of which it fills only about half
+        (REUSABLE_SHARE); what more it needs comes from fresh pages. allocator_fill walks that
+        over the run's replayed batch order: the heap starts at one batch's demand and tends to
+        twice the heaviest's: fill 0.99 on compare-smollm2's 63 padding-free steps, 0.76-0.88
+        on the 4-14-step QLoRA benchmark runs. The saved activations count
+        1 + (RETENTION[method] - 1) x fill times: RETENTION is the saturated factor, which
+        depends on the method (full fine-tuning's big long-lived buffers leave the heap little
+        to keep; LoRA keeps the most)
+    a runtime allowance: evaluation, checkpoint buffers, the per-step creep of small blocks
+(calibrated on measured runs and per-step heap traces, benchmarks/memory_trace.py: README
+"plan vs measured").
 
 `compare` prints the prediction beside the measured peak, so the estimate is checked on every run.
 """
@@ -39,18 +50,27 @@ from deltatune.deltas import apply
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.base import count_parameters
 from deltatune.models import release_freed_memory, transformer_layers
+from deltatune.quantization import is_quantized_linear
 
 LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
-# Peak RSS above the other terms, per byte of live activations: glibc keeps blocks freed by
-# earlier steps (with MALLOC_MMAP_THRESHOLD_=65536 a forward grew RSS by exactly the counted
-# bytes). Fitted per method on `deltatune compare` runs of examples/demo-compare-minilm.yaml and
-# examples/compare-smollm2.yaml (each factor predicts both within 9%; README "plan vs measured").
+# Peak RSS above the other terms, per byte of saved activations, once glibc's heap has ratcheted
+# to its limit (see allocator_fill): glibc keeps blocks freed by earlier steps (with
+# MALLOC_MMAP_THRESHOLD_=65536 a forward grew RSS by exactly the counted bytes). Fitted per method
+# on `deltatune compare` runs of examples/demo-compare-minilm.yaml and
+# examples/compare-smollm2.yaml (README "plan vs measured").
 # Full fine-tuning's large long-lived gradient and optimizer buffers leave the allocator little
-# to keep; LoRA keeps the most (2.6-2.8x on both models; not root-caused: the per-wrapper input
-# gradients that backward adds up are the suspect). Other methods get DEFAULT_RETENTION.
-RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 1.75, "prompt": 1.5, "ptuning": 1.5,
-             "prefix": 1.35}
+# to keep; LoRA keeps the most. Other methods get DEFAULT_RETENTION. adapter, prompt, prefix and
+# ptuning re-fitted in issue 15 round 3 on both configs' runs with that round's code, whose
+# saturated factors agreed within 5% (MiniLM / SmolLM2: adapter 2.16 / 2.33 (SmolLM2 from an
+# earlier run), prompt 1.98 / 2.07, ptuning 1.96 / -;
+# prefix 1.57 / 1.80, within 14%).
+RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 2.2, "prompt": 2.0, "ptuning": 2.0,
+             "prefix": 1.65}
 DEFAULT_RETENTION = 1.6
+# The share of the held heap a training batch can reuse (allocator_fill), fitted to per-step
+# traces of the heap (benchmarks/memory_trace.py; SmolLM2 LoRA 14 and 30 steps, QLoRA 14 steps:
+# 0.42-0.50; README "plan vs measured").
+REUSABLE_SHARE = 0.5
 RUNTIME_ALLOWANCE_BYTES = 250 * 1024 * 1024
 # At most this many batches of the run are replayed to find the heaviest (lengths only: cheap).
 MAX_REPLAYED_BATCHES = 100_000
@@ -73,6 +93,8 @@ class MethodPlan:
     total_steps: int = 0            # optimizer steps the run will take (compare's ETA uses it)
     quantize: str = "none"          # the base's quantization (a `lora@nf4` comparison row)
     base_weight_bytes: int = 0      # the base's weights as loaded, predicted from its shapes
+    allocator_fill: float = 0.0     # how far the batch sequence ratchets the heap (0..1)
+    logit_bytes: int = 0            # the LM head's logits chunk, part of activation_bytes
 
 
 def current_rss() -> int:
@@ -80,9 +102,9 @@ def current_rss() -> int:
 
 
 # ------------------------------------------------------------------------------ the heaviest step
-def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
-    """The collated batch of the run that makes its layers compute the most tokens, found by
-    replaying the trainer's own batch stream (a pure function of seed and batch index)."""
+def step_costs(dataset: Any, train: Any, collator: Any) -> tuple[Any, list[int]]:
+    """(the run's batch stream, the tokens its layers compute at each batch, in training order),
+    replayed from the trainer's own batch stream (a pure function of seed and batch index)."""
     from deltatune.training.batching import training_stream
 
     stream, steps = training_stream(dataset, train, collator)
@@ -93,35 +115,82 @@ def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
         return sum(sizes) if collator.packing else len(sizes) * max(sizes)
 
     batches = min(steps * train.grad_accum, MAX_REPLAYED_BATCHES)
-    rows = max((stream.rows(k) for k in range(batches)), key=cost)
-    return collator([dataset[i] for i in rows])
+    return stream, [cost(stream.rows(k)) for k in range(batches)]
+
+
+def allocator_fill(costs: list[int], reusable: float = REUSABLE_SHARE) -> float:
+    """How far the run's batch sequence drives glibc's heap toward its limit: 0 when the first
+    batch is the heaviest and nothing follows, near 1 after a few dozen batches of similar size.
+
+    glibc never hands back a heap block that lies below a live one, and every training step
+    leaves small long-lived allocations (optimizer state, kernel caches, Python objects) among
+    the blocks its activations used, so the heap is a ratchet. A batch finds in it holes sized
+    for earlier batches' tensors, of which it can fill only a share (`reusable`); whatever more
+    its activations need comes from fresh pages: heap <- max(heap, (1 - reusable) * heap +
+    demand), demand proportional to the batch's tokens. Walked over the replayed batch order,
+    the heap starts at the first batch's demand and tends to 1 / reusable times the heaviest
+    batch's; the fill is the share of that extra which the run reaches."""
+    heaviest = max(costs, default=0)
+    if heaviest <= 0:
+        return 0.0
+    heap = 0.0
+    for cost in costs:
+        heap = max(heap, (1 - reusable) * heap + cost / heaviest)
+    return min(1.0, (heap - 1) / (1 / reusable - 1))
+
+
+def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
+    """The collated batch of the run that makes its layers compute the most tokens."""
+    stream, costs = step_costs(dataset, train, collator)
+    heaviest = max(range(len(costs)), key=costs.__getitem__)
+    return collator([dataset[i] for i in stream.rows(heaviest)])
 
 
 def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: bool,
                              bf16: bool) -> int:
     """Bytes autograd keeps for backward after one training forward + loss of `batch`."""
+    return sum(saved_bytes_by_kind(model, task, batch, packed, bf16))
+
+
+def saved_bytes_by_kind(model: nn.Module, task: str, batch: dict, packed: bool,
+                        bf16: bool) -> tuple[int, int]:
+    """(bytes autograd saves for backward, bytes of the inputs that bitsandbytes' 8-bit layers
+    keep beside them) after one training forward + loss of `batch`; a storage counts once."""
     from deltatune.training.losses import batch_loss
     from deltatune.training.packed_attention import packed_attention
 
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
+    inputs: dict[int, int] = {}
 
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
+    def keep(tensor: torch.Tensor, into: dict[int, int] = saved) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
+            into[storage.data_ptr()] = storage.nbytes()
         # Detached: the graph then holds the memory (so no later tensor reuses an address
         # counted here) without a tensor that points back into the graph, a cycle Python's
         # garbage collector cannot see (it kept every planned method's activations alive).
         return tensor.detach()
 
+    def input_kept(module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and args[0].requires_grad:  # else autograd keeps no node
+            keep(args[0], inputs)
+
+    # bitsandbytes' 8-bit layers train on CPU through MatMul8bitFp, which keeps its input as an
+    # attribute of the autograd context (`ctx.A`), out of saved_tensors_hooks' sight
+    hooks = [m.register_forward_pre_hook(input_kept) for m in model.modules()
+             if type(m).__name__ == "Linear8bitLt" and is_quantized_linear(m)]
     model.train()
     attention = packed_attention(model) if packed else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = batch_loss(model, task, batch)
-    del loss  # frees the graph and everything it saved
-    return sum(saved.values())
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = batch_loss(model, task, batch)
+        del loss  # frees the graph and everything it saved
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(saved.values()), sum(n for ptr, n in inputs.items() if ptr not in saved)
 
 
 def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
@@ -150,37 +219,49 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     trainable, total = count_parameters(adapted)
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
-    batch = heaviest_batch(dataset, train, collator)
+    stream, costs = step_costs(dataset, train, collator)
+    heaviest = max(range(len(costs)), key=costs.__getitem__)
+    batch = collator([dataset[i] for i in stream.rows(heaviest)])
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    activations = saved_for_backward_bytes(adapted, task, batch, collator.packing, bf16)
+    saved, kept_inputs = saved_bytes_by_kind(adapted, task, batch, collator.packing, bf16)
     if train.gradient_checkpointing:
         # only each layer's input is kept, and one layer's activations exist again in backward
         layers = max(1, len(transformer_layers(adapted)))
-        activations = activations // layers + layers * tokens * adapted.config.hidden_size * 4
-    activations += logit_bytes(adapted, task, batch)
+        saved = saved // layers + layers * tokens * adapted.config.hidden_size * 4
+    logits = logit_bytes(adapted, task, batch)
+    activations = saved + kept_inputs + logits
+    # The heap keeps up to RETENTION[method] times the saved activations, as far as this run's
+    # batch sequence ratchets it (allocator_fill). The logits chunk (200 MB for a 49k vocabulary)
+    # is above glibc's largest mmap threshold (32 MB): mapped on its own and unmapped when freed,
+    # it counts once. So do the inputs an 8-bit layer keeps (kept_inputs): every forward makes
+    # those tensors anyway (a dense or 4-bit layer frees them at once), so keeping them until
+    # backward adds their bytes to the step's peak but no new sizes to the heap's churn
+    # (SmolLM2 at 8 x 512: int8 grows 0.95 GB more than nf4 in training, README).
+    fill = allocator_fill(costs)
+    retention = 1 + (RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) - 1) * fill
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
     gradients = 4 * trainable
     optimizer = 8 * trainable
     # the delta's own tensors are new memory on top of the loaded base
     delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
     peak = (baseline_bytes + delta_weights + gradients + optimizer
-            + RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) * activations
-            + RUNTIME_ALLOWANCE_BYTES)
+            + retention * saved + kept_inputs + logits + RUNTIME_ALLOWANCE_BYTES)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
         trainable_share=trainable / total, weights_bytes=weight_bytes, gradient_bytes=gradients,
         optimizer_bytes=optimizer, activation_bytes=activations, baseline_bytes=baseline_bytes,
         predicted_peak_bytes=int(peak), predicted_file_bytes=int(file_bytes),
-        heaviest_batch_tokens=tokens, total_steps=total_steps)
+        heaviest_batch_tokens=tokens, total_steps=total_steps, allocator_fill=fill,
+        logit_bytes=logits)
     if world_size > 1:
         from deltatune.compare.world_plan import per_process
 
         base = sum(p.numel() * p.element_size() for p in model.parameters())
-        retention = RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION))
-        plan = per_process(plan, adapted, base, world_size, distributed, bf16, retention,
+        blended = (retention * saved + kept_inputs + logits) / max(activations, 1)  # per byte
+        plan = per_process(plan, adapted, base, world_size, distributed, bf16, blended,
                            RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
 
