@@ -54,17 +54,71 @@ def _packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                       scaling=scaling, **kwargs)
     grouped = key.shape[1] != query.shape[1]  # GQA: SDPA repeats the kv heads itself
     positions = position_ids.expand(rows, -1)
+    spans = [(row, start, end) for row in range(rows) for start, end in example_spans(positions[row])]
+    dtype = _compute_dtype(query)
+    if query.device.type == "cpu" and dtype in _CPU_FLASH_DTYPES and dropout == 0.0:
+        # One autograd node per layer instead of three slices and a slice-write per example:
+        # their backward zero-fills and adds a full-size gradient per example (measured: a
+        # quarter of the step in fill_/add_/copy_ at 8 examples a row).
+        return _PerExampleFlash.apply(query.to(dtype), key.to(dtype), value.to(dtype), spans,
+                                      scaling), None
     # Written straight into the (rows, seq, heads, head_dim) layout the caller wants: no
     # transpose-and-copy of the whole output afterwards (nor its copy back in backward).
     out = query.new_empty(rows, length, query.shape[1], query.shape[3])
     heads_first = out.transpose(1, 2)  # (rows, heads, seq, head_dim), a view of out
-    for row in range(rows):
-        for start, end in example_spans(positions[row]):
-            heads_first[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
-                value[row:row + 1, :, start:end], dropout_p=dropout, scale=scaling,
-                is_causal=True, enable_gqa=grouped)
+    for row, start, end in spans:
+        heads_first[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
+            query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
+            value[row:row + 1, :, start:end], dropout_p=dropout, scale=scaling,
+            is_causal=True, enable_gqa=grouped)
     return out, None  # (rows, seq, heads, head_dim)
+
+
+_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA would compute in here: autocast's (it casts q, k and v) or the inputs'."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+
+
+class _PerExampleFlash(torch.autograd.Function):
+    """Causal attention of every example span of every row, through the same CPU flash kernels
+    SDPA picks (the same numbers), writing the output and the gradients of q, k and v in place
+    span by span. q: (rows, heads, seq, d); k, v: (rows, kv_heads, seq, d) (GQA is native to
+    the kernel); returns (rows, seq, heads, d). The spans cover every position of every row."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, spans, scale):
+        rows, heads, length, dim = query.shape
+        out = query.new_empty(rows, length, heads, dim)
+        heads_first = out.transpose(1, 2)
+        lses = []
+        for row, start, end in spans:
+            part = (slice(row, row + 1), slice(None), slice(start, end))
+            span_out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[part], key[part], value[part], 0.0, True, scale=scale)
+            heads_first[part] = span_out
+            lses.append(lse)
+        ctx.save_for_backward(query, key, value, out)
+        ctx.spans, ctx.lses, ctx.scale = spans, lses, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out = ctx.saved_tensors
+        grad_heads_first, out_heads_first = grad_out.transpose(1, 2), out.transpose(1, 2)
+        # empty_like keeps q/k/v's strides; every position is written below (spans cover rows).
+        grads = (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value))
+        for (row, start, end), lse in zip(ctx.spans, ctx.lses):
+            part = (slice(row, row + 1), slice(None), slice(start, end))
+            span_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_heads_first[part], query[part], key[part], value[part],
+                out_heads_first[part], lse, 0.0, True, scale=ctx.scale)
+            for grad, span_grad in zip(grads, span_grads):
+                grad[part] = span_grad
+        return (*grads, None, None)
 
 
 def _packed_mask(batch_size: int, q_length: int, kv_length: int, *args,

@@ -1,0 +1,134 @@
+"""Speed levers of a LoRA step (issue 21, round 5), each against the code it replaces: the
+per-example attention as one autograd node (bit-identical), LoRA's input cast once under autocast
+(same forward, gradients within bf16 rounding, fewer casts), and the compiled norms and SwiGLU
+(`train.compile`: within rounding, one graph for every token count)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import VOCAB, randomize_trainable, tiny_llama
+from deltatune import LoraConfig, apply
+from deltatune.methods import lora
+from deltatune.training import packed_attention as pa
+from deltatune.training.compiled import compiled_elementwise
+from deltatune.training.losses import batch_loss
+from tiny_runs import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _lora_llama():
+    model = apply(tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear")).train()
+    randomize_trainable(model)  # B = 0 would hide errors in A's gradient
+    return model
+
+
+def _packed(lengths, rows=1, seed=0):
+    """`rows` packed rows of examples of these lengths (position ids restart per example)."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.cat([torch.arange(n) for n in lengths]).expand(rows, -1)
+    ids = torch.randint(3, VOCAB, positions.shape, generator=generator)
+    return {"input_ids": ids, "position_ids": positions.contiguous(), "labels": ids.clone()}
+
+
+def _loss_and_grads(model, batch, bf16, attention=True):
+    model.zero_grad(set_to_none=True)
+    with pa.packed_attention(model) if attention else pa.contextlib.nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = batch_loss(model, "causal-lm", batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_per_example_attention_node_is_bit_identical_to_the_sliced_sdpa_loop(monkeypatch, bf16, rows):
+    model = _lora_llama()
+    batch = _packed([7, 3, 12, 30], rows=rows)
+    loss, grads = _loss_and_grads(model, batch, bf16)
+    monkeypatch.setattr(pa, "_CPU_FLASH_DTYPES", ())  # the loop of SDPA calls on slices
+    ref_loss, ref_grads = _loss_and_grads(model, batch, bf16)
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_per_example_attention_matches_each_example_alone():
+    model = _lora_llama()
+    lengths = [5, 9, 3]
+    batch = _packed(lengths)
+    with pa.packed_attention(model):
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    alone = torch.cat([model(input_ids=ids).logits
+                       for ids in batch["input_ids"].split(lengths, dim=1)], 1)
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
+class _CountCasts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_lora_input_cast_once_same_forward_fewer_casts_gradients_within_bf16(monkeypatch):
+    model = _lora_llama()
+    batch = _packed([11, 6, 20])
+    runs = {}
+    for once in (False, True):
+        monkeypatch.setattr(lora, "CAST_INPUT_ONCE", once)
+        with _CountCasts() as counter:
+            runs[once] = (*_loss_and_grads(model, batch, bf16=True), counter.casts)
+    (loss, grads, casts), (ref_loss, ref_grads, ref_casts) = runs[True], runs[False]
+    assert torch.equal(loss, ref_loss)  # every product sees the same bf16 values
+    # One cast per wrapped linear fewer forward, and one fewer gradient cast back.
+    layers = len(lora.lora_layers(model))
+    assert casts <= ref_casts - 2 * layers, (casts, ref_casts)
+    for name in grads:
+        scale = ref_grads[name].abs().max()
+        assert (grads[name] - ref_grads[name]).abs().max() <= 2e-2 * scale, name
+
+
+def test_lora_input_cast_leaves_fp32_alone():
+    model = _lora_llama()
+    batch = _packed([8, 5])
+    loss, grads = _loss_and_grads(model, batch, bf16=False)
+    lora.CAST_INPUT_ONCE = False
+    try:
+        ref_loss, ref_grads = _loss_and_grads(model, batch, bf16=False)
+    finally:
+        lora.CAST_INPUT_ONCE = True
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_norms_and_mlps_match_eager_without_recompiling(bf16):
+    import torch._dynamo
+
+    model = _lora_llama()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    graphs = []
+    for lengths in ([7, 3, 12], [20, 9, 5, 4], [31, 2]):  # three token counts
+        batch = _packed(lengths)
+        ref_loss, ref_grads = _loss_and_grads(model, batch, bf16)
+        with compiled_elementwise(model) as routed:
+            loss, grads = _loss_and_grads(model, batch, bf16)
+        assert routed == 2 * 2 + 1 + 2  # two norms and an MLP a layer, the final norm
+        graphs.append(counters["stats"]["unique_graphs"])
+        tolerance = 2e-2 if bf16 else 1e-5
+        assert torch.allclose(loss, ref_loss, atol=tolerance)
+        for name in ref_grads:
+            scale = ref_grads[name].abs().max()
+            assert (grads[name] - ref_grads[name]).abs().max() <= tolerance * scale, name
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+    # Outside the block the model is eager again.
+    assert "forward" not in vars(model.model.norm)
