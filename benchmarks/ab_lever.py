@@ -1,7 +1,7 @@
 """One speed lever of the LoRA SFT step, on and off, in one process, taking turns.
 
     python benchmarks/ab_lever.py LEVER [--batches 4] [--rounds 3]
-    LEVER: attention | lora_input | compile   (see LEVERS below)
+    LEVER: attention | lora_input | lora_scale | compile   (see LEVERS below)
 
 The step is the SFT benchmark's (sft_setup.py: SmolLM2-135M, LoRA r8 on every projection, packed
 rows of 8 alpaca examples, per-example attention, chunked loss, bf16 autocast, frozen weights in
@@ -35,13 +35,20 @@ def _lora_input(on: bool) -> None:
     lora.CAST_INPUT_ONCE = on
 
 
+def _lora_scale(on: bool) -> None:
+    from deltatune.methods import lora
+
+    lora.SCALE_AT_RANK = on
+
+
 def _compile(on: bool) -> None:
     from deltatune.training import compiled
 
     compiled.ENABLED = on
 
 
-LEVERS = {"attention": _old_attention, "lora_input": _lora_input, "compile": _compile}
+LEVERS = {"attention": _old_attention, "lora_input": _lora_input, "lora_scale": _lora_scale,
+          "compile": _compile}
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def test_compiled_norms_and_mlps_match_eager_without_recompiling(bf16):
         ref_loss, ref_grads = _loss_and_grads(model, batch, bf16)
         with compiled_elementwise(model) as routed:
             loss, grads = _loss_and_grads(model, batch, bf16)
-        assert routed == 2 * 2 + 1 + 2  # two norms and an MLP a layer, the final norm
+        assert routed == 2 * 2 + 1 + 2 + 1  # 2 norms and an MLP a layer, the final norm, rotary
         graphs.append(counters["stats"]["unique_graphs"])
         tolerance = 2e-2 if bf16 else 1e-5
         assert torch.allclose(loss, ref_loss, atol=tolerance)
@@ -132,3 +132,33 @@ def test_compiled_norms_and_mlps_match_eager_without_recompiling(bf16):
     assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
     # Outside the block the model is eager again.
     assert "forward" not in vars(model.model.norm)
+
+
+@pytest.mark.parametrize("alpha, exact", [(8, True), (3, False)])  # r=4: scale 2, then 0.75
+def test_lora_scale_at_rank_same_numbers_for_power_of_two_scales(monkeypatch, alpha, exact):
+    model = apply(tiny_llama(), LoraConfig(r=4, alpha=alpha, target_modules="all-linear")).train()
+    randomize_trainable(model)
+    batch = _packed([9, 14])
+    runs = {}
+    for at_rank in (False, True):
+        monkeypatch.setattr(lora, "SCALE_AT_RANK", at_rank)
+        runs[at_rank] = _loss_and_grads(model, batch, bf16=True)
+    (loss, grads), (ref_loss, ref_grads) = runs[True], runs[False]
+    if exact:
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    else:
+        assert torch.allclose(loss, ref_loss, rtol=1e-2)
+        for name in grads:
+            scale = ref_grads[name].abs().max()
+            assert (grads[name] - ref_grads[name]).abs().max() <= 2e-2 * scale, name
+
+
+def test_compiled_rotary_is_restored_and_left_alone_outside():
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+    model = _lora_llama()
+    with compiled_elementwise(model), compiled_elementwise(model):  # nested: one restore
+        assert modeling_llama.apply_rotary_pos_emb is not original
+    assert modeling_llama.apply_rotary_pos_emb is original

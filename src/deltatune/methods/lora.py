@@ -126,8 +126,14 @@ class LoraDelta(nn.Module):
             weight_out_in, self.lora_A.weight, self.lora_B.weight, self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if SCALE_AT_RANK:  # the scale multiplies r values a token, not out (nor their gradients)
+            return self.lora_B(self.lora_A(self.dropout(x)) * self.scale)
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
+
+# scale·B·(A·x) rather than (B·(A·x))·scale: the same number for a power-of-two scale (alpha = 2r),
+# within rounding otherwise, for an elementwise pass over r values a token instead of out.
+SCALE_AT_RANK = True
 
 # Under autocast the base product and the side path would each cast the same fp32 input to bf16,
 # keep their own bf16 copy for backward and each send an fp32 gradient back to be summed: cast
