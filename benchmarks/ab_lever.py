@@ -1,7 +1,7 @@
 """One speed lever of the LoRA SFT step, on and off, in one process, taking turns.
 
     python benchmarks/ab_lever.py LEVER [--batches 4] [--rounds 3]
-    LEVER: attention | lora_input | lora_scale | compile   (see LEVERS below)
+    LEVER: attention | explicit_backward | lora_input | lora_scale | compile   (see LEVERS below)
 
 The step is the SFT benchmark's (sft_setup.py: SmolLM2-135M, LoRA r8 on every projection, packed
 rows of 8 alpaca examples, per-example attention, chunked loss, bf16 autocast, frozen weights in
@@ -23,10 +23,19 @@ import torch
 
 
 def _old_attention(on: bool) -> None:
-    """off: the per-example loop through SDPA with autograd over every slice (round 4's code)."""
+    """off: the per-example loop through SDPA with autograd over every slice (round 4's code);
+    on: one autograd node per layer over the same flash kernels (flash backward everywhere)."""
     from deltatune.training import packed_attention as pa
 
     pa._CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16) if on else ()
+    pa.EXPLICIT_BACKWARD_TOKENS = 0
+
+
+def _explicit_backward(on: bool) -> None:
+    """on: short examples' attention backward recomputed with batched products (off: flash's)."""
+    from deltatune.training import packed_attention as pa
+
+    pa.EXPLICIT_BACKWARD_TOKENS = 256 if on else 0
 
 
 def _lora_input(on: bool) -> None:
@@ -47,7 +56,7 @@ def _compile(on: bool) -> None:
     compiled.ENABLED = on
 
 
-LEVERS = {"attention": _old_attention, "lora_input": _lora_input, "lora_scale": _lora_scale,
+LEVERS = {"attention": _old_attention, "explicit_backward": _explicit_backward, "lora_input": _lora_input, "lora_scale": _lora_scale,
           "compile": _compile}
 
 
@@ -73,10 +82,11 @@ def main() -> None:
     model = dt.apply(model, dt.LoraConfig(r=S.RANK, alpha=S.ALPHA, target_modules=S.LORA_TARGETS))
     hold_frozen_weights_in_bf16(model)
     model.train()
+    stack = contextlib.ExitStack()  # held to the end: a dropped context manager would exit
     if args.lever == "compile":
         from deltatune.training.compiled import compiled_elementwise
 
-        contextlib.ExitStack().enter_context(compiled_elementwise(model))
+        stack.enter_context(compiled_elementwise(model))
     toggle = LEVERS[args.lever]
     times = {False: [], True: []}
     losses = {False: [], True: []}

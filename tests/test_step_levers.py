@@ -47,6 +47,7 @@ def _loss_and_grads(model, batch, bf16, attention=True):
 def test_per_example_attention_node_is_bit_identical_to_the_sliced_sdpa_loop(monkeypatch, bf16, rows):
     model = _lora_llama()
     batch = _packed([7, 3, 12, 30], rows=rows)
+    monkeypatch.setattr(pa, "EXPLICIT_BACKWARD_TOKENS", 0)  # flash's backward for every example
     loss, grads = _loss_and_grads(model, batch, bf16)
     monkeypatch.setattr(pa, "_CPU_FLASH_DTYPES", ())  # the loop of SDPA calls on slices
     ref_loss, ref_grads = _loss_and_grads(model, batch, bf16)
@@ -54,6 +55,38 @@ def test_per_example_attention_node_is_bit_identical_to_the_sliced_sdpa_loop(mon
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for name in grads:
         assert torch.equal(grads[name], ref_grads[name]), name
+
+
+@pytest.mark.parametrize("length", [1, 5, 40, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_backward_is_as_accurate_as_flash(length, dtype):
+    """Short examples' backward recomputes the probabilities: against a float64 reference its
+    gradients are no further off than the flash kernel's (GQA: 6 query heads on 2 kv heads)."""
+    generator = torch.Generator().manual_seed(length)
+    q, k, v, grad = (torch.randn(1, h, length, 16, generator=generator).to(dtype) for h in (6, 2, 2, 6))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.25)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, True, scale=0.25)
+    ours = pa._explicit_backward(grad, q, k, v, out, lse, 0.25)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(
+        *exact, is_causal=True, scale=0.25, enable_gqa=True).backward(grad.double())
+    for name, a, b, ref in zip("qkv", ours, flash, exact):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        ours_err, flash_err = ((x.double() - ref.grad).abs().max() for x in (a, b))
+        assert ours_err <= 1.5 * flash_err + (1e-6 if dtype == torch.float32 else 1e-3), (name, ours_err, flash_err)
+
+
+def test_short_examples_backward_stays_within_rounding_of_flash(monkeypatch):
+    model = _lora_llama()
+    batch = _packed([7, 3, 12, 30, 90])
+    loss, grads = _loss_and_grads(model, batch, bf16=True)
+    monkeypatch.setattr(pa, "EXPLICIT_BACKWARD_TOKENS", 0)
+    ref_loss, ref_grads = _loss_and_grads(model, batch, bf16=True)
+    assert torch.equal(loss, ref_loss)  # the forward is flash's either way
+    for name in grads:
+        scale = ref_grads[name].abs().max()
+        assert (grads[name] - ref_grads[name]).abs().max() <= 2e-2 * scale, name
 
 
 def test_per_example_attention_matches_each_example_alone():

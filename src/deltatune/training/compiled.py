@@ -101,7 +101,7 @@ def _compiled_rotary(model: nn.Module) -> Iterator[int]:
     try:
         yield len(names)
     finally:
-        for name in names:
+        for name in names if _PATCHED is not None else ():  # None: the interpreter is exiting
             entry = _PATCHED[name]
             entry[1] -= 1
             if not entry[1]:

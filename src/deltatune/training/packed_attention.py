@@ -111,14 +111,49 @@ class _PerExampleFlash(torch.autograd.Function):
         grad_heads_first, out_heads_first = grad_out.transpose(1, 2), out.transpose(1, 2)
         # empty_like keeps q/k/v's strides; every position is written below (spans cover rows).
         grads = (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value))
+        scale = ctx.scale if ctx.scale is not None else query.shape[-1] ** -0.5
         for (row, start, end), lse in zip(ctx.spans, ctx.lses):
             part = (slice(row, row + 1), slice(None), slice(start, end))
-            span_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_heads_first[part], query[part], key[part], value[part],
-                out_heads_first[part], lse, 0.0, True, scale=ctx.scale)
+            args = (grad_heads_first[part], query[part], key[part], value[part], out_heads_first[part], lse)
+            if end - start <= EXPLICIT_BACKWARD_TOKENS:
+                span_grads = _explicit_backward(*args, scale)
+            else:
+                span_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    *args, 0.0, True, scale=scale)
             for grad, span_grad in zip(grads, span_grads):
                 grad[part] = span_grad
         return (*grads, None, None)
+
+
+# The CPU flash backward costs ~4-8x its forward on short examples (per-call setup, blocking for
+# long rows); up to this many tokens an example's backward recomputes its probabilities from the
+# saved log-sum-exp with a few batched products instead (2-3x faster at 30-160 tokens, even at
+# ~250, slower beyond; the L x L matrices live only inside this call). 0: always flash.
+EXPLICIT_BACKWARD_TOKENS = 256
+
+
+def _explicit_backward(grad_out, query, key, value, out, lse, scale: float):
+    """Gradients of causal attention of one example (batch 1) from its saved output and log-sum-
+    exp: P = exp(s·q·kᵀ - lse), dV = Pᵀ·dO, dS = P∘(dO·Vᵀ - rowsum(dO∘O)), dQ = s·dS·K,
+    dK = s·dSᵀ·Q. Scores and dO·Vᵀ in fp32 (as flash keeps them); P and dS enter the bf16
+    products in bf16. Query heads are grouped by their key-value head (GQA: head h reads h // rep)."""
+    _, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    rep = heads // kv_heads
+    q = query[0].reshape(kv_heads, rep * length, dim)
+    grad = grad_out[0].reshape(kv_heads, rep * length, dim)
+    k, v = key[0], value[0]
+    scores = torch.bmm(q.float(), k.transpose(1, 2).float()).view(kv_heads, rep, length, length)
+    scores.mul_(scale).sub_(lse[0].reshape(kv_heads, rep, length, 1).float())
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1)
+    probs = scores.exp_().masked_fill_(future, 0.0)
+    grad_probs = torch.bmm(grad.float(), v.transpose(1, 2).float()).view(kv_heads, rep, length, length)
+    rowsum = (grad_out[0].float() * out[0].float()).sum(-1).reshape(kv_heads, rep, length, 1)
+    grad_value = torch.bmm(probs.view(kv_heads, rep * length, length).transpose(1, 2).to(v.dtype), grad)
+    grad_scores = probs.mul_(grad_probs.sub_(rowsum)).mul_(scale).to(q.dtype).view(kv_heads, rep * length, length)
+    grad_query = torch.bmm(grad_scores, k).view(1, heads, length, dim)
+    grad_key = torch.bmm(grad_scores.transpose(1, 2), q).view(1, kv_heads, length, dim)
+    return grad_query, grad_key, grad_value.view(1, kv_heads, length, dim)
 
 
 def _packed_mask(batch_size: int, q_length: int, kv_length: int, *args,
