@@ -89,13 +89,14 @@ def main() -> None:
         stack.enter_context(compiled_elementwise(model))
     toggle = LEVERS[args.lever]
     times = {False: [], True: []}
+    cpu = {False: [], True: []}  # process CPU seconds: less sensitive to neighbours on the cores
     losses = {False: [], True: []}
     first = {}
     for round_index in range(args.rounds + 1):
         for on in (False, True):
             toggle(on)
             for batch in batches:
-                tick = time.perf_counter()
+                tick, cpu_tick = time.perf_counter(), time.process_time()
                 with packed_attention(model), torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = batch_loss(model, "causal-lm", batch) / count_targets("causal-lm", batch["labels"])
                 loss.backward()
@@ -103,6 +104,7 @@ def main() -> None:
                 seconds = time.perf_counter() - tick
                 if round_index:
                     times[on].append(seconds)
+                    cpu[on].append(time.process_time() - cpu_tick)
                     losses[on].append(float(loss.detach()))
                 else:
                     first.setdefault(on, 0.0)
@@ -113,11 +115,14 @@ def main() -> None:
     print(f"lever {args.lever}: {args.batches} batches x {args.rounds} rounds, {tokens:.0f} tokens "
           f"a batch, {torch.get_num_threads()} threads, load {load}, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    threads = torch.get_num_threads()
     for on in (False, True):
         step = statistics.median(times[on])
-        print(f"  {'on ' if on else 'off'}  median {step:6.3f} s  {tokens / step:6.0f} tok/s  "
-              f"warm-up round {first[on]:7.1f} s  mean loss {statistics.mean(losses[on]):.6f}")
-    print(f"  on/off speed ratio {statistics.median(times[False]) / statistics.median(times[True]):.3f}")
+        print(f"  {'on ' if on else 'off'}  median {step:6.3f} s  {tokens / step:6.0f} tok/s  CPU "
+              f"{statistics.median(cpu[on]):6.3f} s ({statistics.median(cpu[on]) / step / threads:.2f} "
+              f"of the cores)  warm-up round {first[on]:7.1f} s  mean loss {statistics.mean(losses[on]):.6f}")
+    print(f"  on/off speed ratio {statistics.median(times[False]) / statistics.median(times[True]):.3f} "
+          f"(wall), {statistics.median(cpu[False]) / statistics.median(cpu[True]):.3f} (CPU seconds)")
 
 
 if __name__ == "__main__":
