@@ -35,7 +35,7 @@ def _explicit_backward(on: bool) -> None:
     """on: short examples' attention backward recomputed with batched products (off: flash's)."""
     from deltatune.training import packed_attention as pa
 
-    pa.EXPLICIT_BACKWARD_TOKENS = 256 if on else 0
+    pa.EXPLICIT_BACKWARD_TOKENS = 224 if on else 0
 
 
 def _lora_input(on: bool) -> None:

@@ -125,11 +125,12 @@ class _PerExampleFlash(torch.autograd.Function):
         return (*grads, None, None)
 
 
-# The CPU flash backward costs ~4-8x its forward on short examples (per-call setup, blocking for
+# The CPU flash backward costs ~4-9x its forward on short examples (per-call setup, blocking for
 # long rows); up to this many tokens an example's backward recomputes its probabilities from the
-# saved log-sum-exp with a few batched products instead (2-3x faster at 30-160 tokens, even at
-# ~250, slower beyond; the L x L matrices live only inside this call). 0: always flash.
-EXPLICIT_BACKWARD_TOKENS = 256
+# saved log-sum-exp with a few batched products instead (one thread: 2-3x faster at 30-160
+# tokens, 1.4x at 200, even at ~250, 2x slower at 500 where its fp32 L x L products dominate;
+# the L x L matrices live only inside this call). 0: always flash.
+EXPLICIT_BACKWARD_TOKENS = 224
 
 
 def _explicit_backward(grad_out, query, key, value, out, lse, scale: float):
