@@ -1,6 +1,6 @@
 """Where one LoRA SFT step's time goes: torch.profiler over the trainer's own step.
 
-    python benchmarks/profile_step.py [--batch 0] [--fp32] [--frozen-fp32] [--top 25]
+    python benchmarks/profile_step.py [--batch 0] [--fp32] [--frozen-fp32] [--compile] [--top 25]
 
 The step is the SFT benchmark's (sft_setup.py: SmolLM2-135M, LoRA r8 on every projection, one
 packed row of 8 alpaca examples, per-example attention, chunked loss, fused AdamW), under bf16
@@ -20,7 +20,7 @@ import torch
 GROUPS = {  # operator -> group (self CPU time: a parent's children are not double counted)
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
                         "mkldnn", "onednn"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "PerExampleFlash"),
     "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone",
                          "aten::contiguous", "aten::cat", "aten::index", "aten::empty_strided"),
     "optimizer": ("_fused_adamw", "adamw", "Optimizer"),
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="which batch of the benchmark")
     parser.add_argument("--fp32", action="store_true", help="no autocast")
     parser.add_argument("--frozen-fp32", action="store_true", help="frozen weights stay fp32")
+    parser.add_argument("--compile", action="store_true", help="train.compile: compiled norms, SwiGLU, rotary")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
@@ -61,6 +62,13 @@ def main() -> None:
         hold_frozen_weights_in_bf16(model)
     optimizer = build_optimizer(model, S.LR, 0.0)
     model.train()
+    if args.compile:
+        import contextlib
+
+        from deltatune.training.compiled import compiled_elementwise
+
+        stack = contextlib.ExitStack()  # held to the end of main
+        stack.enter_context(compiled_elementwise(model))
 
     def step() -> float:
         with packed_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):

@@ -34,6 +34,7 @@ RANDOM_1B = False  # set by --llama-1b-shape
 # probe: bf16 where its matmuls are faster, fp32 on AVX2-only CPUs where bf16 is emulated).
 BF16 = True
 FROZEN_BF16 = True  # --no-frozen-bf16: frozen weights stay fp32 (the lever measured alone)
+COMPILE = None  # --compile true|false: train.compile (None: the config's default)
 CPU: list[float] = []  # process CPU seconds at each step end: shows whether others took the cores
 
 
@@ -68,7 +69,8 @@ def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list
             "train": {"max_steps": args.steps, "batch_size": S.BATCH, "lr": S.LR,
                       "schedule": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
                       "max_grad_norm": 1.0, "bf16": BF16, "seed": S.SEED, "log_every": 1,
-                      "group_by_length": False},
+                      "group_by_length": False,
+                      **({} if COMPILE is None else {"compile": COMPILE})},
         })
         model, tokenizer = dt.load_model(S.MODEL)
         if RANDOM_1B:
@@ -201,8 +203,11 @@ def main() -> None:
                         help="keep frozen weights fp32 under bf16 (to measure that lever alone)")
     parser.add_argument("--llama-1b-shape", action="store_true",
                         help="a random model of Llama-3.2-1B's shape instead of SmolLM2-135M")
+    parser.add_argument("--compile", choices=("true", "false"),
+                        help="train.compile for deltatune's runs (default: the config's default)")
     args = parser.parse_args()
-    global RANDOM_1B, BF16, FROZEN_BF16
+    global RANDOM_1B, BF16, FROZEN_BF16, COMPILE
+    COMPILE = None if args.compile is None else args.compile == "true"
     RANDOM_1B = args.llama_1b_shape
     FROZEN_BF16 = not args.no_frozen_bf16
     from deltatune.training.optimization import resolve_bf16
@@ -255,7 +260,9 @@ def main() -> None:
         "peak_rss_gb": S.peak_rss_gb(), "peak_memory_gb": peak_memory_gb(), "losses": losses,
         "model": "random Llama-3.2-1B shape" if RANDOM_1B else S.MODEL,
         "last_loss_mean": statistics.mean(losses[-args.last:]), "step_s": step_times,
-        "bf16": BF16, "frozen_bf16": FROZEN_BF16 and BF16, "model_gflop_per_token": sum(step_flops) / sum(step_tokens) / 1e9,
+        "bf16": BF16, "frozen_bf16": FROZEN_BF16 and BF16, "compile": COMPILE,
+        "first_steps_s": ends[args.warmup - 1] - started if args.warmup else None,
+        "model_gflop_per_token": sum(step_flops) / sum(step_tokens) / 1e9,
         "model_gflops": sum(step_flops) / sum(step_times) / 1e9, **peak,
         "mfu": mfu(sum(step_flops), sum(step_times), peak["peak_gflops"]),
     }))

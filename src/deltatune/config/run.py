@@ -98,6 +98,10 @@ class TrainConfig(ConfigSection):
     bf16: bool | str = "auto"       # auto: where bf16 matmuls measure faster (`deltatune inspect --hardware`)
     frozen_bf16: bool = True        # under bf16, frozen linear weights stored in bf16 (same products, less memory)
     gradient_checkpointing: bool = False
+    # torch.compile of the norms and SwiGLU MLPs of Llama-family decoders (training/compiled.py):
+    # fused elementwise loops; one compilation (~tens of seconds, once per process) serves every
+    # token count. Results differ from eager by rounding only.
+    compile: bool = False
     group_by_length: bool = True    # batch rows of similar length (less padding; order still random)
     # causal LM on plain-causal decoders (Llama family): a batch is one row of its examples end to
     # end, each attending only to itself; no padding is computed (group_by_length is then moot)

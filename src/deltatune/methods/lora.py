@@ -126,7 +126,26 @@ class LoraDelta(nn.Module):
             weight_out_in, self.lora_A.weight, self.lora_B.weight, self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if SCALE_AT_RANK:  # the scale multiplies r values a token, not out (nor their gradients)
+            return self.lora_B(self.lora_A(self.dropout(x)) * self.scale)
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+
+# scale·B·(A·x) rather than (B·(A·x))·scale: the same number for a power-of-two scale (alpha = 2r),
+# within rounding otherwise, for an elementwise pass over r values a token instead of out.
+SCALE_AT_RANK = True
+
+# Under autocast the base product and the side path would each cast the same fp32 input to bf16,
+# keep their own bf16 copy for backward and each send an fp32 gradient back to be summed: cast
+# once, share it (the products see the same bf16 values; x's two gradients are summed in bf16).
+CAST_INPUT_ONCE = True
+
+
+def _cast_for_autocast(x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    if type(base_layer) is not nn.Linear:
+        return x  # quantized or Conv1D bases keep their own input handling
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype) if x.dtype == torch.float32 and dtype != torch.float32 else x
 
 
 class LoraLayer(DeltaLayer):
@@ -141,15 +160,21 @@ class LoraLayer(DeltaLayer):
         self.row_adapters: tuple[str | None, ...] | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
+            out = self.base_layer(x, *args, **kwargs)
             return out + self._mixed_delta(x, out)
         delta = self.active_delta()
         if delta is None or self.merged == self.active:
-            return out
-        lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
+            return self.base_layer(x, *args, **kwargs)
         if delta.lora_magnitude_vector is not None:
+            out = self.base_layer(x, *args, **kwargs)
+            lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
             return dora.dora_output(delta, lora_x, out, self.base_layer, self.transposed).to(out.dtype)
+        if CAST_INPUT_ONCE and torch.is_autocast_enabled(x.device.type):
+            x = _cast_for_autocast(x, self.base_layer)
+            return self.base_layer(x, *args, **kwargs) + delta(x)  # both in autocast's dtype
+        out = self.base_layer(x, *args, **kwargs)
+        lora_x = x.to(delta.lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
         return out + delta(lora_x).to(out.dtype)
 
     def _update(self, delta: LoraDelta, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

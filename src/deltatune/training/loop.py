@@ -35,6 +35,7 @@ from deltatune.training.losses import batch_loss, count_targets
 from deltatune.methods import default_lr_for
 from deltatune.methods.base import count_parameters
 from deltatune.training.packed_attention import packed_attention
+from deltatune.training.compiled import compiled_elementwise
 from deltatune.training.optimization import (build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
@@ -165,7 +166,8 @@ def _optimizer_step(run: Run) -> None:
         sync = run.parallel.accumulating(last)
         # Backward too: gradient checkpointing re-runs the attention there.
         attention = packed_attention(run.model) if run.collator.packing else contextlib.nullcontext()
-        with sync, attention:
+        fused = compiled_elementwise(run.model) if tc.compile else contextlib.nullcontext()
+        with sync, attention, fused:
             with autocast:
                 loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model)
             (loss * (dist.world_size / max(targets, 1.0))).backward()
