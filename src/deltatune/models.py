@@ -19,6 +19,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
                                     keep_one_weight_layout, own_weights, parse_quantize,
                                     follow_this_machine, stored_quantization)
+from deltatune.weight_files import map_input_embedding, read_unmapped
 
 TASKS = ("causal-lm", "classification")
 
@@ -303,11 +304,11 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         kwargs.update(_quantized_load_kwargs(name_or_path, task, config, quantization))
     if task == "classification":
         with (_quiet_transformers(), _no_progress_bar(), _weights_errors(name_or_path),
-              _read_unmapped(quantization) as read_files):
+              read_unmapped(quantization) as read_files):
             # (quiet: the new head is reported "MISSING", which is expected, not news)
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
     else:
-        with _no_progress_bar(), _weights_errors(name_or_path), _read_unmapped(quantization) as read_files:
+        with _no_progress_bar(), _weights_errors(name_or_path), read_unmapped(quantization) as read_files:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -318,39 +319,13 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         follow_this_machine(model, quantization)
         if not read_files:  # else nothing is left on a file's memory map
             own_weights(model, codes_too=stored is not None)
+        else:  # an untied embedding table goes back on a map: only the rows looked up count
+            map_input_embedding(model, read_files)
         release_freed_memory()  # quantizing's scratch
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base
     model.config.deltatune_base = name_or_path
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _read_unmapped(quantization):
-    """While loading a quantized base: safetensors files are read tensor by tensor (pread) instead
-    of memory-mapped. Every page of a mapped file read while quantizing, or while copying codes
-    off the map, counts in the process until the map closes: a 3B model peaked at 9.2 GB loading
-    its 6.4 GB dense file (4.6 GB its 2.1 GB nf4 file) for 2.5 GB after. Yields the files read so
-    (none: a .bin checkpoint, or a transformers without this hook; then own_weights copies)."""
-    import transformers.modeling_utils as loading
-
-    mapped_open = getattr(loading, "safe_open", None)
-    read_files: list = []
-    if quantization is None or mapped_open is None:
-        yield read_files
-        return
-
-    def read_open(file, *args, **kwargs):
-        if kwargs.get("device", "cpu") == "cpu" and kwargs.get("backend", "mmap") == "mmap":
-            kwargs["backend"] = "pread"
-            read_files.append(file)
-        return mapped_open(file, *args, **kwargs)
-
-    loading.safe_open = read_open
-    try:
-        yield read_files
-    finally:
-        loading.safe_open = mapped_open
 
 
 def release_freed_memory() -> None:
