@@ -208,16 +208,14 @@ def mem_available_bytes() -> int:
 
 
 def plan(args) -> dict:
-    from deltatune.compare.plan import current_rss, plan_method, predicted_base_bytes
+    from deltatune.compare.plan import current_rss, plan_method, predicted_base_bytes, touch_weights
 
     if args.method == "full" and mem_available_bytes() < 16 * 2**30:
         # planning full FT copies the fp32 model once more (~2x its 5 GB): not on a shared machine
         # short of memory
         return {"skipped": f"only {mem_available_bytes() / 2**30:.1f} GB available"}
     model, tokenizer = load(args)
-    with torch.no_grad():  # as plan_methods: the trainer touches every page of the weights
-        for parameter in model.parameters():
-            parameter.sum()
+    touch_weights(model)  # as plan_methods: the trainer touches every page of the weights
     baseline = current_rss()
     dataset = S.load_examples(tokenizer, args.max_length)
     with tempfile.TemporaryDirectory() as out:

@@ -96,3 +96,20 @@ def test_a_dense_base_is_left_to_transformers(llama_dir, monkeypatch):
     monkeypatch.setattr(models, "map_input_embedding", lambda *args: calls.append(args))
     dt.load_model(str(llama_dir))
     assert calls == []
+
+
+def test_plan_reads_every_weight_but_a_mapped_table(llama_dir):
+    from deltatune.compare.plan import touch_weights
+
+    model, _ = dt.load_model(str(llama_dir), quantize="nf4")
+    assert model.deltatune_embedding_mapped
+    read = []
+    for parameter in model.parameters():
+        parameter.sum = lambda p=parameter: read.append(p)
+    touch_weights(model)
+    table = model.get_input_embeddings().weight
+    assert len(read) == len(list(model.parameters())) - 1 and all(p is not table for p in read)
+    model.deltatune_embedding_mapped = False
+    read.clear()
+    touch_weights(model)
+    assert any(p is table for p in read)

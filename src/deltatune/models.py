@@ -320,7 +320,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
         if not read_files:  # else nothing is left on a file's memory map
             own_weights(model, codes_too=stored is not None)
         else:  # an untied embedding table goes back on a map: only the rows looked up count
-            map_input_embedding(model, read_files)
+            model.deltatune_embedding_mapped = map_input_embedding(model, read_files)
         release_freed_memory()  # quantizing's scratch
     model.deltatune_quantization = quantization
     model.name_or_path = name_or_path  # what adapter_config.json records as the base

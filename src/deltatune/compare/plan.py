@@ -304,9 +304,7 @@ def plan_methods(run_config: Any, methods: list[str],
         before = current_rss()
         model, tokenizer = load_model(run_config.model, task=run_config.task, quantize=quantize,
                                       num_labels=num_labels if run_config.task == "classification" else None)
-        with torch.no_grad():  # weights load memory-mapped; training touches every page of them
-            for parameter in model.parameters():
-                parameter.sum()
+        touch_weights(model)
         # what this base adds to the process (another group's freed base no longer counts)
         baseline = process_bytes + max(0, current_rss() - before)
         base_bytes = predicted_base_bytes(model)
@@ -331,6 +329,18 @@ def plan_methods(run_config: Any, methods: list[str],
         del model, datasets
         release_freed_memory()
     return [plans[row] for row in methods]
+
+
+def touch_weights(model: nn.Module) -> None:
+    """Read every weight page once, as training will (weights load memory-mapped), except an input
+    embedding load_model left on its file's map: training reads only the rows it looks up there."""
+    lookup_only = None
+    if getattr(model, "deltatune_embedding_mapped", False):
+        lookup_only = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter is not lookup_only:
+                parameter.sum()
 
 
 def predicted_base_bytes(model: nn.Module) -> int:
