@@ -7,7 +7,7 @@
                                            # the base as users keep it: saved quantized, reloaded as is
     python benchmarks/qlora.py train MODEL --quantize nf4 [--dtype bf16] [--steps 14] [--batch 8]
                                            [--max-length 512] [--method lora|full]
-    python benchmarks/qlora.py plan  MODEL (same options)   # deltatune's plan for that run
+    python benchmarks/qlora.py plan  MODEL (same options) [--in-place]   # deltatune's plan for that run
     python benchmarks/qlora.py base-loss MODEL --quantize nf4 --steps 14
                                            # the untrained base's loss on each step's rows
 
@@ -215,6 +215,13 @@ def plan(args) -> dict:
         # short of memory
         return {"skipped": f"only {mem_available_bytes() / 2**30:.1f} GB available"}
     model, tokenizer = load(args)
+    if args.in_place:
+        # plan_method adapts a deep copy so the caller's model stays as it was; this process drops
+        # the model after planning, so the copy (16 GB for the 8B shape's dense base) is skipped
+        import copy
+
+        deepcopy = copy.deepcopy
+        copy.deepcopy = lambda value, memo=None: value if value is model else deepcopy(value, memo)
     touch_weights(model)  # as plan_methods: the trainer touches every page of the weights
     baseline = current_rss()
     dataset = S.load_examples(tokenizer, args.max_length)
@@ -239,6 +246,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=S.BATCH)
     parser.add_argument("--max-length", type=int, default=S.MAX_LENGTH)
     parser.add_argument("--out", help="save-quantized: the directory to write")
+    parser.add_argument("--in-place", action="store_true",
+                        help="plan: adapt the loaded model itself, not a copy (a base too big to copy here)")
     args = parser.parse_args()
     if args.command in STREAMED:
         return write_llama_shards(args.model, SHAPES[args.command])
