@@ -187,3 +187,23 @@ def test_serving_runs_an_inactive_adapter_without_switching():
     with torch.no_grad():
         dt.set_adapter(model, "b")
         torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=0, atol=1e-10)
+
+
+def test_a_server_block_rebuilds_banks_on_module_changes_only():
+    """Inside fixed_adapter_weights (the serving engine's forwards) a bank follows adapters loaded
+    and evicted, not in-place edits of a weight (the server never makes them); outside, both."""
+    from deltatune.methods.lora_rows import fixed_adapter_weights
+
+    layer = layer_with({"a": 4, "b": 2})
+    names = ["a", "b"]
+    x = torch.randn(len(names), 1, IN, dtype=torch.float64)
+    with torch.no_grad(), fixed_adapter_weights():
+        first = bank_of(layer)
+        layer.deltas["b"].lora_B.weight.mul_(-2)
+        assert bank_of(layer) is first  # no per-weight check inside the block
+        layer.add_delta("c", random_delta(6, 7))  # a load is a new module: seen
+        torch.testing.assert_close(mixed(layer, names + ["c"], torch.cat([x, x[:1]])),
+                                   each_alone(layer, names + ["c"], torch.cat([x, x[:1]])), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        layer.deltas["a"].lora_A.weight.mul_(3)
+        torch.testing.assert_close(mixed(layer, names, x), each_alone(layer, names, x), rtol=0, atol=1e-12)

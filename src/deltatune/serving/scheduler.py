@@ -17,6 +17,7 @@ from torch import nn
 
 from deltatune.deltas import disable_adapters, set_adapter
 from deltatune.methods.base import delta_state
+from deltatune.methods.lora_rows import fixed_adapter_weights
 from deltatune.mixed import MIXABLE_METHODS, mixed_adapters
 from deltatune.serving import kvcache
 from deltatune.serving.adapter_pool import AdapterPool
@@ -47,7 +48,8 @@ def adapters_for(model: nn.Module, names: list[str | None]) -> Iterator[None]:
     elif single is not _SEVERAL and state.active == single and not state.disabled:
         yield
     elif single is _SEVERAL or state.configs[single].method in MIXABLE_METHODS:
-        with mixed_adapters(model, names):
+        # served adapters change as whole modules (the pool loads and evicts), never in place
+        with mixed_adapters(model, names), fixed_adapter_weights():
             yield
     else:
         set_adapter(model, single)
