@@ -76,9 +76,8 @@ def main() -> None:
     torch.manual_seed(S.SEED)
     model, tokenizer = dt.load_model(S.MODEL)
     dataset = S.load_examples(tokenizer)
-    order = S.row_order(len(dataset), args.batches)
-    batches = [Collator(tokenizer.pad_token_id, packing=True, max_length=10**9)(
-        [dataset[i] for i in order[k * S.BATCH:(k + 1) * S.BATCH]]) for k in range(args.batches)]
+    collate = Collator(tokenizer.pad_token_id, packing=True, max_length=10**9)
+    batches = [collate(examples) for examples in S.step_examples(dataset, args.batches)]
     model = dt.apply(model, dt.LoraConfig(r=S.RANK, alpha=S.ALPHA, target_modules=S.LORA_TARGETS))
     hold_frozen_weights_in_bf16(model)
     model.train()

@@ -34,8 +34,7 @@ def main() -> None:
     torch.manual_seed(S.SEED)
     base, tokenizer = dt.load_model(S.MODEL)
     dataset = S.load_examples(tokenizer)
-    order = S.row_order(len(dataset), args.batches)
-    examples = [[dataset[i] for i in order[k * S.BATCH:(k + 1) * S.BATCH]] for k in range(args.batches)]
+    examples = S.step_examples(dataset, args.batches)
     padded = [Collator(tokenizer.pad_token_id)(b) for b in examples]
     packed = [Collator(tokenizer.pad_token_id, packing=True, max_length=10**9)(b) for b in examples]
     import peft

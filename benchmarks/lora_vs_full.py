@@ -35,10 +35,8 @@ def main() -> None:
     torch.manual_seed(S.SEED)
     base, tokenizer = dt.load_model(S.MODEL)
     dataset = S.load_examples(tokenizer)
-    order = S.row_order(len(dataset), args.batches)
     collate = Collator(tokenizer.pad_token_id, packing=True, max_length=10**9)
-    batches = [collate([dataset[i] for i in order[k * S.BATCH:(k + 1) * S.BATCH]])
-               for k in range(args.batches)]
+    batches = [collate(examples) for examples in S.step_examples(dataset, args.batches)]
 
     full = dt.apply(copy.deepcopy(base), dt.FullConfig())
     lora = dt.apply(copy.deepcopy(base), dt.LoraConfig(r=S.RANK, alpha=S.ALPHA,

@@ -50,6 +50,12 @@ def row_order(num_rows: int, steps: int, batch: int = BATCH) -> list[int]:
     return [i for k in range(steps) for i in stream.rows(k)]
 
 
+def step_examples(dataset, steps: int) -> list[list]:
+    """The examples of each of the first `steps` batches, in training order."""
+    order = row_order(len(dataset), steps)
+    return [[dataset[i] for i in order[k * BATCH:(k + 1) * BATCH]] for k in range(steps)]
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -139,9 +139,11 @@ def allocator_fill(costs: list[int], reusable: float = REUSABLE_SHARE) -> float:
     return min(1.0, (heap - 1) / (1 / reusable - 1))
 
 
-def heaviest_batch(dataset: Any, train: Any, collator: Any) -> dict:
-    """The collated batch of the run that makes its layers compute the most tokens."""
-    stream, costs = step_costs(dataset, train, collator)
+def heaviest_batch(dataset: Any, train: Any, collator: Any,
+                   replayed: tuple[Any, list[int]] | None = None) -> dict:
+    """The collated batch of the run that makes its layers compute the most tokens
+    (`replayed`: step_costs' result when the caller has it)."""
+    stream, costs = replayed or step_costs(dataset, train, collator)
     heaviest = max(range(len(costs)), key=costs.__getitem__)
     return collator([dataset[i] for i in stream.rows(heaviest)])
 
@@ -220,8 +222,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
     stream, costs = step_costs(dataset, train, collator)
-    heaviest = max(range(len(costs)), key=costs.__getitem__)
-    batch = collator([dataset[i] for i in stream.rows(heaviest)])
+    batch = heaviest_batch(dataset, train, collator, (stream, costs))
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
