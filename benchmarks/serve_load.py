@@ -43,6 +43,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from deltatune.serving.server import serving_dtype  # noqa: E402
 
 SENTENCES = [
     "The printing press changed how ideas spread across Europe.",
@@ -110,7 +111,8 @@ def references(model, tokenizer, directory: Path, requests: list[dict], longest:
 def cached_references(args, model, tokenizer, directory: Path, requests: list[dict], longest: int) -> dict:
     """references(), kept in --references-cache: a rerun with the same model, adapters (same seed and
     rank) and workload reads them back instead of spending a minute on generate()."""
-    key = json.dumps([args.model, args.adapters, args.rank, args.seed, requests, longest])
+    key = json.dumps([args.model, args.adapters, args.rank, args.seed, requests, longest]
+                     + ([args.dtype] if args.dtype != "fp32" else []))
     path = Path(args.references_cache) if args.references_cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
@@ -191,7 +193,8 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
     command = [sys.executable, "-m", "deltatune.cli", "serve", "--model", args.model, "--port", str(port),
                "--engine", engine, "--adapter-dir", str(adapter_dir),
                "--max-adapters", str(args.adapters if name.endswith("resident") else args.max_adapters),
-               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
+               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
+               "--dtype", args.dtype]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -308,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scenarios", default="continuous-mixed,static-mixed,continuous-single,continuous-resident",
                         help="from continuous-mixed, static-mixed, continuous-single, static-single, "
                              "continuous-resident (mixed, with every adapter resident: no swapping)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="the server's --dtype; the reference generate() runs in the same precision")
     parser.add_argument("--json", default=None)
     parser.add_argument("--references-cache", default=None,
                         help="JSON file keeping the generate() reference answers between runs")
@@ -319,8 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
     longest = max(r["max_tokens"] for r in requests)
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         adapter_dir = Path(tmp)
-        model, tokenizer = dt.load_model(args.model, task="causal-lm")
-        print(f"{args.model} loaded", flush=True)
+        dtype = serving_dtype(args.dtype)
+        args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"  # auto, resolved once for both sides
+        model, tokenizer = dt.load_model(args.model, task="causal-lm", dtype=dtype)
+        print(f"{args.model} loaded ({args.dtype})", flush=True)
         make_adapters(model, adapter_dir, args.adapters, args.rank, args.seed)
         start = time.perf_counter()
         refs = cached_references(args, model, tokenizer, adapter_dir, requests, longest)

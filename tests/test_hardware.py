@@ -133,3 +133,20 @@ def test_the_real_probe_measures_both_precisions(tmp_path, monkeypatch):
         assert math.isfinite(profile[key]) and profile[key] > 0
     assert profile["threads"] == torch.get_num_threads() and profile["flags"] == hardware.cpu_flags()
     assert hardware.machine_profile(CPU)["cached"] is True
+
+
+def test_serve_dtype_auto_follows_the_probe(probe):
+    """`deltatune serve --dtype auto` asks the same probe as training: never bf16 where it is slow."""
+    from deltatune.cli import build_parser
+    from deltatune.errors import DeltatuneError
+    from deltatune.serving.server import serving_dtype
+
+    assert build_parser().parse_args(["serve", "--model", "m"]).dtype == "fp32"  # outputs as before
+    probe.fp32, probe.bf16 = 47.0, 0.1  # an AVX2-only machine: bf16 emulated
+    assert serving_dtype("auto", CPU) is torch.float32
+    probe.bf16 = 300.0
+    hardware.machine_profile(CPU, refresh=True)
+    assert serving_dtype("auto", CPU) is torch.bfloat16
+    assert serving_dtype("fp32", CPU) is torch.float32 and serving_dtype("bf16", CPU) is torch.bfloat16
+    with pytest.raises(DeltatuneError, match="--dtype: expected fp32, bf16 or auto"):
+        serving_dtype("float8", CPU)

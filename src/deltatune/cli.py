@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default=None,
                    help="quantize the base (default: as the adapters were trained)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="the base's weights and compute: auto = bf16 where this machine measures "
+                        "bf16 faster (deltatune inspect --hardware), else fp32")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="local web app: runs, launch, compare, playground")

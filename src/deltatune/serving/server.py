@@ -10,6 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+
 from deltatune.errors import DeltatuneError
 
 
@@ -53,6 +55,20 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
+def serving_dtype(setting: str, device: torch.device | None = None) -> torch.dtype:
+    """--dtype: fp32 | bf16 | auto. auto asks the same measured probe as `train.bf16: auto`, so
+    a CPU where bf16 is emulated (AVX2 only: 100x slower) never gets it. Every row of a server
+    computes in this precision, and so must the generate() its replies are compared with."""
+    if setting == "auto":
+        from deltatune.training.hardware import bf16_auto
+
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.bfloat16 if bf16_auto(device) else torch.float32
+    if setting not in ("fp32", "bf16"):
+        raise DeltatuneError(f"--dtype: expected fp32, bf16 or auto, got {setting!r}")
+    return torch.bfloat16 if setting == "bf16" else torch.float32
+
+
 def serve_from_cli(args) -> None:
     """`deltatune serve --model M [--adapter name=DIR ...] [--adapter-dir DIR --max-adapters N]
     [--api-key KEY] [--max-queue N] ...` (see serving.limits for the limits)."""
@@ -74,13 +90,15 @@ def serve_from_cli(args) -> None:
         raise DeltatuneError(f"--adapter-dir {args.adapter_dir}: directory not found")
     # the base the adapters were trained on, unless --quantize says otherwise
     quantization = getattr(args, "quantize", None) or shared_quantization(adapters)
-    model, tokenizer = load_model(args.model, task="causal-lm", quantize=quantization)
+    dtype = serving_dtype(getattr(args, "dtype", "fp32"))
+    model, tokenizer = load_model(args.model, task="causal-lm", quantize=quantization, dtype=dtype)
     use_inference_kernel(model)  # a server only generates
     app = build_app(model, tokenizer, adapters, base_name=args.model, max_batch=args.max_batch,
                     batch_wait_ms=args.batch_wait_ms, engine=args.engine, adapter_dir=args.adapter_dir,
                     max_adapters=args.max_adapters, api_key=api_key, limits=limits)
     names = ", ".join(app.state.engine.pool.names())
-    print(f"serving {names} on http://{args.host}:{args.port}/v1 ({args.engine} batching"
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 ({args.engine} batching, "
+          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}"
           f"{', API key required' if api_key else ''})", flush=True)
     # uvicorn drains on SIGTERM, then raises SIGTERM again under the handler it found: with this
     # one the process exits 0 after a clean drain instead of dying by the signal.
