@@ -74,7 +74,11 @@ def test_explicit_backward_is_as_accurate_as_flash(length, dtype):
     for name, a, b, ref in zip("qkv", ours, flash, exact):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         ours_err, flash_err = ((x.double() - ref.grad).abs().max() for x in (a, b))
-        assert ours_err <= 1.5 * flash_err + (1e-6 if dtype == torch.float32 else 1e-3), (name, ours_err, flash_err)
+        # fp32: a few ulps of the gradient's size on top, since both kernels' summation order
+        # depends on the CPU (AMX machine: dV 1.1x flash's error at 130 tokens; AVX512-bf16
+        # without AMX: 2.8x, 2.7e-6 on gradients up to 5.4, i.e. 4 ulps)
+        slack = 8 * torch.finfo(torch.float32).eps * ref.grad.abs().max() if dtype == torch.float32 else 1e-3
+        assert ours_err <= 1.5 * flash_err + slack, (name, ours_err, flash_err)
 
 
 def test_short_examples_backward_stays_within_rounding_of_flash(monkeypatch):
