@@ -14,7 +14,9 @@ all prompts (one left-padded batch per adapter). A reply that differs is "mixed 
 adapter's answer, else "diverged" (where it departs is reported: batched float32 sums can flip a
 near-tie). Reports p50/p99 time to first token (streaming requests) and latency, tokens/s, and
 the server's RSS (sampled every 0.2 s; flat = the peak after the first quarter of the run is
-within 10% of the peak in that first quarter). Bounded: --requests requests, --deadline seconds.
+within 10% of the peak in that first quarter; also the second half's peak over the first half's,
+which a leak raises and the allocator's warm-up does not, and the series, one sample a second).
+Bounded: --requests requests, --deadline seconds.
 
     flock /tmp/deltatune-heavy.lock .venv/bin/python benchmarks/serve_load.py
 """
@@ -264,9 +266,15 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
             want = answers[adapter, request["prompt"], k]
             diverged_at.append(next((i for i, (x, y) in enumerate(zip(result["text"], want)) if x != y),
                                     min(len(want), len(result["text"]))))
-    quarter = start + seconds / 4
+    quarter, half = start + seconds / 4, start + seconds / 2
     early = max((v for t, v in rss if t <= quarter), default=0)
     late = max((v for t, v in rss if t > quarter), default=0)
+    # A leak grows with time: the second half's peak over the first half's. The first quarter
+    # alone can end before the server has met its largest batch (the warm-up is one short
+    # request per adapter), so first-quarter growth can be the allocator reaching steady state.
+    first_half = max((v for t, v in rss if t <= half), default=0)
+    second_half = max((v for t, v in rss if t > half), default=0)
+    series = [(round(t - start, 1), round(v / 2**20)) for t, v in rss[::5]]  # one sample a second
     ttft = [r["ttft"] for r in results if r["ok"] and r["ttft"] is not None]
     latency = [r["latency"] for r in results if r["ok"]]
     tokens = sum(r["max_tokens"] for r, res in zip(requests, results) if res["ok"])
@@ -277,7 +285,10 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
         "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
         "latency_p50": percentile(latency, 50), "latency_p99": percentile(latency, 99),
         "rss_first_quarter_mb": early / 2**20, "rss_rest_mb": late / 2**20,
-        "rss_growth": late / early - 1 if early else None, "sigterm_exit": exit_code, **counters,
+        "rss_growth": late / early - 1 if early else None,
+        "rss_first_half_mb": first_half / 2**20, "rss_second_half_mb": second_half / 2**20,
+        "rss_second_half_growth": second_half / first_half - 1 if first_half else None,
+        "rss_series_mb": series, "sigterm_exit": exit_code, **counters,
         # rows in the batch per decoding step: every generated token but each request's first
         # (which comes from its prefill) is one row of one step
         "rows_per_step": ((counters["generated_tokens"] - counters["finished_requests"]) / counters["decode_steps"]
@@ -290,7 +301,8 @@ def run_scenario(name: str, engine: str, requests: list[dict], single: bool, arg
           f"{summary['rows_per_step'] or 0:.1f}, adapter loads {counters['adapter_loads']:.0f}; engine s prefill/"
           f"decode/idle {counters.get('prefill_seconds', 0):.1f}/{counters.get('decode_seconds', 0):.1f}/"
           f"{counters.get('idle_seconds', 0):.1f} ({counters['prefill_forwards']:.0f} prefills); RSS "
-          f"{early / 2**20:.0f} -> {late / 2**20:.0f} MB; SIGTERM exit {exit_code}", flush=True)
+          f"{early / 2**20:.0f} -> {late / 2**20:.0f} MB (halves {first_half / 2**20:.0f} -> "
+          f"{second_half / 2**20:.0f}); SIGTERM exit {exit_code}", flush=True)
     return summary
 
 
