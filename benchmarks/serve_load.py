@@ -113,8 +113,7 @@ def references(model, tokenizer, directory: Path, requests: list[dict], longest:
 def cached_references(args, model, tokenizer, directory: Path, requests: list[dict], longest: int) -> dict:
     """references(), kept in --references-cache: a rerun with the same model, adapters (same seed and
     rank) and workload reads them back instead of spending a minute on generate()."""
-    key = json.dumps([args.model, args.adapters, args.rank, args.seed, requests, longest]
-                     + ([args.dtype] if args.dtype != "fp32" else []))
+    key = json.dumps([args.model, args.adapters, args.rank, args.seed, requests, longest, args.dtype])
     path = Path(args.references_cache) if args.references_cache else None
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())

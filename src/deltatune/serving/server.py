@@ -55,6 +55,9 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def serving_dtype(setting: str, device: torch.device | None = None) -> torch.dtype:
     """--dtype: fp32 | bf16 | auto. auto asks the same measured probe as `train.bf16: auto`, so
     a CPU where bf16 is emulated (AVX2 only: 100x slower) never gets it. Every row of a server
@@ -62,11 +65,12 @@ def serving_dtype(setting: str, device: torch.device | None = None) -> torch.dty
     if setting == "auto":
         from deltatune.training.hardware import bf16_auto
 
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.bfloat16 if bf16_auto(device) else torch.float32
-    if setting not in ("fp32", "bf16"):
+        # the probe of the device the server computes on: the CPU (load_model leaves a dense base
+        # there; only a bitsandbytes-quantized one lands on GPU 0, where compute dtype is its own)
+        setting = "bf16" if bf16_auto(device or torch.device("cpu")) else "fp32"
+    if setting not in DTYPES:
         raise DeltatuneError(f"--dtype: expected fp32, bf16 or auto, got {setting!r}")
-    return torch.bfloat16 if setting == "bf16" else torch.float32
+    return DTYPES[setting]
 
 
 def serve_from_cli(args) -> None:
