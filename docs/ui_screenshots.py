@@ -1,6 +1,6 @@
 """The README's screenshots of `deltatune ui`, taken in the headless Chromium the browser tests use.
 
-    python docs/ui_screenshots.py --runs RUNS_DIR [--out docs] [--text "..."] [--message "..."]
+    python docs/ui_screenshots.py --runs RUNS_DIR [--out docs/images] [--text "..."] [--message "..."]
 
 Opens the runs page, the first comparison (hovering its best point) and the playground (the
 classifier base: --text classified by every adapter; a causal-LM base: --message sent to the
@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from deltatune.serving.app import ServerThread
+from deltatune.serving.server import ServerThread
 from deltatune.ui.app import build_app
 
 CHROMIUM = os.environ.get("DELTATUNE_CHROMIUM", "/usr/bin/chromium")
@@ -21,7 +21,7 @@ CHROMIUM = os.environ.get("DELTATUNE_CHROMIUM", "/usr/bin/chromium")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", required=True)
-    parser.add_argument("--out", default="docs")
+    parser.add_argument("--out", default="docs/images")
     parser.add_argument("--text", default="A gorgeous, funny and moving film.")
     parser.add_argument("--message", default="What is the capital of France?")
     args = parser.parse_args()
