@@ -130,9 +130,12 @@ def _autocast_output(module: nn.Module, args: Any, output: torch.Tensor) -> torc
 
 
 def import_bitsandbytes():
-    """bitsandbytes, imported quietly: on AVX512-bf16 CPUs it logs a warning about an optional
-    Hub kernel package on import, which would otherwise sit above every one-line error."""
+    """bitsandbytes, imported quietly: on AVX512-bf16 CPUs it (and the `kernels` package it loads a
+    Hub kernel through) logs warnings on import, which would otherwise sit above every one-line error."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes' CPU ops look up a Hub kernel through the `kernels` package, which warns on
+    # every load that it "skips the publisher trust check" offline: noise above deltatune's lines
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # int8 on CPU: "inputs will be cast from float32 to float16", once per layer per call
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     try:
