@@ -1,4 +1,4 @@
-"""benchmarks/flops.py (the model-FLOPs count behind every MFU figure) against what autograd
+"""benchmarks/common/flops.py (the model-FLOPs count behind every MFU figure) against what autograd
 actually multiplies, counted by torch's FlopCounterMode on a tiny Llama: forward, LoRA (frozen
 weights: no weight-gradient products) and full fine-tuning, with the LM head only on the
 labelled positions (deltatune's chunked loss)."""
@@ -15,7 +15,7 @@ import deltatune as dt
 from byte_tokenizer import tiny_chat_llama
 from deltatune.training.losses import batch_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "common"))
 import flops  # noqa: E402
 
 LENGTH = 24

@@ -209,7 +209,7 @@ def test_plan_per_process(configs, capsys):
 
 
 def test_a_rank_gives_back_the_checkpoint_and_freed_blocks(tmp_path):
-    """Per-rank memory (benchmarks/fsdp_memory.py): after sharding no rank keeps the loaded
+    """Per-rank memory (benchmarks/memory/fsdp_memory.py): after sharding no rank keeps the loaded
     checkpoint mapped, and activation-sized blocks freed mid-step leave the RSS."""
     result = torchrun(tiny_llama_dir(tmp_path), script=[os.path.join(TESTS, "fsdp_release.py")], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

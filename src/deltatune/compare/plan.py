@@ -28,7 +28,7 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
         depends on the method (full fine-tuning's big long-lived buffers leave the heap little
         to keep; LoRA keeps the most)
     a runtime allowance: evaluation, checkpoint buffers, the per-step creep of small blocks
-(calibrated on measured runs and per-step heap traces, benchmarks/memory_trace.py: README
+(calibrated on measured runs and per-step heap traces, benchmarks/memory/memory_trace.py: README
 "plan vs measured").
 
 `compare` prints the prediction beside the measured peak, so the estimate is checked on every run.
@@ -68,7 +68,7 @@ RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 2.2, "prompt": 2.0, "ptuning":
              "prefix": 1.65}
 DEFAULT_RETENTION = 1.6
 # The share of the held heap a training batch can reuse (allocator_fill), fitted to per-step
-# traces of the heap (benchmarks/memory_trace.py; SmolLM2 LoRA 14 and 30 steps, QLoRA 14 steps:
+# traces of the heap (benchmarks/memory/memory_trace.py; SmolLM2 LoRA 14 and 30 steps, QLoRA 14 steps:
 # 0.42-0.50; README "plan vs measured").
 REUSABLE_SHARE = 0.5
 RUNTIME_ALLOWANCE_BYTES = 250 * 1024 * 1024

@@ -29,7 +29,7 @@ from torch import nn
 # 1+weight norm is not one of them). MLPs computed as down(silu(gate(x)) · up(x)).
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-ENABLED = True  # benchmarks/ab_lever.py turns it off in place to time both
+ENABLED = True  # benchmarks/training/ab_lever.py turns it off in place to time both
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

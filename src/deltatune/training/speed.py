@@ -1,5 +1,5 @@
 """Speed levers of a training step that leave its arithmetic unchanged, each measured on its own
-(benchmarks/levers.py) and kept only where it paid.
+(benchmarks/training/levers.py) and kept only where it paid.
 
 Frozen weights in bf16 (`train.frozen_bf16`, on with bf16 autocast): autocast casts a frozen
 fp32 weight to bf16 on every forward call (it caches only the casts of weights that train), so
