@@ -1,4 +1,4 @@
-"""On CPU a 4-bit base layer dequantizes into one buffer its thread reuses (quantized_compute.py):
+"""On CPU a 4-bit base layer dequantizes into one buffer its thread reuses (quantization/compute.py):
 the same outputs and gradients as bitsandbytes' own path, bit for bit, one buffer shared by every
 layer; and a quantized base is read from its files without a memory map."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from tiny_runs import tiny_bert_dir, tiny_llama_dir
 
 import deltatune as dt
-from deltatune import quantized_compute
+from deltatune.quantization import compute as quantized_compute
 from deltatune.quantization import is_quantized_linear
 
 pytest.importorskip("bitsandbytes")

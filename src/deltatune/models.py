@@ -19,7 +19,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.quantization import (bitsandbytes_config, dense_module_names, device_map,
                                     keep_one_weight_layout, own_weights, parse_quantize,
                                     follow_this_machine, stored_quantization)
-from deltatune.weight_files import map_input_embedding, read_unmapped
+from deltatune.quantization.weight_files import map_input_embedding, read_unmapped
 
 TASKS = ("causal-lm", "classification")
 
@@ -260,7 +260,7 @@ def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | Non
 
     For classification the tokenizer encodes single texts or pairs (``tok(a, b)``); for decoders
     a pad token is set (the EOS token when the model has none) and the model's config knows it.
-    `quantize`: none | nf4 | fp4 | int8, a mapping or a QuantizationConfig (see quantization.py):
+    `quantize`: none | nf4 | fp4 | int8, a mapping or a QuantizationConfig (see deltatune.quantization):
     the transformer layers' linears load quantized by bitsandbytes, for PEFT methods (QLoRA).
     """
     quantization = parse_quantize(quantize)  # a bad value fails before anything loads
