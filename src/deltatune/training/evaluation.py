@@ -13,6 +13,11 @@ from torch import nn
 
 from deltatune.training.distributed import Distributed
 from deltatune.errors import DeltatuneError
+from deltatune.training.collapse import label_facts
+
+# evaluate_model's keys that describe the eval set and the predictions rather than score them:
+# kept in metrics.jsonl and `deltatune eval`'s JSON, left out of the one-line progress messages
+NOT_SHOWN = ("examples", "majority_share", "label_entropy", "predicted_classes", "label_classes")
 from deltatune.training.losses import IGNORE_INDEX, batch_loss, count_targets
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "exact_match": True, "perplexity": False,
@@ -145,6 +150,9 @@ def evaluate_model(model: nn.Module, dataset, task: str, collator, *, batch_size
             num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
             metrics["accuracy"] = accuracy(predictions, labels)
             metrics["f1"] = macro_f1(predictions, labels, max(num_labels, max(labels) + 1))
+            # what a classifier that learned nothing would score (training/collapse.py)
+            metrics.update(label_facts(labels), predicted_classes=len(set(predictions)),
+                           label_classes=len(set(labels)))
         else:
             metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
             if with_exact_match:

@@ -30,7 +30,9 @@ from deltatune.training.batching import batch_tokens, training_collator, trainin
 from deltatune.training.distributed import (Distributed, peer_failures, ranks_in_sync,
                                             setup_distributed, teardown_distributed)
 from deltatune.errors import DeltatuneError
-from deltatune.training.evaluation import default_metric, evaluate_model, is_better
+from deltatune.training.collapse import did_not_learn, no_information
+from deltatune.training.collapse import message as collapse_message
+from deltatune.training.evaluation import NOT_SHOWN, default_metric, evaluate_model, is_better
 from deltatune.training.losses import batch_loss, count_targets
 from deltatune.methods import default_lr_for
 from deltatune.methods.base import count_parameters
@@ -82,6 +84,8 @@ def _train(run: Run, on_step: Callable[[int], None] | None) -> dict:
             if on_step is not None:
                 on_step(progress.step)
         final_metrics = _evaluate(run, final=True) if run.eval_dataset is not None else {}
+        if verdict := did_not_learn(progress.evaluations):
+            run.log.message(collapse_message(verdict))
     finally:
         run.log.close()
     return _finish(run, final_metrics)
@@ -215,9 +219,11 @@ def _evaluate(run: Run, final: bool) -> dict[str, float]:
                              batch_size=run.tc.eval_batch_size or run.tc.batch_size,
                              dist=run.dist, bf16=run.bf16, tokenizer=run.tokenizer)
     run.log.log({"step": progress.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    vocab = getattr(getattr(run.model, "config", None), "vocab_size", None)
+    progress.evaluations.append([progress.step, no_information(metrics, vocab)])
     if metric not in metrics:
         raise DeltatuneError(f"train.metric: {metric!r} is not computed for task {config.task!r} "
-                             f"(available: {', '.join(k for k in metrics if k != 'examples')})")
+                             f"(available: {', '.join(k for k in metrics if k not in NOT_SHOWN)})")
     if is_better(metric, metrics[metric], progress.best_metric):
         progress.best_metric, progress.best_step = metrics[metric], progress.step
         progress.evals_since_best = 0
@@ -230,7 +236,7 @@ def _evaluate(run: Run, final: bool) -> dict[str, float]:
     else:
         progress.evals_since_best += 1
     run.log.message(f"step {progress.step}: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples"))
+        f"{k} {v:.4f}" for k, v in metrics.items() if k not in NOT_SHOWN))
     return metrics
 
 
@@ -277,6 +283,7 @@ def _write_summary(run: Run, final_metrics: dict[str, float], in_sync: bool | No
     bare, dist, progress = run.model, run.dist, run.progress
     trainable_count, total_count = count_parameters(bare)
     train_dataset, eval_dataset = run.train_dataset, run.eval_dataset
+    verdict = did_not_learn(progress.evaluations)
     summary = write_summary(run.run_dir, bare, run.tokenizer, run.config, {
         "trainable_params": trainable_count, "total_params": total_count,
         "trainable_percent": round(100 * trainable_count / max(total_count, 1), 4),
@@ -292,6 +299,9 @@ def _write_summary(run: Run, final_metrics: dict[str, float], in_sync: bool | No
         "final_eval": final_metrics, "metric": run.metric,
         "best": {"metric": run.metric, "value": progress.best_metric, "step": progress.best_step},
         "stopped_early": progress.stopped_early, "ranks_in_sync": in_sync,
+        # None when nothing was evaluated; else false with the reason and the advice
+        "learned": None if not progress.evaluations else verdict is None,
+        "did_not_learn": verdict,
         "distributed": describe(run.parallel),
     }, run.started, dist.device)
     return summary
@@ -360,7 +370,7 @@ def _train_from_config(config: Any, resume: bool, overwrite: bool,
         teardown_distributed(dist, wait=finished)
     if dist.is_main:
         final = summary.get("final_eval") or {}
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("examples",))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in NOT_SHOWN)
         print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s; "
               f"{shown or 'no eval data'}; saved to {config.output_dir}")
     return summary

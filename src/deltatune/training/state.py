@@ -27,6 +27,8 @@ class Progress:
     train_tokens: int = 0
     train_seconds: float = 0.0
     stopped_early: bool = False
+    # [step, why it shows nothing learned (None: it shows something)] per evaluation (collapse.py)
+    evaluations: list = field(default_factory=list)
 
 
 @dataclass
