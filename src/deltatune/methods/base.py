@@ -201,6 +201,11 @@ class ModuleCopy(DeltaLayer):
         return self.active_delta() or self.base_layer
 
 
+# The classification heads PEFT adds to modules_to_save whether or not the model has them
+# (peft >= 0.22 adds DistilBERT's pre_classifier too): a name of these that matches nothing is skipped.
+PEFT_HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> None:
     """Give each named module (matched by its path or last path component) a trainable copy."""
     import copy
@@ -211,8 +216,8 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> No
                 and ".deltas." not in p and not p.endswith(".base_layer")]
         wrapped = any(isinstance(m, ModuleCopy) and (p == target or p.endswith("." + target))
                       for p, m in model.named_modules())
-        if not hits and not wrapped and target in ("classifier", "score"):
-            continue  # PEFT lists both head names for every classification model
+        if not hits and not wrapped and target in PEFT_HEAD_NAMES:
+            continue  # PEFT lists every head name it knows for every classification model
         if not hits and not wrapped:
             raise DeltatuneError(f"modules_to_save: no module named {target!r} in this model "
                                  f"(some that exist: {module_names_hint(model)})")
