@@ -37,7 +37,7 @@ docs: setup
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 report: setup
-	$(PY) benchmarks/report.py
+	$(PY) benchmarks/common/report.py
 
 # Re-resolve every package (transitively, exact versions, hashes) from pyproject.toml's ranges.
 lock:

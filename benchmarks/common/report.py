@@ -1,233 +1,340 @@
-"""benchmarks/results.json -> benchmarks/RESULTS.md (medians, ratios, targets met or missed)."""
+"""`make report`: benchmarks/RESULTS.md, generated in full from prose and raw results.
+
+    python benchmarks/common/report.py [--out PATH]      # default: benchmarks/RESULTS.md
+
+The prose lives in benchmarks/common/intro.md and benchmarks/<topic>/report.md (training, memory,
+serving, quality, gpu); a line of the form
+
+    {{ RENDERER path/or/glob/under/benchmarks/results }}
+
+is replaced by the table that RENDERER builds from those raw result files. Every table, generated
+or written by hand, sits under a caption line that states the date, the CPU flags, the precision
+and the command (`caption()`; tests/test_benchmarks_report.py checks it). Dates and CPU kinds
+come from the result files' names: <date>-<name>-<cpu kind>.json.
+"""
 from __future__ import annotations
 
-import platform
+import argparse
+import json
+import re
 import statistics
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parents[1]
+RESULTS = BENCHMARKS / "results"
+OUT = BENCHMARKS / "RESULTS.md"
+SOURCES = ["common/intro.md", "training/report.md", "memory/report.md", "serving/report.md",
+           "quality/report.md", "gpu/report.md"]
+FLAGS = ("amx_tile", "avx2", "avx512_bf16")
+KIND_FLAGS = {"amx": "amx_tile avx2 avx512_bf16", "avx512bf16": "avx2 avx512_bf16", "avx2": "avx2"}
+PLACEHOLDER = re.compile(r"^\{\{\s*([\w-]+)\s+(\S+)\s*\}\}$")
+CAPTION = re.compile(r"^\*Measured (\d{4}-\d{2}-\d{2}(?:, \d{4}-\d{2}-\d{2})*) · CPU flags: `[\w ]+`[^·]* · "
+                     r"precision: [^·]+ · command: `[^`]+`.*\*$")
 NAMES = {"deltatune": "deltatune LoRA", "peft-trainer": "peft + HF Trainer (dynamic padding)",
-         "trl": "TRL SFTTrainer (padding_free)", "deltatune-full": "deltatune full fine-tuning",
-         "deltatune-frozen-fp32": "deltatune LoRA, frozen weights fp32 (before the lever)",
-         "deltatune-before": "deltatune LoRA, the code before this round (53c0504)"}
+         "trl": "TRL SFTTrainer (padding_free)", "deltatune-full": "deltatune full fine-tuning"}
 
 
-def machine() -> str:
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if l.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor() or "unknown CPU"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    amx = "AMX-bf16" if "amx_bf16" in flags else \
-        "AVX512-bf16, no AMX" if "avx512_bf16" in flags else "no bf16 matmul units"
-    memory = ""
-    if Path("/proc/meminfo").exists():
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kib / 2**20:.0f} GiB RAM"
-    import os
-
-    versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "peft", "trl"))
-    return f"{cpu}, {os.cpu_count()} cores ({amx}){memory}; Python {platform.python_version()}, {versions}"
+def caption(dates: list[str], flags: str, precision: str, command: str) -> str:
+    """The line above every table: date(s), CPU flags, precision, command."""
+    return (f"*Measured {', '.join(sorted(set(dates)))} · CPU flags: `{flags}` · precision: {precision} · "
+            f"command: `{command}`*")
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+def _meta(path: Path) -> tuple[str, str]:
+    """(date, CPU flags) from a result file's name: <date>-<name>-<vendor>-<unit>[-n].json."""
+    date = path.name[:10]
+    unit = next((u for u in KIND_FLAGS if f"-{u}" in path.stem), "avx2")
+    return date, KIND_FLAGS[unit]
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+def _flags(listed: list[str] | str | None, path: Path) -> str:
+    if listed:
+        names = listed.split() if isinstance(listed, str) else listed
+        return " ".join(sorted(set(names) & set(FLAGS)))
+    return _meta(path)[1]
 
 
-def _runs(raw: dict, key: str) -> list[dict]:
-    return [e["result"] for e in raw.get(key, [])]
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _percent(value: float | None) -> str:
-    return "?" if value is None or value != value else f"{100 * value:.1f}%"
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(str(c) for c in row) + " |" for row in rows]]
 
 
-def _mfu_note(run: dict) -> list[str]:
-    """Which peak the MFU column divides by (benchmarks/common/flops.py counts the model's FLOPs)."""
-    if "peak_gflops" not in run:
-        return []
-    return [f"MFU = model FLOPs (benchmarks/common/flops.py: real tokens, head on labelled positions only) "
-            f"per second / this machine's measured {run['precision']} matmul peak, "
-            f"{run['peak_gflops']:,.0f} GFLOP/s (`deltatune inspect --hardware`; CPU flags: "
-            f"{' '.join(run.get('cpu_flags') or []) or 'none'})."]
+def _files(spec: str) -> list[Path]:
+    files = sorted(RESULTS.glob(spec), key=lambda p: (p.name[:10], _run_number(p)))
+    return files
 
 
-def _check(ok: bool) -> str:
-    return "met" if ok else "**missed**"
+def _run_number(path: Path) -> int:
+    match = re.search(r"-(\d+)$", path.stem)
+    return int(match.group(1)) if match and not path.stem.endswith(("-amx", "-avx512bf16", "-avx2")) else 1
 
 
-def main_section(raw: dict) -> list[str]:
-    rows = {tool: _runs(raw, f"main:{tool}") for tool in NAMES}
-    rows = {tool: runs for tool, runs in rows.items() if runs}
-    if not rows:
-        return []
-    summary = {tool: {"tps": _median([r["real_tokens_per_s"] for r in runs]),
-                      "step": _median([r["step_s_median"] for r in runs]),
-                      "rss": _median([r["peak_rss_gb"] for r in runs]),
-                      "loss": statistics.mean(r["last_loss_mean"] for r in runs),
-                      "each": [r["real_tokens_per_s"] for r in runs],
-                      "cpu": [r.get("cpu_utilization") for r in runs],
-                      "mfu": _median([r["mfu"] for r in runs if "mfu" in r]),
-                      "gflops": _median([r["model_gflops"] for r in runs if "model_gflops" in r])}
-               for tool, runs in rows.items()}
-    first = next(iter(rows.values()))[0]
-    out = ["## LoRA SFT of SmolLM2-135M: deltatune vs peft + HF Trainer vs TRL", "",
-           f"{first['steps']} optimizer steps per run, the first {first['warmup']} not measured; "
-           f"{len(next(iter(rows.values())))} runs per tool, alternated. Medians over runs.", "",
-           "CPU use = the run's CPU seconds / (wall seconds x threads) over the measured steps: "
-           "about 1 when it had the cores to itself, lower when other processes competed.", "",
-           *_mfu_note(first), "",
-           "| tool | real tokens/s (each run) | step median (s) | peak RSS (GB) | "
-           "mean loss, last 5 steps | CPU use (each run) | model GFLOP/s | MFU |",
-           "|---|---|---|---|---|---|---|---|"]
-    for tool, s in summary.items():
-        each = ", ".join(f"{v:.0f}" for v in s["each"])
-        cpu = ", ".join("?" if c is None else f"{c:.2f}" for c in s["cpu"])
-        out.append(f"| {NAMES[tool]} | {s['tps']:.0f} ({each}) | {s['step']:.2f} | {s['rss']:.2f} | "
-                   f"{s['loss']:.4f} | {cpu} | {s['gflops']:.0f} | {_percent(s['mfu'])} |")
-    ours = summary.get("deltatune")
-    peer, trl, full = summary.get("peft-trainer"), summary.get("trl"), summary.get("deltatune-full")
-    out += ["", "| target | measured | |", "|---|---|---|"]
-    # Timing taken while other processes held the cores says nothing about the tools.
-    contended = any(c is not None and c < 0.8 for s in summary.values() for c in s["cpu"])
+# --- training ------------------------------------------------------------------------------------
 
-    def timed(ok: bool) -> str:
-        return "not valid: CPU use < 0.8" if contended else _check(ok)
+def sft_bench(files: list[Path]) -> list[str]:
+    """run.py's main + generate sections: the peers table and generate()."""
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        date, _ = _meta(path)
+        flags = _flags(raw.get("hardware", {}).get("flags"), path)
+        runs = {k.split(":", 1)[1]: [e["result"] for e in v] for k, v in raw.items() if k.startswith("main:")}
+        first = next(iter(runs.values()))[0]
+        precision = f"{first['precision']} autocast" + (", frozen weights bf16" if first.get("frozen_bf16") else "")
+        rows = []
+        for tool in NAMES:
+            if tool not in runs:
+                continue
+            r = runs[tool]
+            med = lambda key: statistics.median(x[key] for x in r)  # noqa: E731
+            rows.append([NAMES[tool], f"{med('real_tokens_per_s'):.0f}", f"{med('step_s_median'):.2f}",
+                         f"{med('peak_rss_gb'):.2f}", f"{statistics.mean(x['last_loss_mean'] for x in r):.4f}",
+                         f"{med('model_gflops'):.0f}", _pct(med('mfu'))])
+        out += [caption([date], flags, precision, f"python benchmarks/training/sft_run.py TOOL --steps "
+                        f"{first['steps']} --warmup {first['warmup']}"), "",
+                *_table(["tool", "real tokens/s", "step median (s)", "peak RSS (GB)", "loss, last 5 steps",
+                         "model GFLOP/s", f"MFU (bf16 peak {first['peak_gflops']:,.0f} GFLOP/s)"], rows), ""]
+        ours, peft = runs.get("deltatune"), runs.get("peft-trainer")
+        if ours and peft:
+            tps = lambda r: statistics.median(x["real_tokens_per_s"] for x in r)  # noqa: E731
+            rss = lambda r: statistics.median(x["peak_rss_gb"] for x in r)  # noqa: E731
+            line = (f"deltatune LoRA: {tps(ours) / tps(peft):.2f}x peft + HF Trainer's real tokens/s "
+                    f"(target 1.5x) at {rss(ours) / rss(peft):.2f}x its peak RSS (target 0.7x)")
+            if "trl" in runs:
+                line += f"; {tps(ours) / tps(runs['trl']):.2f}x TRL's (target 1.2x)"
+            if "deltatune-full" in runs:
+                step = lambda r: statistics.median(x["step_s_median"] for x in r)  # noqa: E731
+                line += f"; LoRA step {step(ours) / step(runs['deltatune-full']):.2f}x full fine-tuning's"
+            out += [line + ".", ""]
+        if raw.get("generate"):
+            g = raw["generate"][-1]["result"]
+            out += [caption([date], _flags(g.get("cpu_flags"), path), g["precision"],
+                            "python benchmarks/serving/generate_latency.py"), "",
+                    *_table(["model", "median (s)", "ratio to base", f"MFU ({g['precision']} peak "
+                             f"{g['peak_gflops']:,.0f} GFLOP/s)"],
+                            [[name, f"{s:.3f}", f"{g['ratio_to_base'][name]:.3f}", _pct(g['mfu'].get(name))]
+                             for name, s in g["median_s"].items()]), "",
+                    f"Greedy, batch 1, {g['prompt_tokens']} prompt tokens, {g['new_tokens']} new tokens, "
+                    f"{g['rounds']} rounds alternated (medians); merged output equals unmerged: "
+                    f"{g['merged_tokens_equal_unmerged']}.", ""]
+    return out
 
-    if ours and peer:
-        speed = ours["tps"] / peer["tps"]
-        rss = ours["rss"] / peer["rss"]
-        loss = abs(ours["loss"] - peer["loss"]) / peer["loss"]
-        out += [f"| real tokens/s >= 1.5x peft + HF Trainer | {speed:.2f}x | {timed(speed >= 1.5)} |",
-                f"| peak RSS <= 0.7x peft + HF Trainer | {rss:.2f}x | {_check(rss <= 0.7)} |",
-                f"| last-steps loss within 2% of peft + HF Trainer | {100 * loss:.2f}% | "
-                f"{_check(loss <= 0.02)} |"]
-    if ours and trl:
-        speed = ours["tps"] / trl["tps"]
-        out.append(f"| real tokens/s >= 1.2x TRL's best | {speed:.2f}x | {timed(speed >= 1.2)} |")
-    before = summary.get("deltatune-before") or summary.get("deltatune-frozen-fp32")
-    if ours and before:
-        speed = ours["tps"] / before["tps"]
-        out.append(f"| real tokens/s >= 1.2x the LoRA run before this round's levers | {speed:.2f}x | "
-                   f"{timed(speed >= 1.2)} |")
-    if ours and ours["mfu"] == ours["mfu"]:
-        out.append(f"| LoRA SFT MFU >= 75% of the measured peak | {_percent(ours['mfu'])} | "
-                   f"{timed(ours['mfu'] >= 0.75)} |")
-    if ours and full:
-        ratio = ours["step"] / full["step"]
-        out.append(f"| LoRA step <= 0.65x full fine-tuning step (deltatune) | {ratio:.2f}x | "
-                   f"{timed(ratio <= 0.65)} |")
+
+POINTS = {"seq": "LoRA r8, {v} tokens a row", "rank": "LoRA r{v}, 512 tokens a row",
+          "prompt": "prompt tuning, {v} virtual tokens", "prefix": "prefix tuning, {v} virtual tokens"}
+
+
+def scaling(files: list[Path]) -> list[str]:
+    """scaling.py points (run.py's scaling sections or a list of result rows)."""
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        date, _ = _meta(path)
+        rows = raw if isinstance(raw, list) else [e["result"] for k, v in raw.items()
+                                                  if k.startswith("scaling:") for e in v]
+        points: dict[tuple[str, int], dict] = {}
+        for r in rows:  # a point measured again replaces the earlier one
+            points[(r["axis"], r["value"])] = r
+        order = list(POINTS)
+        chosen = sorted(points.values(), key=lambda r: (order.index(r["axis"]), r["value"]))
+        first = chosen[0]
+        out += [caption([date], _flags(first.get("cpu_flags"), path), f"{first['precision']} autocast, "
+                        "frozen weights bf16", "python benchmarks/training/scaling.py AXIS VALUE [--batch N]"), "",
+                *_table(["point", "batch x tokens", "step (s)", "tokens/s", "peak RSS (GB)", "model GFLOP/s",
+                         "MFU"],
+                        [[POINTS[r["axis"]].format(v=r["value"]), f"{r['batch']} x {r['seq']}",
+                          f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_gb']:.2f}",
+                          f"{r['model_gflops']:.0f}", f"{_pct(r['mfu'])} of {r['peak_gflops']:,.0f}"]
+                         for r in chosen]), ""]
+    return out
+
+
+def levers(files: list[Path]) -> list[str]:
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        lines = raw["result"].splitlines()
+        header = lines[:2]
+        rows = []
+        for line in lines[2:]:
+            m = re.match(r"\s*(.+?)\s+step\s+([\d.]+) s\s+(\d+) real tok/s\s+x([\d.]+)\s+mean loss ([\d.]+)", line)
+            if m:
+                rows.append(list(m.groups()))
+        out += [caption([raw["date"]], " ".join(raw["cpu_flags"]), raw["precision"], raw["command"]), "",
+                *_table(["variant (same batches, one process)", "step (s)", "real tokens/s", "x peft",
+                         "mean loss"], rows), "", f"{header[0].strip()}.", ""]
+    return out
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+def fsdp(files: list[Path]) -> list[str]:
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        date, _ = _meta(path)
+        runs = raw["results"]
+        one = next(r for r in runs if r["run"] == "one process")
+        rows = []
+        for r in runs:
+            peaks = r["peak_rss_mb_by_rank"]
+            worst = max(peaks)
+            rows.append([r["run"], " / ".join(str(p) for p in peaks), f"{worst / max(one['peak_rss_mb_by_rank']):.2f}x",
+                         f"{r['plan_mb']:.0f}", f"{100 * (r['plan_mb'] / worst - 1):+.0f}%", f"{r['tokens_per_s']:.0f}"])
+        out += [caption([date], _flags(raw.get("cpu_flags"), path), "fp32",
+                        "python benchmarks/memory/fsdp_memory.py"), "",
+                *_table(["run", "peak RSS per process (MB)", "vs one process", "plan (MB)", "plan error",
+                         "tokens/s (whole job)"], rows), ""]
+    return out
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+SCENARIOS = {"continuous-mixed": "continuous, 8 adapters, `--max-adapters 4` (swapping)",
+             "static-mixed": "static batching, same load",
+             "continuous-single": "continuous, one adapter",
+             "continuous-resident": "continuous, 8 adapters all resident"}
+
+
+def serve_load(files: list[Path]) -> list[str]:
+    """serve_load.py runs of one machine and precision: every scenario, tokens/s of each run."""
+    runs = [(p, json.loads(p.read_text())) for p in files]
+    by: dict[str, list[dict]] = {}
+    for _, raw in runs:
+        for r in raw["results"]:
+            by.setdefault(r["scenario"], []).append(r)
+    dtype = runs[0][1]["args"].get("dtype", "fp32")
+    rows = []
+    for key, name in SCENARIOS.items():
+        if key not in by:
+            continue
+        rs = by[key]
+        first = rs[0]
+        correct = f"{sum(r['exact'] for r in rs)} / {sum(r['mixed_up'] for r in rs)} / {sum(r['diverged'] for r in rs)}"
+        rows.append([name, " / ".join(f"{r['tokens_per_s']:.1f}" for r in rs), correct,
+                     f"{first['ttft_p50']:.2f} / {first['ttft_p99']:.2f}",
+                     f"{first['latency_p50']:.2f} / {first['latency_p99']:.2f}",
+                     "-" if first.get("rows_per_step") is None else
+                     f"{statistics.median(r['rows_per_step'] for r in rs):.1f}",
+                     f"{100 * statistics.median(r['rss_growth'] for r in rs):+.1f}%"])
+    ratios = [raw["mixed_over_single"] for _, raw in runs if "mixed_over_single" in raw]
+    args = runs[0][1]["args"]
+    command = "python benchmarks/serving/serve_load.py" + ("" if dtype == "fp32" else f" --dtype {dtype}")
+    out = [caption([_meta(p)[0] for p, _ in runs], _flags(runs[0][1].get("cpu_flags"), runs[0][0]), dtype,
+                   command + " [--scenarios ...]"), "",
+           *_table(["scenario", "tokens/s (each run)", "exact / mixed-up / diverged replies",
+                    "TTFT p50 / p99 (s)", "latency p50 / p99 (s)", "rows per decode step",
+                    "RSS growth after the first quarter (median)"], rows), "",
+           f"{len(runs)} runs, {args['requests']} requests from {args['clients']} clients each "
+           f"({args['adapters']} LoRA adapters r={args['rank']}, max_tokens in {{{args['max_tokens']}}}); "
+           "latencies from the first run."]
+    if ratios:
+        out[-1] += (" Swapping / one adapter, each run: " + ", ".join(f"{r:.3f}" for r in ratios)
+                    + f" (median {statistics.median(ratios):.3f}).")
+    if "static-mixed" in by and "continuous-mixed" in by:
+        s, c = by["static-mixed"][0], by["continuous-mixed"][0]
+        out[-1] += f" Continuous / static: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x."
     return out + [""]
 
 
-def generate_section(raw: dict) -> list[str]:
-    runs = _runs(raw, "generate")
-    if not runs:
-        return []
-    r = runs[-1]
-    out = ["## generate() latency, base vs LoRA", "",
-           f"Greedy, batch 1, {r['prompt_tokens']} prompt tokens, exactly {r['new_tokens']} new "
-           f"tokens, {r['rounds']} rounds alternated (medians). Merged output equals unmerged: "
-           f"{r['merged_tokens_equal_unmerged']}.", "",
-           *_mfu_note(r), "",
-           "| model | median (s) | ratio to base | MFU |", "|---|---|---|---|"]
-    for name, median in r["median_s"].items():
-        out.append(f"| {name} | {median:.3f} | {r['ratio_to_base'][name]:.3f} | "
-                   f"{_percent(r.get('mfu', {}).get(name))} |")
-    merged = r["ratio_to_base"]["lora merged"]
-    out += ["", f"Target merged <= 1.02x base: {merged:.3f}x, {_check(merged <= 1.02)}. "
-            f"Unmerged LoRA overhead: {100 * (r['ratio_to_base']['lora unmerged'] - 1):.1f}%.", ""]
+def mixed_step(files: list[Path]) -> list[str]:
+    raws = [(p, json.loads(p.read_text())) for p in files]
+    raws.sort(key=lambda pr: pr[1]["args"]["rows"])
+    variants = list(raws[0][1]["median_step_ms"])
+    a = raws[0][1]["args"]
+    rows = [[r["args"]["rows"], *(f"{r['median_step_ms'][v]:.1f} ({r['over_one_adapter'][v]:.2f}x)"
+                                  for v in variants)] for _, r in raws]
+    return [caption([_meta(p)[0] for p, _ in raws], _flags(raws[0][1].get("cpu_flags"), raws[0][0]), "fp32",
+                    f"python benchmarks/serving/mixed_step.py --rows ROWS --prompt {a['prompt']} "
+                    f"--steps {a['steps']} --rounds {a['rounds']}"), "",
+            *_table(["rows", *(f"{v} (ms)" for v in variants)], rows), ""]
+
+
+# --- quality -------------------------------------------------------------------------------------
+
+NF4 = {"dense": "dense base", "deltatune-nf4": "deltatune nf4",
+       "transformers-bnb-nf4": "transformers + bitsandbytes nf4 (double quantization)",
+       "transformers-bnb-nf4-no-double": "transformers + bitsandbytes nf4, no double quantization",
+       "lowrank-r8-it1": "nf4 + rank-8 correction, 1 iteration",
+       "lowrank-r8-it5": "nf4 + rank-8 correction, 5 iterations",
+       "lowrank-r64-it1": "nf4 + rank-64 correction, 1 iteration"}
+
+
+def nf4_gap(files: list[Path]) -> list[str]:
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        date, flags = _meta(path)
+        rows = [[NF4.get(k, k), f"{v['loss']:.4f}", f"{100 * v['vs_dense']:+.1f}%",
+                 "-" if "squared_error_vs_plain_nf4" not in v else f"{v['squared_error_vs_plain_nf4']:.2f}x"]
+                for k, v in raw.items()]
+        out += [caption([date], flags, "bf16 autocast", "python benchmarks/quality/nf4_gap.py"), "",
+                *_table(["base", "loss on the last 5 steps' rows", "vs dense", "squared weight error vs plain nf4"],
+                        rows), ""]
     return out
 
 
-def _growth(points: list[dict], key: str) -> list[str]:
-    """Per doubling of the axis: how much the time per token grew (1.0 = linear in tokens)."""
-    notes = []
-    for a, b in zip(points, points[1:]):
-        grew = a["tokens_per_s"] / b["tokens_per_s"]
-        notes.append(f"{a[key]}->{b[key]}: x{grew:.2f}")
-    return notes
-
-
-def _cpu(run: dict) -> str:
-    return "?" if run.get("cpu_utilization") is None else f"{run['cpu_utilization']:.2f}"
-
-
-def scaling_section(raw: dict) -> list[str]:
-    out = []
-    seq = sorted(_runs(raw, "scaling:seq"), key=lambda r: r["value"])
-    if seq:
-        out += ["## Scaling: sequence length (LoRA r8, every row full)", "",
-                *_mfu_note(seq[0]), "",
-                "| tokens per row | rows | step (s) | tokens/s | peak RSS (GB) | CPU use | MFU |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['value']} | {r['batch']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} | {_percent(r.get('mfu'))} |" for r in seq]
-        out += ["", "Time per token, row length doubled (1.00 = cost linear in tokens): "
-                + "; ".join(_growth(seq, "value")) + ".", ""]
-    rank = sorted(_runs(raw, "scaling:rank"), key=lambda r: r["value"])
-    if rank:
-        out += ["## Scaling: LoRA rank (batch 8 x 512)", "",
-                "| rank | step (s) | tokens/s | peak RSS (GB) | CPU use | MFU |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_rss_gb']:.2f} | {_cpu(r)} | {_percent(r.get('mfu'))} |" for r in rank]
-        out.append("")
-    for method in ("prompt", "prefix"):
-        runs = sorted(_runs(raw, f"scaling:{method}"), key=lambda r: r["value"])
-        if runs:
-            out += [f"## Scaling: {method} tuning, number of virtual tokens (batch 8 x 256)", "",
-                    "| virtual tokens | step (s) | real tokens/s | peak RSS (GB) | CPU use | MFU |",
-                    "|---|---|---|---|---|---|"]
-            out += [f"| {r['value']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                    f"{r['peak_rss_gb']:.2f} | {_cpu(r)} | {_percent(r.get('mfu'))} |" for r in runs]
-            out.append("")
+def examples_seeds(files: list[Path]) -> list[str]:
+    """quality/examples_seeds.py: a list of rows (example, precision, group_by_length, seed, metric, ...)."""
+    if not files:
+        return ["No result file `benchmarks/results/quality/*examples-seeds*.json` yet: run "
+                "`python benchmarks/quality/examples_seeds.py`, then `make report`.", ""]
+    out: list[str] = []
+    for path in files:
+        rows = json.loads(path.read_text())
+        date, flags = _meta(path)
+        precisions = sorted({r["precision"] for r in rows})
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault((r["example"], r["precision"], r["group_by_length"], r["metric"]), []).append(r)
+        table = []
+        for (example, precision, grouped, metric), rs in groups.items():
+            acc = [r["accuracy"] for r in sorted(rs, key=lambda r: r["seed"])]
+            table.append([example, precision, grouped, metric, ", ".join(f"{a:.4f}" for a in acc),
+                          f"{statistics.mean(acc):.4f}", f"{statistics.pstdev(acc):.4f}",
+                          f"{statistics.mean(r['seconds'] for r in rs):.0f}"])
+        out += [caption([date], flags, " and ".join(precisions), "python benchmarks/quality/examples_seeds.py"), "",
+                *_table(["example", "precision", "group_by_length", "metric", "each seed", "mean", "std",
+                         "seconds (mean)"], table), ""]
     return out
 
 
-def levers_section(raw: dict) -> list[str]:
-    runs = raw.get("levers")
-    if not runs:
-        return []
-    return ["## Levers, one at a time (one process, same batches, variants alternated)", "",
-            f"`{runs[-1]['command']}`", "", "```", runs[-1]["result"], "```", ""]
+RENDERERS = {"sft-bench": sft_bench, "scaling": scaling, "levers": levers, "fsdp": fsdp,
+             "serve-load": serve_load, "mixed-step": mixed_step, "nf4-gap": nf4_gap,
+             "examples-seeds": examples_seeds}
 
 
-def commands_section(raw: dict) -> list[str]:
-    out = ["## Exact commands", "", "```"]
-    for key, entries in raw.items():
-        if isinstance(entries, list):
-            out += [e["command"] for e in entries]
-    return out + ["```", ""]
+def render() -> str:
+    lines: list[str] = []
+    for source in SOURCES:
+        path = BENCHMARKS / source
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            match = PLACEHOLDER.match(line.strip())
+            if match:
+                name, spec = match.groups()
+                lines += RENDERERS[name](_files(spec))
+            else:
+                lines.append(line)
+        if lines and lines[-1] != "":
+            lines.append("")
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines) + "\n"
 
 
-def write(raw: dict, notes: str | None = None, out: Path | None = None) -> None:
-    settings = raw.get("settings", {})
-    notes_file = HERE / "RESULTS-notes.md"
-    lines = ["# Benchmark results", "",
-             f"Machine: {machine()}. Measured {settings.get('started', '?')} to "
-             f"{settings.get('finished', '?')} by `make bench` (benchmarks/training/run.py). Every run held "
-             "`/tmp/deltatune-heavy.lock`, so no other locked heavy job overlapped it; other "
-             "engineers' work that does not take the lock may still have shared the 2 cores (the "
-             "CPU use column shows how much): compare ratios measured side by side rather than "
-             "absolute figures.", ""]
-    hw = raw.get("hardware")
-    if hw:
-        lines += [f"Measured matmul peaks (`deltatune inspect --hardware --refresh`, under the lock, "
-                  f"{hw['threads']} threads): fp32 {hw['fp32_gflops']:,.0f} GFLOP/s, bf16 "
-                  f"{hw['bf16_gflops']:,.0f} GFLOP/s; CPU flags: {' '.join(hw.get('flags') or [])}; "
-                  f"`bf16: auto` picks {'bf16' if hw['bf16_auto'] else 'fp32'}.", ""]
-    lines += main_section(raw) + generate_section(raw) + scaling_section(raw) + levers_section(raw)
-    if notes_file.exists() and out is None:
-        lines += [notes_file.read_text().rstrip(), ""]
-    lines += commands_section(raw)
-    (out or HERE / "RESULTS.md").write_text("\n".join(lines))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build benchmarks/RESULTS.md from the prose and raw results.")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    Path(args.out).write_text(render())
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
