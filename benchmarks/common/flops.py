@@ -1,7 +1,7 @@
 """Model FLOPs of a Llama-style decoder, written out, and model-FLOPs utilisation (MFU).
 
 MFU = the FLOPs the model *needs* for the work done / seconds / the machine's measured matmul
-peak at the run's precision (deltatune.training.hardware: `deltatune inspect --hardware`). The
+peak at the run's precision (deltatune.hardware: `deltatune inspect --hardware`). The
 FLOPs are the useful ones only: real tokens (no padding), the LM head only at positions that
 carry a label, causal attention counted over the keys each query may see. A tool that computes
 more (padding, full logits, a dense mask) gets no credit for it, so MFU ratios between tools on
@@ -151,7 +151,7 @@ def mfu(flops: float, seconds: float, peak_gflops: float) -> float:
 
 def measured_peak(bf16: bool) -> dict:
     """This machine's measured matmul peak at the run's precision (the cached probe)."""
-    from deltatune.training.hardware import machine_profile
+    from deltatune.hardware import machine_profile
 
     profile = machine_profile("cpu")
     key = "bf16_gflops" if bf16 else "fp32_gflops"
