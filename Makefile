@@ -64,7 +64,7 @@ test-latest:
 
 bench: setup
 	$(PIP) install -q -r benchmarks/requirements.txt
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/training/run.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) .pytest_cache site
