@@ -18,6 +18,15 @@ def lora_dir(tmp_path):
     return dt.save_adapter(model, tmp_path / "adapter")
 
 
+def test_help_first_says_what_deltatune_is(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]  # after the usage lines
+    assert description.startswith("deltatune fine-tunes pretrained transformers by many methods")
+
+
 def test_inspect_reports_method_rank_targets_and_size(lora_dir, capsys):
     assert main(["inspect", str(lora_dir)]) == 0
     out = capsys.readouterr().out

@@ -10,6 +10,7 @@ import yaml
 from deltatune.config.run import (DataConfig, RunConfig, TrainConfig, load_run_config, parse_scalar,
                               save_run_config)
 from deltatune.errors import DeltatuneError
+from deltatune.methods import method_config_for
 from deltatune.methods.full import FullConfig
 from deltatune.methods.lora import LoraConfig
 
@@ -47,7 +48,7 @@ def test_file_is_read_into_typed_dataclasses(tmp_path):
     assert config.train.lr == 5e-4 and config.train.epochs == 1.0
     assert config.train.warmup_ratio == 0.06  # defaults fill what the file leaves out
     assert config.data.max_length == 64 and config.data.format == "classification"
-    method = config.method_config()
+    method = method_config_for(config)
     assert isinstance(method, LoraConfig) and method.r == 8
 
 
@@ -56,11 +57,11 @@ def test_overrides_reach_any_key_with_yaml_types(tmp_path):
         "method.r=16", "train.lr=3e-4", "output_dir=runs/x", "train.max_steps=50",
         "method.target_modules=[query, key, value]", "data.max_train_rows=100",
         "train.bf16=false", "train.max_grad_norm=", "data.label_names=[neg, pos]"])
-    assert config.method["r"] == 16 and config.method_config().r == 16
+    assert config.method["r"] == 16 and method_config_for(config).r == 16
     assert config.train.lr == pytest.approx(3e-4) and isinstance(config.train.lr, float)
     assert config.output_dir == "runs/x"
     assert config.train.max_steps == 50 and config.data.max_train_rows == 100
-    assert config.method_config().target_modules == ["query", "key", "value"]
+    assert method_config_for(config).target_modules == ["query", "key", "value"]
     assert config.train.bf16 is False and config.train.max_grad_norm is None
     assert config.num_labels == 2  # from the label names
 
@@ -77,7 +78,7 @@ def test_scalars_parse_like_yaml_including_bare_exponents():
 def test_changing_method_name_on_the_command_line_starts_that_method_fresh(tmp_path):
     path = write_config(tmp_path)
     config = load_run_config(path, ["method.name=full"])
-    assert config.method == {"name": "full"} and isinstance(config.method_config(), FullConfig)
+    assert config.method == {"name": "full"} and isinstance(method_config_for(config), FullConfig)
     config = load_run_config(path, ["method.name=lora", "method.r=4"])  # same method: kept
     assert config.method["alpha"] == 16 and config.method["r"] == 4
 
@@ -119,8 +120,8 @@ def test_changing_method_name_on_the_command_line_starts_that_method_fresh(tmp_p
     (edited(data={"train": None, "eval": None}), [], "data.train: missing"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(tmp_path, values, overrides, message):
-    with pytest.raises(DeltatuneError) as info:
-        load_run_config(write_config(tmp_path, values), overrides)
+    with pytest.raises(DeltatuneError) as info:  # the method's options too, as `deltatune train` checks
+        method_config_for(load_run_config(write_config(tmp_path, values), overrides))
     text = str(info.value)
     assert message in text, text
     assert "\n" not in text

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deltatune.cli import main
-from deltatune.training import hardware
+from deltatune import hardware
 from deltatune.training.loop import train_from_config
 from deltatune.training.optimization import resolve_bf16
 from tiny_runs import one_thread  # noqa: F401

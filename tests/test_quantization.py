@@ -107,8 +107,9 @@ def test_full_fine_tuning_on_a_quantized_base_is_refused(llama_dir, tmp_path):
         dt.apply(model, dt.FullConfig())
     config = causal_config(tmp_path, llama_dir)
     from deltatune.config.run import load_run_config
+    from deltatune.methods import method_config_for
     with pytest.raises(dt.DeltatuneError, match=r"quantize: nf4 .* full fine-tuning cannot train"):
-        load_run_config(config, ["quantize=nf4", "method.name=full"])
+        method_config_for(load_run_config(config, ["quantize=nf4", "method.name=full"]))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(llama_dir):
@@ -250,6 +251,7 @@ def test_cli_merge_of_a_qlora_run_writes_a_dense_model(llama_dir, tmp_path):
 # ------------------------------------------------------------------ a run, end to end
 def test_qlora_run_records_quantization_and_eval_rebuilds_it(llama_dir, tmp_path, one_thread):  # noqa: F811
     from deltatune.config.run import load_run_config
+    from deltatune.quantization import parse_quantize
     from deltatune.training.loop import train_from_config
 
     config = causal_config(tmp_path, llama_dir, max_steps=3)
@@ -257,7 +259,7 @@ def test_qlora_run_records_quantization_and_eval_rebuilds_it(llama_dir, tmp_path
     summary = train_from_config(str(config), overrides)
     run = Path(summary["output_dir"]) if "output_dir" in summary else tmp_path / "runs" / "lm"
     assert json.loads((run / SIDECAR).read_text())["type"] == "nf4"
-    assert load_run_config(run / "config.yaml").quantization().type == "nf4"
+    assert parse_quantize(load_run_config(run / "config.yaml").quantize).type == "nf4"
     out = subprocess.run([sys.executable, "-m", "deltatune.cli", "eval", "--model", str(llama_dir),
                           "--adapter", str(run), "--data", str(tmp_path / "data" / "alpaca.jsonl"),
                           "--format", "alpaca"], capture_output=True, text=True)

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_gpt2, tiny_llama
-from deltatune import LoraConfig, apply, count_parameters
+from deltatune import LoraConfig, PrefixConfig, apply, count_parameters, get_method
 from deltatune.cli import main
 from deltatune.config.run import load_run_config
 from deltatune.training.losses import batch_loss, count_targets
@@ -206,6 +206,29 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
     summary = train_from_config(str(config), [f"output_dir={tmp_path / 'es'}"])
     assert summary["stopped_early"] is True
     assert summary["steps"] == 3 and summary["best"]["step"] == 1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.lr=0.0123"], lambda: 0.0123),                                   # the config's train.lr
+    (["train.lr="], lambda: get_method("lora").default_lr),                  # unset: the method's
+    (["train.lr=", "method.name=prefix", "method.projection=lstm", "method.num_virtual_tokens=2"],
+     lambda: PrefixConfig(projection="lstm").suggested_lr()),                # unset: what its options need
+])
+def test_the_run_configs_lr_is_the_lr_adamw_steps_with(tmp_path, monkeypatch, overrides, expected):
+    """`deltatune train` from the command line to torch.optim.AdamW's param groups."""
+    from deltatune.training import loop
+
+    built = []
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **k: built.append(build_optimizer(*a, **k)) or built[-1])
+    config = classification_config(tmp_path / "cfg", tiny_bert_dir(tmp_path), rows=16)
+    out = tmp_path / "run"
+    assert main(["train", str(config), f"output_dir={out}", "train.max_steps=1", "train.schedule=constant",
+                 "train.warmup_ratio=0", "data.eval=", *overrides]) == 0
+    (optimizer,) = built
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected()] * len(optimizer.param_groups))
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert json.loads((out / "summary.json").read_text())["lr"] == pytest.approx(expected())
 
 
 # ----------------------------------------------------------------------------- bad input

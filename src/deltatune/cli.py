@@ -12,6 +12,11 @@ import sys
 from deltatune.errors import DeltatuneError
 
 
+DESCRIPTION = ("deltatune fine-tunes pretrained transformers by many methods (full, LoRA/DoRA, "
+               "adapters, prompt, p-tuning, prefix, IA3) from one YAML run config, and measures each: "
+               "train, evaluate, compare, plan memory, merge, generate, serve.")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         raise DeltatuneError(f"{self.prog}: {message}")
@@ -31,7 +36,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from deltatune.adapters_io import inspect_adapter
 
     if args.hardware:
-        from deltatune.training.hardware import format_report, hardware_report
+        from deltatune.hardware import format_report, hardware_report
 
         report = hardware_report(refresh=args.refresh)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -107,7 +112,8 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="deltatune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="deltatune", description=DESCRIPTION,
+                     epilog="`deltatune COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one method from a YAML run config")

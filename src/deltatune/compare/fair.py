@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from deltatune.compare.jobs import Job, check_stale, expected_steps, run_jobs
 from deltatune.compare.repeats import aggregate, curve_table, plot_curves
 from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import candidate_lrs, candidate_values, choose, judge, split_training
 from deltatune.compare.verdicts import search_table, verdicts
+from deltatune.config.run import RunConfig
 from deltatune.methods import config_from_dict, default_lr_for
 
 
-def _budget_line(config: Any, settings: dict, search: dict | None, n_search: int, n_final: int) -> str:
+def _budget_line(config: RunConfig, settings: dict, search: dict | None, n_search: int, n_final: int) -> str:
     parts = []
     if search:
         steps = f"{search['steps']} steps" if search["steps"] else f"{config.train.epochs} epoch(s)"
@@ -32,7 +33,7 @@ def _budget_line(config: Any, settings: dict, search: dict | None, n_search: int
     return "; ".join(parts) + f"; {settings['workers']} worker(s)"
 
 
-def run_search(config: Any, settings: dict, out_dir: Path, overwrite: bool,
+def run_search(config: RunConfig, settings: dict, out_dir: Path, overwrite: bool,
                run_method: Callable, method_run_config: Callable) -> dict[str, dict]:
     """{method: {"candidates": [...], "chosen": {...} | None}}."""
     search = settings["search"]
@@ -61,7 +62,7 @@ def run_search(config: Any, settings: dict, out_dir: Path, overwrite: bool,
     return result
 
 
-def final_jobs(config: Any, settings: dict, out_dir: Path, lrs: dict[str, float | None],
+def final_jobs(config: RunConfig, settings: dict, out_dir: Path, lrs: dict[str, float | None],
                method_run_config: Callable) -> dict[tuple, Job]:
     """{(method, seed, size or None): Job}; size None is the run's own training budget."""
     jobs = {}
@@ -85,7 +86,7 @@ def final_jobs(config: Any, settings: dict, out_dir: Path, lrs: dict[str, float 
     return jobs
 
 
-def run_comparison(config: Any, settings: dict, plans: dict, out_dir: Path, overwrite: bool,
+def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path, overwrite: bool,
                    run_method: Callable, forgetting: Callable, method_run_config: Callable) -> list[dict]:
     search = settings["search"]
     methods, seeds = settings["methods"], settings["seeds"]

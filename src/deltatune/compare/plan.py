@@ -46,6 +46,7 @@ import psutil
 import torch
 from torch import nn
 
+from deltatune.config.run import RunConfig, TrainConfig
 from deltatune.deltas import apply
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.base import count_parameters
@@ -102,7 +103,7 @@ def current_rss() -> int:
 
 
 # ------------------------------------------------------------------------------ the heaviest step
-def step_costs(dataset: Any, train: Any, collator: Any) -> tuple[Any, list[int]]:
+def step_costs(dataset: Any, train: TrainConfig, collator: Any) -> tuple[Any, list[int]]:
     """(the run's batch stream, the tokens its layers compute at each batch, in training order),
     replayed from the trainer's own batch stream (a pure function of seed and batch index)."""
     from deltatune.training.batching import training_stream
@@ -139,7 +140,7 @@ def allocator_fill(costs: list[int], reusable: float = REUSABLE_SHARE) -> float:
     return min(1.0, (heap - 1) / (1 / reusable - 1))
 
 
-def heaviest_batch(dataset: Any, train: Any, collator: Any,
+def heaviest_batch(dataset: Any, train: TrainConfig, collator: Any,
                    replayed: tuple[Any, list[int]] | None = None) -> dict:
     """The collated batch of the run that makes its layers compute the most tokens
     (`replayed`: step_costs' result when the caller has it)."""
@@ -207,7 +208,7 @@ def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
 
 # ------------------------------------------------------------------------------------- per method
 def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_id: int | None,
-                run_config: Any, train: Any, baseline_bytes: int, world_size: int = 1,
+                run_config: RunConfig, train: TrainConfig, baseline_bytes: int, world_size: int = 1,
                 distributed: str = "ddp") -> MethodPlan:
     """The plan for one method on a (loaded, un-adapted) model; `model` is left untouched.
     world_size > 1: what each process holds under `distributed` (ddp | fsdp)."""
@@ -275,7 +276,7 @@ def _delta_file_bytes(adapted: nn.Module, method) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) + 4096  # + header/config
 
 
-def plan_methods(run_config: Any, methods: list[str],
+def plan_methods(run_config: RunConfig, methods: list[str],
                  per_method: dict[str, dict] | None = None, world_size: int = 1,
                  distributed: str = "ddp") -> list[MethodPlan]:
     """Plans for several methods on the run's model, its real training rows and batch order."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.compare.repeats import level
+from deltatune.config.run import RunConfig
 
 MB = 1024 * 1024
 COLUMNS = [  # (key, header, format)
@@ -28,7 +29,7 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def build_rows(config: Any, runs: dict[str, dict], plans: dict, forgot: dict | None) -> list[dict]:
+def build_rows(config: RunConfig, runs: dict[str, dict], plans: dict, forgot: dict | None) -> list[dict]:
     rows = []
     for name, summary in runs.items():
         plan = plans.get(name)
@@ -172,7 +173,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     _atomic_write(path, buffer.getvalue())
 
 
-def write_outputs(out_dir: Path, config: Any, runs: dict, plans: dict, forgot: dict | None,
+def write_outputs(out_dir: Path, config: RunConfig, runs: dict, plans: dict, forgot: dict | None,
                   rows: list[dict] | None = None, sections: list[tuple[str, str]] = (),
                   note: str | None = None) -> list[dict]:
     """`rows`: already built (compare.fair: averaged over seeds); `sections`: (heading, markdown)

@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from deltatune.config.run import RunConfig
 from deltatune.errors import DeltatuneError
 
 KEYS = {"lr", "points", "factor", "rows", "heldout_rows", "steps"}
@@ -81,7 +82,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def split_training(config: Any, search: dict, out_dir: Path) -> tuple[Path, Path]:
+def split_training(config: RunConfig, search: dict, out_dir: Path) -> tuple[Path, Path]:
     """(fit file, held-out file): two disjoint slices of the training file. The eval file is
     never opened here."""
     from deltatune.data.files import read_rows

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltatune.config.run import load_run_config, resolve_data_path
+from deltatune.config.run import RunConfig, load_run_config, resolve_data_path
 from deltatune.errors import DeltatuneError
-from deltatune.methods import REGISTRY, method_names
+from deltatune.methods import REGISTRY, method_config_for, method_names
 
 # The default list: every method once. Variants (dora, prefix-lstm) are picked by name.
 ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3"]
@@ -34,9 +34,11 @@ def row_settings(per_method: dict, row: str) -> dict:
     return own
 
 
-def read_compare_config(path: str, overrides: list[str]):
+def read_compare_config(path: str, overrides: list[str]) -> tuple[RunConfig, dict]:
     """(the shared RunConfig, the validated `compare:` settings)."""
     config = load_run_config(path, overrides, comparison=True)  # `method:` optional here
+    if config.method:  # options for the method it names: checked as `deltatune train` would
+        method_config_for(config)
     settings = dict(config.compare or {})
     for key in settings:
         if key not in SETTINGS:

@@ -4,8 +4,12 @@
 
 Every problem is one DeltatuneError line naming the key (and the file or "command line" it came
 from): unknown keys get the nearest valid key suggested, values of the wrong type say what was
-expected, impossible values (batch_size 0, schedule "cosin") say what is allowed. The `method:`
-section is validated by the method's own config class (`deltatune.methods.config_from_dict`).
+expected, impossible values (batch_size 0, schedule "cosin") say what is allowed.
+
+This is the lowest layer: it imports no model, method or quantization code. So two sections stay
+as written here and are validated where their meaning lives, by whoever runs the config:
+`method:` by the method's own config class and `quantize:` by deltatune.quantization, both in
+`deltatune.methods.method_config_for(run_config)` (training/loop.py calls it before loading).
 """
 from __future__ import annotations
 
@@ -141,26 +145,14 @@ class RunConfig:
     model: str                      # preset name, transformers directory, Hub id or .gguf file
     task: str                       # classification | causal-lm
     data: DataConfig
-    method: dict                    # validated by the method's own config class
+    method: dict                    # as written; deltatune.methods.method_config_for validates it
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = ""
     num_labels: int | None = None   # classification; None: len(data.label_names) or from the data
     compare: dict = field(default_factory=dict)  # `deltatune compare` settings (see compare.py)
     # frozen base quantized by bitsandbytes (QLoRA): none | nf4 | fp4 | int8, or a mapping
-    # {type, double_quant, compute_dtype}; PEFT methods only (see deltatune.quantization)
+    # {type, double_quant, compute_dtype}; PEFT methods only (deltatune.quantization.parse_quantize)
     quantize: str | dict = "none"
-
-    def quantization(self):
-        """The validated QuantizationConfig, or None for a dense base."""
-        from deltatune.quantization import parse_quantize
-
-        return parse_quantize(self.quantize)
-
-    def method_config(self):
-        """The validated MethodConfig for `method:` (its `name` picks the method)."""
-        from deltatune.methods import config_from_dict
-
-        return config_from_dict(self.method)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -280,12 +272,6 @@ def build_run_config(raw: dict, source: str = "config", sources: dict | None = N
                        train=train, output_dir=top["output_dir"], num_labels=top["num_labels"],
                        compare=dict(compare), quantize=raw.get("quantize") or "none")
     _check_consistency(config)
-    if config.method or not comparison:
-        method_config = config.method_config()  # the method's own validation: unknown options, bad values
-        if config.quantization() is not None and method_config.method == "full":
-            raise DeltatuneError(f"quantize: {config.quantization().type} freezes the base in integer "
-                                 "codes, which full fine-tuning cannot train; use a PEFT method or "
-                                 "quantize: none")
     return config
 
 

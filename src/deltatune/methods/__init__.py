@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from deltatune.config.run import RunConfig
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import MethodConfig, peft_key_map
+from deltatune.quantization import parse_quantize
 
 StateDict = dict[str, torch.Tensor]
 
@@ -65,15 +67,25 @@ class Method:
 
 
 _METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3")
-REGISTRY: dict[str, Method] = {}
-for _module in _METHOD_MODULES:
-    try:
-        _mod = importlib.import_module(f".{_module}", __name__)
-    except ModuleNotFoundError as _exc:  # a method still being written on this branch
-        if _exc.name != f"{__name__}.{_module}":
-            raise
-        continue
-    REGISTRY[_mod.METHOD.name] = _mod.METHOD
+
+
+def load_methods(module_names: Iterable[str]) -> dict[str, Method]:
+    """name -> Method, from each listed module of this package. A listed module that does not
+    import is an error naming it: skipped, its method would only surface later, and elsewhere,
+    as an "unknown method"."""
+    methods = {}
+    for module_name in module_names:
+        qualified = f"{__name__}.{module_name}"
+        try:
+            module = importlib.import_module(qualified)
+        except ImportError as exc:
+            raise ImportError(f"{qualified}: the method module listed in {__name__}._METHOD_MODULES "
+                              f"failed to import: {exc}", name=qualified) from exc
+        methods[module.METHOD.name] = module.METHOD
+    return methods
+
+
+REGISTRY: dict[str, Method] = load_methods(_METHOD_MODULES)
 # variant name -> (its method's name, the options it presets)
 VARIANTS: dict[str, tuple[str, dict]] = {
     variant: (method.name, options) for method in REGISTRY.values()
@@ -106,6 +118,17 @@ def method_for_peft_type(peft_type: str, source: str) -> Method:
             return method
     known = ", ".join(m.config.peft_type for m in REGISTRY.values())
     raise DeltatuneError(f"{source}: unknown peft_type {peft_type!r} (known: {known})")
+
+
+def method_config_for(run: RunConfig) -> MethodConfig:
+    """A run config's `method:` as its method's validated config, checked against `quantize:`
+    before anything loads: a base frozen in integer codes cannot be fully fine-tuned."""
+    config = config_from_dict(run.method)
+    quantization = parse_quantize(run.quantize)
+    if quantization is not None and config.method == "full":
+        raise DeltatuneError(f"quantize: {quantization.type} freezes the base in integer codes, which "
+                             "full fine-tuning cannot train; use a PEFT method or quantize: none")
+    return config
 
 
 def config_from_dict(values: dict) -> MethodConfig:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import PEFT_PREFIX, peft_key_map
+from deltatune.methods.base import PEFT_PREFIX, MethodConfig, peft_key_map
 from deltatune.methods.prefix_attention import attention_geometry
 from deltatune.methods.virtual_tokens import source_of
 
@@ -78,7 +78,7 @@ def common_peft_fields(model: nn.Module, num_virtual_tokens: int) -> dict[str, A
             "num_layers": g["layers"]}
 
 
-def validate_num_virtual_tokens(config: Any) -> None:
+def validate_num_virtual_tokens(config: MethodConfig) -> None:
     n = config.num_virtual_tokens
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         config.fail("num_virtual_tokens", f"must be a positive integer, got {n!r}")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from deltatune.errors import DeltatuneError
+from deltatune.hardware import bf16_auto
 
 TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -40,10 +41,8 @@ class QuantizationConfig:
         """`compute_dtype: auto` replaced by what this machine uses (what a run records)."""
         if self.compute_dtype != "auto":
             return self
-        from deltatune.training.optimization import resolve_bf16
-
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return dataclasses.replace(self, compute_dtype="bfloat16" if resolve_bf16("auto", device) else "float32")
+        return dataclasses.replace(self, compute_dtype="bfloat16" if bf16_auto(device) else "float32")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -63,7 +63,7 @@ def serving_dtype(setting: str, device: torch.device | None = None) -> torch.dty
     a CPU where bf16 is emulated (AVX2 only: 100x slower) never gets it. Every row of a server
     computes in this precision, and so must the generate() its replies are compared with."""
     if setting == "auto":
-        from deltatune.training.hardware import bf16_auto
+        from deltatune.hardware import bf16_auto
 
         # the probe of the device the server computes on: the CPU (load_model leaves a dense base
         # there; only a bitsandbytes-quantized one lands on GPU 0, where compute dtype is its own)

@@ -214,12 +214,14 @@ def _exact_match(model, dataset, tokenizer, batch_size, dist, autocast, max_new_
 def evaluate_from_cli(args: Any) -> dict[str, Any]:
     """`deltatune eval CONFIG.yaml [k=v ...]` or `deltatune eval --model M [--adapter A] --data F`."""
     from deltatune.config.run import FORMATS_BY_TASK, DataConfig, load_run_config
+    from deltatune.methods import method_config_for
     from deltatune.data.dataset import Collator, build_dataset, num_labels_of
     from deltatune.training.optimization import resolve_bf16
 
     adapter = args.adapter
     if args.config:
         config = load_run_config(args.config, args.overrides or [])
+        method_config_for(config)  # the config is checked whole, as `deltatune train` checks it
         model_name, task, data = args.model or config.model, config.task, config.data
         if adapter is None and (config.output_dir and _is_saved_delta(config.output_dir)):
             adapter = config.output_dir

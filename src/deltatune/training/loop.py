@@ -1,7 +1,10 @@
 """The training loop. It knows no method: it trains whatever `requires_grad` after `apply`.
 
     summary = train_from_config("examples/sst2-minilm-lora.yaml", ["method.r=16"])
-    summary = train(model, tokenizer, run_config)          # a model you loaded and applied
+    summary = train(model, tokenizer, run_config, method=lora_config)  # a model you loaded and applied
+
+A run's settings arrive as one RunConfig (config/run.py) and, beside it, the validated method
+config; each setting is read here or handed on by name (train.lr: `_setup` -> build_optimizer).
 
 One optimizer step = `grad_accum` global batches of `batch_size` rows (split over the ranks
 under torchrun). The loss is the mean over every target of the step — summed per micro-batch and
@@ -25,6 +28,7 @@ from torch import nn
 
 from deltatune.training.checkpoints import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
                          rng_to_bytes, save_checkpoint, save_sharded_checkpoint)
+from deltatune.config.run import RunConfig, load_run_config, save_run_config
 from deltatune.deltas import active_config
 from deltatune.training.batching import batch_tokens, training_collator, training_stream
 from deltatune.training.distributed import (Distributed, peer_failures, ranks_in_sync,
@@ -34,14 +38,14 @@ from deltatune.training.collapse import did_not_learn, no_information
 from deltatune.training.collapse import message as collapse_message
 from deltatune.training.evaluation import NOT_SHOWN, default_metric, evaluate_model, is_better
 from deltatune.training.losses import batch_loss, count_targets
-from deltatune.methods import default_lr_for
-from deltatune.methods.base import count_parameters
+from deltatune.methods import default_lr_for, method_config_for
+from deltatune.methods.base import MethodConfig, count_parameters
 from deltatune.training.packed_attention import packed_attention
 from deltatune.training.compiled import compiled_elementwise
 from deltatune.training.optimization import (build_optimizer, build_scheduler,
                            enable_gradient_checkpointing, resolve_bf16, set_seed,
                            trainable_parameters)
-from deltatune.training.hardware import bf16_warning
+from deltatune.hardware import bf16_warning
 from deltatune.training.progress import RunLog
 from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partial_dir, peak_memory,
                                         prepare_run_dir, rewrite_summary, run_dir_lock,
@@ -51,20 +55,25 @@ from deltatune.training.state import Progress, Run, Window
 from deltatune.training.speed import hold_frozen_weights_in_bf16
 
 
-def train(model: nn.Module, tokenizer: Any, config: Any, *, train_dataset=None, eval_dataset=None,
-          resume: bool = False, overwrite: bool = False, dist: Distributed | None = None,
-          on_step: Callable[[int], None] | None = None, started: float | None = None) -> dict:
-    """Train `model` (a method already applied) as `config` (a RunConfig) says; returns the
-    summary that is also written to output_dir/summary.json.
+def train(model: nn.Module, tokenizer: Any, config: RunConfig, *, method: MethodConfig | None = None,
+          train_dataset=None, eval_dataset=None, resume: bool = False, overwrite: bool = False,
+          dist: Distributed | None = None, on_step: Callable[[int], None] | None = None,
+          started: float | None = None) -> dict:
+    """Train `model` (a method already applied) as `config` says; returns the summary that is
+    also written to output_dir/summary.json.
+
+    `method`: the config the method was applied with (it picks the lr when train.lr is unset);
+    None means the model's active delta's config, for a model applied outside this module.
 
     `on_step(step)` is called after every optimizer step (and its checkpoint); raising from it
     interrupts the run as a crash would, leaving the checkpoints for `resume=True`.
     """
     dist = dist or setup_distributed()
+    method = method if method is not None else active_config(model)[1]
     final = Path(config.output_dir)
     with run_dir_lock(final, dist.rank), peer_failures(dist, partial_dir(final)):
-        run = _setup(model, tokenizer, config, train_dataset, eval_dataset, resume, overwrite,
-                     dist, started or time.time())
+        run = _setup(model, tokenizer, config, method, train_dataset, eval_dataset, resume,
+                     overwrite, dist, started or time.time())
         return _train(run, on_step)
 
 
@@ -91,8 +100,9 @@ def _train(run: Run, on_step: Callable[[int], None] | None) -> dict:
     return _finish(run, final_metrics)
 
 
-def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, eval_dataset: Any,
-           resume: bool, overwrite: bool, dist: Distributed, started: float) -> Run:
+def _setup(model: nn.Module, tokenizer: Any, config: RunConfig, method: MethodConfig,
+           train_dataset: Any, eval_dataset: Any, resume: bool, overwrite: bool, dist: Distributed,
+           started: float) -> Run:
     """Data, run directory, optimizer and schedule; the checkpoint's state when resuming."""
     from deltatune.data.dataset import Collator, build_dataset
 
@@ -118,8 +128,7 @@ def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, ev
     if parallel.sharded:
         dist = dataclasses.replace(dist, lockstep=True)  # every forward is a collective now
         parallel.dist = dist
-    _, method_config = active_config(bare)
-    lr = tc.lr or default_lr_for(method_config)
+    lr = tc.lr or default_lr_for(method)  # train.lr, else what the method's options need
     stream, total_steps = training_stream(train_dataset, tc, collator, dist.world_size)
     optimizer = build_optimizer(bare, lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.schedule, math.ceil(tc.warmup_ratio * total_steps),
@@ -133,8 +142,6 @@ def _setup(model: nn.Module, tokenizer: Any, config: Any, train_dataset: Any, ev
         rng = state["rng"]
         restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
     elif dist.is_main:
-        from deltatune.config.run import save_run_config
-
         save_run_config(config, run_dir / "config.yaml")
 
     log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
@@ -312,25 +319,22 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
                       on_step: Callable[[int], None] | None = None) -> dict:
     """`deltatune train CONFIG.yaml [key=value ...]`: load, apply the method, train, evaluate,
     save. Under torchrun every rank runs this; rank 0 writes. `on_step`: see `train`."""
-    from deltatune.config.run import load_run_config
-
     started = time.time()
-    config = load_run_config(config_path, list(overrides))
-    config.method_config()  # validate the method section first
+    config = load_run_config(config_path, list(overrides))  # YAML + overrides -> RunConfig
+    method = method_config_for(config)  # `method:` -> LoraConfig, ...: the method's own checks
     # Fail before loading anything: a live run holding the directory, or the wrong flags.
     with run_dir_lock(Path(config.output_dir), int(os.environ.get("RANK", "0"))):
         check_output_dir(Path(config.output_dir), resume, overwrite)
-        return _train_from_config(config, resume, overwrite, on_step, started)
+        return _train_from_config(config, method, resume, overwrite, on_step, started)
 
 
-def _train_from_config(config: Any, resume: bool, overwrite: bool,
+def _train_from_config(config: RunConfig, method: MethodConfig, resume: bool, overwrite: bool,
                        on_step: Callable[[int], None] | None, started: float) -> dict:
     from deltatune.data.dataset import build_dataset, num_labels_of
     from deltatune.data.labels import check_label_set
     from deltatune.deltas import apply
     from deltatune.models import load_model
 
-    method_config = config.method_config()
     dist = setup_distributed()
     finished = False
     try:
@@ -357,12 +361,12 @@ def _train_from_config(config: Any, resume: bool, overwrite: bool,
         if eval_dataset is None and config.data.eval:
             eval_dataset = build_dataset(config.data, tokenizer, config.task, "eval",
                                          config.train.seed, config.num_labels)
-        apply(model, method_config)
+        apply(model, method)
         # exact under autocast; this model is ours (speed.py). One process only: sharding (FSDP)
         # wants one dtype per parameter group.
         if config.train.frozen_bf16 and not dist.enabled and resolve_bf16(config.train.bf16, dist.device):
             hold_frozen_weights_in_bf16(model)
-        summary = train(model, tokenizer, config, train_dataset=train_dataset,
+        summary = train(model, tokenizer, config, method=method, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, resume=resume, overwrite=overwrite, dist=dist,
                         on_step=on_step, started=started)
         finished = True

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deltatune.adapters_io import commit_directory, directory_size, save_adapter
+from deltatune.config.run import RunConfig
 from deltatune.training.checkpoints import CHECKPOINTS, latest_checkpoint
 from deltatune.training.distributed import Distributed
 from deltatune.errors import DeltatuneError
@@ -187,7 +188,7 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer: Any) -> int:
     return size
 
 
-def write_summary(run_dir: Path, model: nn.Module, tokenizer: Any, config: Any,
+def write_summary(run_dir: Path, model: nn.Module, tokenizer: Any, config: RunConfig,
                   facts: dict[str, Any], started: float, device: torch.device) -> dict[str, Any]:
     saved_size = save_final(run_dir, model, tokenizer)
     memory, memory_kind = peak_memory()

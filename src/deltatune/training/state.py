@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.config.run import RunConfig, TrainConfig
 from deltatune.training.distributed import Distributed
 from deltatune.training.optimization import BatchStream
 from deltatune.training.progress import RunLog
@@ -45,7 +46,7 @@ class Window:
 class Run:
     """Everything one training run holds between its steps (built once by `_setup`)."""
 
-    config: Any
+    config: RunConfig
     tokenizer: Any
     dist: Distributed
     run_dir: Path
@@ -70,5 +71,5 @@ class Run:
     window: Window = field(default_factory=Window)
 
     @property
-    def tc(self) -> Any:
+    def tc(self) -> TrainConfig:
         return self.config.train

@@ -163,13 +163,14 @@ def write_config(form: dict, runs_root: Path, busy: set[str] = frozenset()) -> t
     """Validate the form as `deltatune train/compare` would and write its config file."""
     from deltatune.compare.settings import read_compare_config
     from deltatune.config.run import load_run_config
+    from deltatune.methods import method_config_for
 
     kind, values = config_from_form(form, runs_root, busy)
     path = runs_root / UI_DIR / f"{form['name'].strip()}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
     try:
-        read_compare_config(str(path), []) if kind == "compare" else load_run_config(path)
+        read_compare_config(str(path), []) if kind == "compare" else method_config_for(load_run_config(path))
     except DeltatuneError as exc:
         message = str(exc)
         raise FormError({field_of(message): message}) from None
