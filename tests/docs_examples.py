@@ -90,7 +90,8 @@ class PageResult:
     failures: list = dataclasses.field(default_factory=list)   # one line each
 
     def count(self, kind: str, n: int = 1) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + n
+        if n:
+            self.counts[kind] = self.counts.get(kind, 0) + n
 
 
 def pages() -> list[Path]:

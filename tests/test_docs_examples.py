@@ -3,6 +3,8 @@ python executed, yaml validated as a run config, deltatune command lines parsed 
 json parsed; a block that cannot run here says why in a `<!-- docs-test: skip — REASON -->` marker."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import docs_examples as docs
@@ -55,3 +57,42 @@ def test_marker_and_cli_checks_catch_mistakes(tmp_path, monkeypatch):
     assert result.failures[1].startswith("page.md:5: yaml block") and "train.lrr" in result.failures[1]
     assert result.failures[2].startswith("page.md:9: docs-test skip needs a reason")
     assert result.counts == {"shell, not run": 1, "cli": 1, "yaml": 1, "python": 2}, result.counts
+
+
+def _reference_hook():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_reference_hook", docs.REPO / "docs/hooks/reference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_reference_covers_the_code():
+    """docs/reference/config.md and cli.md are generated at build time: every config key, every
+    method's options, every subcommand and option appear, with the field comments as descriptions."""
+    import dataclasses
+
+    from deltatune.cli import build_parser
+    from deltatune.config.run import DataConfig, TrainConfig
+    from deltatune.methods import REGISTRY
+
+    hook = _reference_hook()
+    config_page = hook.config_reference()
+    for prefix, cls in (("data.", DataConfig), ("train.", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            assert f"<code>{prefix}{f.name}</code>" in config_page, f"{prefix}{f.name} missing from the config reference"
+    for name, method in REGISTRY.items():
+        assert f"### `{name}`" in config_page
+        for f in dataclasses.fields(method.config):
+            assert f"<code>method.{f.name}</code>" in config_page
+    assert "ignored when max_steps is set" in config_page  # a field's comment is its description
+    cli_page = hook.cli_reference()
+    parser = build_parser()
+    for name, _, sub in hook._subcommands(parser):
+        assert f"## `deltatune {name}`" in cli_page
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in cli_page, f"deltatune {name} {option} missing from the CLI reference"

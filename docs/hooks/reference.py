@@ -6,6 +6,8 @@
 
 Both are generated in memory on every build (they are not files in the repository). A page named
 in mkdocs.yml's nav that no one has written yet is given a one-line placeholder, logged at INFO.
+A line `--8<-- "benchmarks/RESULTS.md"` in a page includes that repository file at build time
+(include_file: headings moved one level down, links to files outside docs/ shown as their path).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import html
 import inspect
 import io
 import logging
+import os
+import re
 import textwrap
 import tokenize
 import typing
@@ -288,3 +292,37 @@ def on_files(files, config):
     if missing:
         log.info("placeholder pages (named in nav, not yet written): %s", ", ".join(p for _, p in missing))
     return files
+
+
+# ------------------------------------------------------------------------------ included files
+REPO = Path(__file__).resolve().parents[2]
+INCLUDE = re.compile(r'^--8<--\s+"(?P<path>[^"]+)"\s*$', re.MULTILINE)
+LINK = re.compile(r"(?P<bang>!?)\[(?P<text>[^\]]+)\]\((?P<target>[^)\s#]+)(?P<anchor>#[^)\s]*)?\)")
+
+
+def include_file(path: str, page_uri: str, docs_dir: Path) -> str:
+    """A repository file's Markdown for a docs page: headings one level down (the page keeps its
+    own title), and relative links that point outside docs/ (scripts, JSON results) turned into
+    the path as code, since the site does not carry those files."""
+    source = REPO / path
+    text = source.read_text(encoding="utf-8")
+    text = re.sub(r"^(#{1,5}) ", r"#\1 ", text, flags=re.MULTILINE)
+
+    def relink(match: re.Match) -> str:
+        target = match["target"]
+        if re.match(r"^[a-z]+:", target) or target.startswith("/"):
+            return match[0]
+        resolved = (source.parent / target).resolve()
+        try:
+            inside_docs = resolved.relative_to(docs_dir.resolve())
+        except ValueError:
+            return f"{match['text']} (`{resolved.relative_to(REPO)}`)"
+        page_dir = (docs_dir / page_uri).parent
+        return f"{match['bang']}[{match['text']}]({os.path.relpath(docs_dir / inside_docs, page_dir)}{match['anchor'] or ''})"
+
+    return LINK.sub(relink, text)
+
+
+def on_page_markdown(markdown, page, config, files):
+    docs_dir = Path(config["docs_dir"])
+    return INCLUDE.sub(lambda m: include_file(m["path"], page.file.src_uri, docs_dir), markdown)
