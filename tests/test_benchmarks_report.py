@@ -36,8 +36,13 @@ def test_every_table_states_date_cpu_flags_precision_and_command():
     assert tables >= 20
 
 
+# how the work was organised, not what the project is (built from parts so that this file does
+# not match itself)
+WORKPLACE_WORDS = "|".join([r"round [0-9]", r"issue [0-9]", r"\bh[0-9]{2}\b", "the " + "lead", "engine" + "ers"])
+
+
 def test_no_history_or_workplace_words():
     text = "\n".join(p.read_text() for p in BENCHMARKS.rglob("*") if p.is_file() and p.suffix in (".md", ".py"))
-    assert not re.search(r"round [0-9]|issue [0-9]|\bh[0-9]{2}\b|the lead|engineers", text, re.I)
+    assert not re.search(WORKPLACE_WORDS, text, re.I)
     results = (BENCHMARKS / "RESULTS.md").read_text()
     assert not re.search(r"\b\d{2}:\d{2}(-\d{2}:\d{2})? UTC|load average|\bholds?\b.*\block\b", results)

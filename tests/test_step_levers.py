@@ -1,4 +1,4 @@
-"""Speed levers of a LoRA step (issue 21, round 5), each against the code it replaces: the
+"""Speed levers of a LoRA step, each against the code it replaces: the
 per-example attention as one autograd node (bit-identical), LoRA's input cast once under autocast
 (same forward, gradients within bf16 rounding, fewer casts), and the compiled norms and SwiGLU
 (`train.compile`: within rounding, one graph for every token count)."""

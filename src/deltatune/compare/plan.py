@@ -61,7 +61,7 @@ LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # examples/compare-smollm2.yaml (README "plan vs measured").
 # Full fine-tuning's large long-lived gradient and optimizer buffers leave the allocator little
 # to keep; LoRA keeps the most. Other methods get DEFAULT_RETENTION. adapter, prompt, prefix and
-# ptuning re-fitted in issue 15 round 3 on both configs' runs with that round's code, whose
+# ptuning fitted on both configs' runs with the current allocator code, whose
 # saturated factors agreed within 5% (MiniLM / SmolLM2: adapter 2.16 / 2.33 (SmolLM2 from an
 # earlier run), prompt 1.98 / 2.07, ptuning 1.96 / -;
 # prefix 1.57 / 1.80, within 14%).
