@@ -28,8 +28,10 @@ import json
 import os
 import re
 import shlex
+import sys
 import tempfile
 import traceback
+import types
 from pathlib import Path
 
 import yaml
@@ -164,11 +166,21 @@ def page_environment():
             os.environ.update(saved_env)
 
 
+@contextlib.contextmanager
+def _registered(module: types.ModuleType):
+    sys.modules[module.__name__] = module
+    try:
+        yield
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
 def run_page(path: Path) -> PageResult:
     result = PageResult(path)
-    namespace: dict = {"__name__": "__docs__"}
+    module = types.ModuleType("docs_page")  # a real module: dataclasses and pickle look it up
+    namespace = module.__dict__
     python_failed = False
-    with page_environment():
+    with page_environment(), _registered(module):
         for block in blocks(path):
             if block.marker_error:
                 result.failures.append(block.marker_error)

@@ -96,3 +96,12 @@ def test_generated_reference_covers_the_code():
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
                     assert option in cli_page, f"deltatune {name} {option} missing from the CLI reference"
+
+
+def test_python_blocks_share_a_module_namespace(tmp_path, monkeypatch):
+    monkeypatch.setattr(docs, "REPO", tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text("```python\nfrom dataclasses import dataclass\n\n@dataclass\nclass Row:\n    text: str\n```\n\n"
+                    "```python\nassert Row('a').text == 'a'\nimport os\nassert os.environ['HF_HUB_OFFLINE'] == '1'\n```\n")
+    result = docs.run_page(page)
+    assert result.failures == [] and result.counts == {"python": 2}, result
