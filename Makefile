@@ -13,7 +13,8 @@ UV_VERSION := 0.13.10
 TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export NO_MKDOCS_2_WARNING := 1  # Material's banner about its successor, printed on every build
+# Material prints a banner about its successor on every docs build
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup test demo docs report lock test-latest bench clean
 
