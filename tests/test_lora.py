@@ -150,6 +150,50 @@ def test_peft_adapter_loads_in_deltatune(family, tmp_path):
     assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < 1e-5
 
 
+def tiny_roberta():
+    """A head with its own `dense` (classifier.dense), as every layer has."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(RobertaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128, max_position_embeddings=256, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).eval()
+
+
+@pytest.mark.parametrize("build, names, exclude", [
+    (tiny_bert, ["dense", "key", "query", "value"], ["pooler.dense"]),
+    (tiny_roberta, ["dense", "key", "query", "value"], ["classifier.dense"]),
+    (tiny_llama, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], None),
+    (tiny_gpt2, ["c_attn", "c_fc", "c_proj"], None),
+])
+def test_all_linear_is_saved_as_peft_short_names_and_peft_wraps_the_same_modules(build, names, exclude, tmp_path):
+    import json
+
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    from deltatune.methods.base import delta_layers
+    from deltatune.methods.lora import LoraLayer
+
+    ours = dt.apply(build(), dt.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_trainable(ours)
+    ours.eval()
+    dt.save_adapter(ours, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (saved["target_modules"], saved["exclude_modules"]) == (names, exclude)
+    wrapped = sorted(p for p, layer in delta_layers(ours) if isinstance(layer, LoraLayer))
+    # peft, the oracle: it wraps exactly these modules and computes the same outputs
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "a").eval()
+    theirs_wrapped = sorted(p.removeprefix("base_model.model.") for p, m in theirs.named_modules()
+                            if isinstance(m, PeftLoraLayer))
+    assert theirs_wrapped == wrapped
+    ids = token_batch()
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max().item() < 1e-5
+    again = dt.load_adapter(build(), tmp_path / "a")  # and deltatune reads it back the same
+    assert sorted(p for p, layer in delta_layers(again) if isinstance(layer, LoraLayer)) == wrapped
+    assert torch.equal(logits(ours, ids), logits(again, ids))
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     ours, _ = lora_pair("llama")
     dt.save_adapter(ours, tmp_path / "a")

@@ -40,6 +40,9 @@ class LoraConfig(MethodConfig):
     # alone (SST-2/MiniLM: 84.4% vs 80.3% dev on the same budget) for little extra cost, since
     # the frozen forward/backward dominates the step.
     target_modules: list[str] | str = "all-linear"
+    # modules never wrapped though target_modules matches them: names matched like target_modules'
+    # (last path components), or a regex (full match on the path); peft's exclude_modules
+    exclude_modules: list[str] | str | None = None
     use_rslora: bool = False      # scale = alpha / sqrt(r), better for large ranks
     init: str = "default"         # default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r)
     # DoRA: also learn each output row's magnitude (PEFT's lora_magnitude_vector). Learns more
@@ -68,6 +71,14 @@ class LoraConfig(MethodConfig):
                   and all(isinstance(t, str) for t in self.target_modules)):
             self.fail("target_modules", f"must be a non-empty list of names, a regex or "
                                         f"'all-linear', got {self.target_modules!r}")
+        exclude = self.exclude_modules
+        if isinstance(exclude, str):
+            try:
+                re.compile(exclude)
+            except re.error as exc:
+                self.fail("exclude_modules", f"is not a valid regex ({exc})")
+        elif exclude is not None and not (isinstance(exclude, list) and all(isinstance(t, str) for t in exclude)):
+            self.fail("exclude_modules", f"must be a list of names, a regex or null, got {exclude!r}")
 
     @property
     def scale(self) -> float:
@@ -223,15 +234,21 @@ def _inside_layers(path: str, model: nn.Module) -> bool:
     return any(path.startswith(p + ".") for p in architecture_of(model).layers)
 
 
+def _named(path: str, names: list[str] | str) -> bool:
+    """peft's rule: a regex fully matches the path; a name is the path or its last components."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == t or path.endswith("." + t) for t in names)
+
+
 def _matches(path: str, target_modules: list[str] | str, model: nn.Module) -> bool:
     if target_modules == "all-linear":
         return _inside_layers(path, model)
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, path) is not None
-    return any(path == t or path.endswith("." + t) for t in target_modules)
+    return _named(path, target_modules)
 
 
-def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+def find_targets(model: nn.Module, target_modules: list[str] | str,
+                 exclude_modules: list[str] | str | None = None) -> list[str]:
     """Paths of the linear modules LoRA wraps (or already wrapped, for a second adapter);
     never a head, never a delta's own layers, never another method's wrapper."""
     paths = []
@@ -240,13 +257,13 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
             continue
         if not (isinstance(module, (nn.Linear, LoraLayer)) or _is_conv1d(module)):
             continue
-        if _matches(path, target_modules, model):
+        if _matches(path, target_modules, model) and not (exclude_modules and _named(path, exclude_modules)):
             paths.append(path)
     return paths
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
-    targets = find_targets(model, config.target_modules)
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
     if not targets:
         raise DeltatuneError(
             f"LoraConfig.target_modules: {config.target_modules!r} matched no linear module "
@@ -279,15 +296,53 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def base_module_paths(model: nn.Module) -> list[str]:
+    """Every module path as the bare base model has it: a DeltaLayer stands for the module it
+    wraps (its base_layer's children appear under its own path), and its deltas are not there."""
+    paths = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        while isinstance(module, DeltaLayer):
+            module = module.base_layer
+        for child_name, child in module.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            paths.append(path)
+            walk(child, path)
+
+    walk(model, "")
+    return paths
+
+
+def short_targets(model: nn.Module, wrapped: list[str]) -> tuple[list[str], list[str] | None]:
+    """(target_modules, exclude_modules) as peft writes them, selecting exactly `wrapped` on the
+    bare base: the distinct last path components of the wrapped modules, and for each other module
+    those names match (BERT's pooler.dense beside its layers' dense), its shortest path suffix that
+    names no wrapped module."""
+    names = sorted({path.rpartition(".")[2] for path in wrapped})
+    chosen = set(wrapped)
+    exclude = []
+    for path in base_module_paths(model):
+        if path in chosen or not _named(path, names):
+            continue
+        parts = path.split(".")
+        suffixes = (".".join(parts[-k:]) for k in range(1, len(parts) + 1))
+        exclude.append(next((s for s in suffixes if not any(_named(w, [s]) for w in wrapped)), path))
+    return names, (sorted(set(exclude)) or None)
+
+
 def lora_to_peft(config: LoraConfig, model: nn.Module, name: str) -> dict:
-    targets = config.target_modules
+    targets, exclude = config.target_modules, config.exclude_modules
     if isinstance(targets, str):
         # Save the exact set we wrapped so PEFT (whose "all-linear" differs) wraps the same.
         paths = sorted({p for p, l in delta_layers(model) if isinstance(l, LoraLayer) and name in l.deltas})
-        targets = "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+        if targets == "all-linear":  # peft's own form: short names, and the few exceptions
+            targets, exclude = short_targets(model, paths)
+        else:
+            targets = "^(" + "|".join(re.escape(p) for p in paths) + ")$"
     any_conv1d = any(l.transposed for l in lora_layers(model))
     return {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-            "target_modules": targets, "use_rslora": config.use_rslora, "bias": "none",
+            "target_modules": targets, "exclude_modules": exclude,
+            "use_rslora": config.use_rslora, "bias": "none",
             "fan_in_fan_out": any_conv1d, "use_dora": config.use_dora,
             "init_lora_weights": True if config.init == "default" else config.init}
 
@@ -298,11 +353,14 @@ def lora_from_peft(values: dict) -> LoraConfig:
         raise DeltatuneError(f"adapter_config.json: LoRA options {unsupported or ['bias']} are not supported")
     if values.get("rank_pattern") or values.get("alpha_pattern"):
         raise DeltatuneError("adapter_config.json: per-module rank_pattern/alpha_pattern is not supported")
-    targets = values.get("target_modules")
+    targets, exclude = values.get("target_modules"), values.get("exclude_modules")
     if isinstance(targets, (set, tuple)):
         targets = list(targets)
+    if isinstance(exclude, (set, tuple)):
+        exclude = list(exclude)
     return LoraConfig(r=values["r"], alpha=values.get("lora_alpha", 8),
                       dropout=values.get("lora_dropout", 0.0), target_modules=targets,
+                      exclude_modules=exclude or None,
                       use_rslora=bool(values.get("use_rslora", False)),
                       use_dora=bool(values.get("use_dora", False)),
                       init="gaussian" if values.get("init_lora_weights") == "gaussian" else "default",
