@@ -96,8 +96,13 @@ def main() -> None:
     data = json.loads(path.read_text()) if args.resume else {
         "date": datetime.date.today().isoformat(), "cpu_flags": machine.cpu_flags(),
         "cpu_kind": machine.cpu_kind(), "machine": machine.describe(),
-        "command": "python benchmarks/quality/examples_seeds.py " + shlex.join(sys.argv[1:]),
         "padded_per_real_token": {}, "rows": []}
+    # what was measured, whichever invocations it took (--resume and --out only say where)
+    data["command"] = "python benchmarks/quality/examples_seeds.py " + shlex.join(
+        ["--examples", *args.examples, "--seeds", *map(str, args.seeds), "--precisions",
+         *args.precisions, "--grouping", *args.grouping])
+    if threads := os.environ.get("OMP_NUM_THREADS"):
+        data["command"] = f"OMP_NUM_THREADS={threads} " + data["command"]
     done = {(r["example"], r["seed"], r["precision"], r["group_by_length"]) for r in data["rows"]}
     with tempfile.TemporaryDirectory(prefix="examples-seeds-") as work:
         for example in args.examples:
