@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import dataclasses
 import json
 import os
@@ -293,9 +294,22 @@ def validate_config(values: dict, where: str) -> None:
         if "compare" in values:
             from deltatune.compare.settings import read_compare_config
 
-            read_compare_config(str(path), [])
+            config, _ = read_compare_config(str(path), [])
         else:
-            load_run_config(path)
+            config = load_run_config(path)
+        check_method(config)
+
+
+def check_method(config) -> None:
+    """The method options and the quantization, as train/compare check them before loading."""
+    if not config.method:  # a comparison without `method:`: the methods come from compare
+        return
+    try:
+        from deltatune.methods import method_config_for
+    except ImportError:
+        config.method_config()
+    else:
+        method_config_for(config)
 
 
 def _check_yaml(block: Block) -> None:
@@ -396,7 +410,8 @@ def check_cli(argv: list[str], where: str) -> None:
     from deltatune.errors import DeltatuneError
 
     try:
-        args = parse_args(argv)
+        with contextlib.redirect_stdout(io.StringIO()):  # --help prints; the check is quiet
+            args = parse_args(argv)
     except DeltatuneError as exc:
         raise BlockError(f"{where}: deltatune {' '.join(argv)}: {exc}") from None
     except SystemExit as exc:  # --help
@@ -415,11 +430,12 @@ def check_cli(argv: list[str], where: str) -> None:
         if args.command in ("compare", "plan"):
             from deltatune.compare.settings import read_compare_config
 
-            read_compare_config(str(path), list(getattr(args, "overrides", None) or []))
+            loaded, _ = read_compare_config(str(path), list(getattr(args, "overrides", None) or []))
         else:
             from deltatune.config.run import load_run_config
 
-            load_run_config(path, list(getattr(args, "overrides", None) or []))
+            loaded = load_run_config(path, list(getattr(args, "overrides", None) or []))
+        check_method(loaded)
     except DeltatuneError as exc:
         raise BlockError(f"{where}: deltatune {' '.join(argv)}: {exc}") from None
 

@@ -49,13 +49,15 @@ def test_marker_and_cli_checks_catch_mistakes(tmp_path, monkeypatch):
         "<!-- docs-test: skip -->", "```python", "1/0", "```", "",
         "```console", "$ make test", "$ deltatune plan --help", "usage: ...", "```", "",
         "```yaml", "train: {lr: 3e-4}", "method: {r: 16}", "```", "",
+        "```yaml", "method: {name: lora, rank: 16}", "```", "",
         "```python", "x = 1", "```", "", "```python", "assert x == 1", "```", "",
     ]) + "\n")
     result = docs.run_page(page)
-    assert len(result.failures) == 3, result.failures
+    assert len(result.failures) == 4, result.failures
     assert result.failures[0].startswith("page.md:2: deltatune trian"), result.failures[0]
     assert result.failures[1].startswith("page.md:5: yaml block") and "train.lrr" in result.failures[1]
     assert result.failures[2].startswith("page.md:9: docs-test skip needs a reason")
+    assert result.failures[3].startswith("page.md:25: yaml block") and "method.rank" in result.failures[3]
     assert result.counts == {"shell, not run": 1, "cli": 1, "yaml": 1, "python": 2}, result.counts
 
 
