@@ -117,7 +117,7 @@ def main() -> None:
             model, tokenizer = qlora.load(args)
             dataset = S.load_examples(tokenizer, args.max_length)
             config = qlora.run_config(args, out)
-            dt.apply(model, config.method_config())
+            dt.apply(model, dt.config_from_dict(config.method))
             summary = train_loop(model, tokenizer, config, train_dataset=dataset, on_step=on_step)
     sampler.stop.set()
     sampler.join()

@@ -160,7 +160,7 @@ def train(args) -> dict:
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as out:
         config = run_config(args, out)
-        dt.apply(model, config.method_config())
+        dt.apply(model, dt.config_from_dict(config.method))
         started = time.perf_counter()
         train_loop(model, tokenizer, config, train_dataset=dataset,
                    on_step=lambda step: ends.append(time.perf_counter()))

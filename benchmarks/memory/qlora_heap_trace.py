@@ -48,7 +48,7 @@ def bh(i):
     return h
 with tempfile.TemporaryDirectory() as out:
     config = Q.run_config(args, out)
-    dt.apply(model, config.method_config())
+    dt.apply(model, dt.config_from_dict(config.method))
     for i, l in enumerate(model.model.layers):
         l.register_forward_hook(fh(i)); l.register_full_backward_hook(bh(i))
     model.model.norm.register_forward_hook(lambda m, a, o: phase.__setitem__(0, f"s{step[0]} head+loss"))

@@ -72,7 +72,7 @@ def run_deltatune(dataset, order, args, method: dict) -> tuple[list[float], list
         model, tokenizer = dt.load_model(S.MODEL)
         if RANDOM_1B:
             model = load_base()
-        dt.apply(model, config.method_config())
+        dt.apply(model, dt.config_from_dict(config.method))
         if FROZEN_BF16 and BF16:  # as train_from_config does (deltatune/training/speed.py)
             from deltatune.training.speed import hold_frozen_weights_in_bf16
 
