@@ -100,6 +100,19 @@ def test_generated_reference_covers_the_code():
                     assert option in cli_page, f"deltatune {name} {option} missing from the CLI reference"
 
 
+def test_reference_source_pages_are_replaced_by_the_generated_ones():
+    """The repository's docs/reference/{config,cli}.md are notes (so README's links resolve there);
+    the built page is the generated reference in their place."""
+    from types import SimpleNamespace
+
+    hook = _reference_hook()
+    for path, make in hook.GENERATED.items():
+        note = (docs.REPO / "docs" / path).read_text(encoding="utf-8")
+        assert "generated from the code at every docs build (`make docs`" in note, path
+        page = SimpleNamespace(file=SimpleNamespace(src_uri=path))
+        assert hook.on_page_markdown(note, page, {"docs_dir": str(docs.REPO / "docs")}, None) == make()
+
+
 def test_python_blocks_share_a_module_namespace(tmp_path, monkeypatch):
     monkeypatch.setattr(docs, "REPO", tmp_path)
     page = tmp_path / "page.md"

@@ -4,8 +4,10 @@
                          the field in its dataclass (deltatune.config), and every method's options
     reference/cli.md     every `deltatune` subcommand and option, from the real argparse parser
 
-Both are generated in memory on every build (they are not files in the repository). A page named
-in mkdocs.yml's nav that no one has written yet is given a one-line placeholder, logged at INFO.
+Both are generated on every build. Their files in the repository are a short note saying so (so
+that links to them resolve where the repository itself is read); on_page_markdown puts the
+generated reference in place of that note. A page named in mkdocs.yml's nav that no one has
+written yet is given a one-line placeholder, logged at INFO.
 A line `--8<-- "benchmarks/RESULTS.md"` in a page includes that repository file at build time
 (include_file: headings moved one level down, links to files outside docs/ shown as their path).
 """
@@ -27,7 +29,6 @@ from pathlib import Path
 
 log = logging.getLogger("mkdocs.hooks.reference")
 
-GENERATED = ("reference/config.md", "reference/cli.md")
 # RunConfig fields that are sections of their own: their keys are in the tables these link to
 SECTION_LINKS = {"data": "[data:](#data)", "train": "[train:](#train)", "method": "[method:](#method)",
                  "compare": "[compare:](#compare)"}
@@ -277,14 +278,13 @@ def _nav_pages(nav) -> list[tuple[str, str]]:
     return out
 
 
+# docs path -> its generated Markdown, which replaces the page's source note in on_page_markdown
+GENERATED = {"reference/config.md": config_reference, "reference/cli.md": cli_reference}
+
+
 def on_files(files, config):
     from mkdocs.structure.files import File
 
-    for path, make in zip(GENERATED, (config_reference, cli_reference)):
-        existing = files.get_file_from_path(path)
-        if existing is not None:
-            files.remove(existing)
-        files.append(File.generated(config, path, content=make()))
     missing = [(title, path) for title, path in _nav_pages(config["nav"])
                if path.endswith(".md") and files.get_file_from_path(path) is None]
     for title, path in missing:
@@ -324,5 +324,8 @@ def include_file(path: str, page_uri: str, docs_dir: Path) -> str:
 
 
 def on_page_markdown(markdown, page, config, files):
+    generate = GENERATED.get(page.file.src_uri)
+    if generate is not None:
+        return generate()
     docs_dir = Path(config["docs_dir"])
     return INCLUDE.sub(lambda m: include_file(m["path"], page.file.src_uri, docs_dir), markdown)

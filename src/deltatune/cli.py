@@ -17,7 +17,27 @@ DESCRIPTION = ("deltatune fine-tunes pretrained transformers by many methods (fu
                "train, evaluate, compare, plan memory, merge, generate, serve.")
 
 
+# Written out rather than read from deltatune.models.PRESETS: `--help` must not wait for torch to import.
+MODEL_HELP = "a preset (minilm, smollm2-135m), a local transformers directory, a .gguf file or a Hub name"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """`--help` shows an option's default where it is a value (a number, a name); None, False and
+    [] mean "not given", and those options say in their help what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS
+                or action.default == [] or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         raise DeltatuneError(f"{self.prog}: {message}")
 
@@ -117,31 +137,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one method from a YAML run config")
-    p.add_argument("config")
+    p.add_argument("config", help="the YAML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.r=16")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model (with or without an adapter)")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--model")
-    p.add_argument("--adapter")
-    p.add_argument("--data")
-    p.add_argument("--task", default=None, choices=["classification", "causal-lm"])
-    p.add_argument("--format", default=None)
+    p.add_argument("config", nargs="?",
+                   help="a YAML run config: its model is evaluated on its data.eval "
+                        "(without one, give --model and --data)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. data.eval=dev.jsonl")
+    p.add_argument("--model", help=f"the base model: {MODEL_HELP}; with a config, used instead of its model")
+    p.add_argument("--adapter",
+                   help="an adapter directory, or a full fine-tuned model directory, to evaluate "
+                        "(default: with a config, its output_dir when a result is saved there; "
+                        "else none, the base model alone)")
+    p.add_argument("--data", help="without a config: the eval data file (with a config, data.eval is used)")
+    p.add_argument("--task", default=None, choices=["classification", "causal-lm"],
+                   help="without a config: the model's task (default: the one --format fits, else "
+                        "read from the adapter or model)")
+    p.add_argument("--format", default=None,
+                   help="without a config: the data file's format, a data.format value that fits the "
+                        "task (default: classification for classification, text for causal-lm)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("prompt")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("prompt", help="the text to continue; a chat model gets it as one user turn of its chat template")
+    p.add_argument("--model", required=True,
+                   help=f"the base model: {MODEL_HELP} (a full fine-tuned --adapter directory is used instead)")
+    p.add_argument("--adapter", help="an adapter directory to add to the base, or a full fine-tuned model directory")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated after the prompt")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; above 0, top-p sampling at this temperature")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="when sampling: draw from the smallest set of tokens whose probabilities sum "
+                        "to at least P, in (0, 1]")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="tokenize the prompt as it is, without the tokenizer's chat template")
+    p.add_argument("--seed", type=int, default=0, help="the random seed for sampling, when --temperature is above 0")
     p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default=None,
                    help="quantize the base (default: as the adapter was trained)")
     p.set_defaults(func=cmd_generate)
@@ -149,37 +183,43 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (("compare", cmd_compare, "train and compare several methods"),
                                   ("plan", cmd_plan, "predict memory and storage per method")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("config")
-        p.add_argument("overrides", nargs="*")
-        p.add_argument("--methods", default=None, help="comma-separated, e.g. full,lora,prefix")
+        p.add_argument("config", help="a YAML run config with a compare: section (method: optional)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+        p.add_argument("--methods", default=None,
+                       help="comma-separated, e.g. full,lora,prefix (default: compare.methods)")
         if name == "compare":
-            p.add_argument("--overwrite", action="store_true")
+            p.add_argument("--overwrite", action="store_true",
+                           help="write into an output_dir that holds other files, and rerun finished "
+                                "runs made with other settings (matching finished runs are still reused)")
         else:
             p.add_argument("--world-size", type=int, default=1,
                            help="per-process memory when torchrun starts N processes")
-            p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp")
+            p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
+                           help="with --world-size above 1: ddp, each process holding the whole model, "
+                                "or fsdp, weights, gradients and optimizer state sharded across processes")
         p.set_defaults(func=func)
 
     p = sub.add_parser("merge", help="fold an adapter into the base and export a plain model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--model", required=True, help=f"the base model the adapter was trained on: {MODEL_HELP}")
+    p.add_argument("--adapter", required=True, help="the adapter directory, of a mergeable method")
+    p.add_argument("--out", required=True, help="the directory to write the merged model and tokenizer to")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="describe a saved adapter or model directory, or --hardware")
-    p.add_argument("directory", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("directory", nargs="?", help="a saved adapter directory, or a full fine-tuned model directory")
+    p.add_argument("--json", action="store_true", help="print the description (or the --hardware report) as JSON")
     p.add_argument("--hardware", action="store_true",
                    help="this machine's CPU flags, measured fp32/bf16 matmul peaks, and what bf16: auto picks")
     p.add_argument("--refresh", action="store_true", help="with --hardware: measure again, ignoring the cache")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, one adapter per request")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True,
+                   help=f"the base model, served under this name too: {MODEL_HELP}")
     p.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="static engine: how long a request waits for others to share its batch")
@@ -202,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="local web app: runs, launch, compare, playground")
     p.add_argument("--runs", default="runs", help="the runs folder to show and launch into")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on; beyond loopback it needs --api-key (or $DELTATUNE_API_KEY)")
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
     p.add_argument("--api-key", default=None, help="required when --host is not a loopback address")
     p.set_defaults(func=cmd_ui)
     return parser
