@@ -279,27 +279,37 @@ def nf4_gap(files: list[Path]) -> list[str]:
 
 
 def examples_seeds(files: list[Path]) -> list[str]:
-    """quality/examples_seeds.py: a list of rows (example, precision, group_by_length, seed, metric, ...)."""
+    """quality/examples_seeds.py: each example over seeds, per precision and length grouping."""
     if not files:
         return ["No result file `benchmarks/results/quality/*examples-seeds*.json` yet: run "
                 "`python benchmarks/quality/examples_seeds.py`, then `make report`.", ""]
+    names = {"auto": "bf16 autocast (`train.bf16: auto`)", "fp32": "fp32"}
     out: list[str] = []
     for path in files:
-        rows = json.loads(path.read_text())
-        date, flags = _meta(path)
-        precisions = sorted({r["precision"] for r in rows})
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        precisions = " and ".join(names[p] for p in dict.fromkeys(r["precision"] for r in rows))
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
-            groups.setdefault((r["example"], r["precision"], r["group_by_length"], r["metric"]), []).append(r)
+            groups.setdefault((r["example"], r["precision"], r["group_by_length"]), []).append(r)
         table = []
-        for (example, precision, grouped, metric), rs in groups.items():
-            acc = [r["accuracy"] for r in sorted(rs, key=lambda r: r["seed"])]
-            table.append([example, precision, grouped, metric, ", ".join(f"{a:.4f}" for a in acc),
-                          f"{statistics.mean(acc):.4f}", f"{statistics.pstdev(acc):.4f}",
-                          f"{statistics.mean(r['seconds'] for r in rs):.0f}"])
-        out += [caption([date], flags, " and ".join(precisions), "python benchmarks/quality/examples_seeds.py"), "",
-                *_table(["example", "precision", "group_by_length", "metric", "each seed", "mean", "std",
-                         "seconds (mean)"], table), ""]
+        for (example, precision, grouped), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], not g[0][2])):
+            rs = sorted(rs, key=lambda r: r["seed"])
+            values = [r["final"] for r in rs]
+            padded = data.get("padded_per_real_token", {}).get(
+                f"{example} group_by_length={'on' if grouped else 'off'}")
+            table.append([f"`{example.removeprefix('examples/')}`", "bf16" if rs[0]["bf16"] else "fp32",
+                          "on" if grouped else "off", rs[0]["metric"],
+                          ", ".join(f"{100 * v:.1f}" for v in values),
+                          f"{100 * statistics.mean(values):.1f}", f"{100 * min(values):.1f}",
+                          f"{sum(bool(r['learned']) for r in rs)} of {len(rs)}",
+                          f"{statistics.mean(r['train_time_s'] for r in rs):.0f}",
+                          f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f}",
+                          f"{padded:.2f}" if padded else "-"])
+        out += [caption([data["date"]], _flags(data.get("cpu_flags"), path), precisions, data["command"]), "",
+                *_table(["example", "precision", "length grouping", "metric", "seeds 0, 1, 2 (%)", "mean (%)",
+                         "lowest (%)", "learned", "train time (s)", "real tokens/s",
+                         "computed tokens per real token"], table), ""]
     return out
 
 

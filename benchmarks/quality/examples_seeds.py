@@ -52,11 +52,13 @@ def padded_per_real_token(example: str, seed: int, grouped: bool) -> float:
     return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
 
 
-def run_one(example: str, seed: int, precision: str, grouping: str, work: Path) -> dict:
+def run_one(example: str, seed: int, precision: str, grouping: str, work: Path,
+            overrides: list[str]) -> dict:
     out = work / f"{Path(example).stem}-s{seed}-{precision}-{grouping}"
-    command = [sys.executable, "-m", "deltatune.cli", "train", example, f"train.seed={seed}",
-               f"train.bf16={PRECISIONS[precision]}", f"train.group_by_length={GROUPING[grouping]}",
-               "train.save_every=null", f"output_dir={out}", "--overwrite"]
+    command = [sys.executable, "-m", "deltatune.cli", "train", example, *overrides,
+               f"train.seed={seed}", f"train.bf16={PRECISIONS[precision]}",
+               f"train.group_by_length={GROUPING[grouping]}", "train.save_every=null",
+               f"output_dir={out}", "--overwrite"]
     started = time.time()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -71,6 +73,7 @@ def run_one(example: str, seed: int, precision: str, grouping: str, work: Path) 
         "best_step": summary["best"]["step"], "learned": summary.get("learned"),
         "steps": summary["steps"], "train_time_s": summary["train_time_s"],
         "tokens_per_s": summary["tokens_per_s"], "wall_s": round(time.time() - started, 1),
+        "lr": summary["lr"],
     }
 
 
@@ -86,6 +89,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["auto", "fp32"])
     parser.add_argument("--grouping", nargs="+", choices=sorted(GROUPING), default=["on", "off"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run-config overrides for every run (e.g. train.lr=5e-4)")
     parser.add_argument("--resume", help="a results file of this script: add what it lacks")
     parser.add_argument("--out", help="default: benchmarks/results/quality/<date>-examples-seeds-<cpu>.json")
     args = parser.parse_args()
@@ -100,7 +105,7 @@ def main() -> None:
     # what was measured, whichever invocations it took (--resume and --out only say where)
     data["command"] = "python benchmarks/quality/examples_seeds.py " + shlex.join(
         ["--examples", *args.examples, "--seeds", *map(str, args.seeds), "--precisions",
-         *args.precisions, "--grouping", *args.grouping])
+         *args.precisions, "--grouping", *args.grouping, *(["--set", *args.set] if args.set else [])])
     if threads := os.environ.get("OMP_NUM_THREADS"):
         data["command"] = f"OMP_NUM_THREADS={threads} " + data["command"]
     done = {(r["example"], r["seed"], r["precision"], r["group_by_length"]) for r in data["rows"]}
@@ -116,7 +121,7 @@ def main() -> None:
                     for grouping in args.grouping:
                         if (example, seed, precision, grouping == "on") in done:
                             continue
-                        row = run_one(example, seed, precision, grouping, Path(work))
+                        row = run_one(example, seed, precision, grouping, Path(work), args.set)
                         print(json.dumps(row), flush=True)
                         data["rows"].append(row)
                         write(path, data)
