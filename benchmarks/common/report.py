@@ -300,14 +300,14 @@ def examples_seeds(files: list[Path]) -> list[str]:
                 f"{example} group_by_length={'on' if grouped else 'off'}")
             table.append([f"`{example.removeprefix('examples/')}`", "bf16" if rs[0]["bf16"] else "fp32",
                           "on" if grouped else "off", rs[0]["metric"],
-                          ", ".join(f"{100 * v:.1f}" for v in values),
+                          ", ".join(f"{r['seed']}: {100 * r['final']:.1f}" for r in rs),
                           f"{100 * statistics.mean(values):.1f}", f"{100 * min(values):.1f}",
                           f"{sum(bool(r['learned']) for r in rs)} of {len(rs)}",
                           f"{statistics.mean(r['train_time_s'] for r in rs):.0f}",
                           f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f}",
                           f"{padded:.2f}" if padded else "-"])
         out += [caption([data["date"]], _flags(data.get("cpu_flags"), path), precisions, data["command"]), "",
-                *_table(["example", "precision", "length grouping", "metric", "seeds 0, 1, 2 (%)", "mean (%)",
+                *_table(["example", "precision", "length grouping", "metric", "seed: value (%)", "mean (%)",
                          "lowest (%)", "learned", "train time (s)", "real tokens/s",
                          "computed tokens per real token"], table), ""]
     return out

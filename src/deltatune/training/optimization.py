@@ -118,8 +118,9 @@ class BatchStream:
     batches compute 1.05 tokens per real token but each holds rows of nearly one length; at 8 they
     compute 1.28 (unsorted batches: 3.0) and each spans an eighth of the length distribution. On
     examples/sst2-minilm-lora.yaml in bf16 at lr 1e-3, 50 left seed 0 at the majority class after
-    a gradient spike in warmup; 8 learned on seeds 0-2. Grouping still costs that example about
-    1.5 points of accuracy, so the example turns it off (benchmarks/quality/examples_seeds.py).
+    a gradient spike in warmup; 8 learned on seeds 0-2. Grouping still costs that example about a
+    point of accuracy and one seed its 85%, so the example turns it off
+    (benchmarks/quality/examples_seeds.py).
     """
 
     MEGA_BATCHES = 8
