@@ -58,7 +58,11 @@ test-latest:
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
 	$(LATEST)/bin/pip install -q $(TORCH)
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test,docs]'
+	# everything else at its newest; torch stays on the CPU wheel (the newest torch here is a
+	# multi-GB CUDA build, and the CPU wheel is what every machine of this kind trains on)
+	echo '$(TORCH)' > $(LATEST)/torch-constraint.txt
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager \
+	  --constraint $(LATEST)/torch-constraint.txt -e '.[test,docs]'
 	$(LATEST)/bin/pip install -q --upgrade --no-deps -r requirements-presets.in
 	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
 	$(LATEST)/bin/mkdocs build --strict --quiet --site-dir $(LATEST)/site
