@@ -103,7 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from deltatune.compare.runner import compare_from_config
 
-    compare_from_config(args.config, args.overrides, methods=args.methods, overwrite=args.overwrite)
+    compare_from_config(args.config, args.overrides, methods=args.methods, overwrite=args.overwrite,
+                        join=args.join)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true",
                            help="write into an output_dir that holds other files, and rerun finished "
                                 "runs made with other settings (matching finished runs are still reused)")
+            p.add_argument("--join", action="store_true",
+                           help="work beside a running comparison with the same config: take search "
+                                "trials and final runs from its study (compare.search.storage)")
         else:
             p.add_argument("--world-size", type=int, default=1,
                            help="per-process memory when torchrun starts N processes")

@@ -1,9 +1,11 @@
-"""A fair comparison: each method at its own searched lr, over seeds and data sizes, then verdicts.
+"""A fair comparison: each method at its own searched settings, over seeds and data sizes, then verdicts.
 
-Stages (each a batch of `deltatune train` children run by compare.jobs, reused when finished):
-1. search (compare.search): short runs per candidate lr on a held-out slice of the training file;
-2. final runs: every method x seed (x data size) at its chosen lr;
+Stages (each a queue of `deltatune train` children in an Optuna study, compare/study.py):
+1. search (compare.search): trials per method on a held-out slice of the training file;
+2. final runs: every method x seed (x data size) at its best trial's settings (reused when
+   finished earlier with the same settings);
 3. forgetting of every final run (causal LMs), rows per seed -> mean ± std, curves, verdicts.
+`deltatune compare CONFIG --join` runs stages 1 and 2 only, beside the process that plans them.
 The runner passes in its own run_method / forgetting / method_run_config, so this module depends
 on none of the runner's internals (and there is no import circle).
 """
@@ -13,71 +15,182 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from deltatune.compare.jobs import Job, check_stale, expected_steps, run_jobs
+from deltatune.compare import study as studies
+from deltatune.compare.jobs import Job, check_stale, expected_steps, progress_for, run_job
 from deltatune.compare.repeats import aggregate, curve_table, plot_curves
 from deltatune.compare.report import _atomic_write, build_rows, write_outputs
-from deltatune.compare.search import candidate_lrs, candidate_values, choose, judge, split_training
-from deltatune.compare.verdicts import search_table, verdicts
+from deltatune.compare.search import (LOWER_IS_BETTER, choose, indistinct, judge, split_training,
+                                      trial_values, trials_for)
+from deltatune.compare.search_report import search_sections
+from deltatune.compare.space import describe, suggest
 from deltatune.config.run import RunConfig
-from deltatune.methods import config_from_dict, default_lr_for
+from deltatune.training.evaluation import default_metric
 
 
-def _budget_line(config: RunConfig, settings: dict, search: dict | None, n_search: int, n_final: int) -> str:
+def _budget_line(config: RunConfig, settings: dict, search: dict | None, n_final: int) -> str:
     parts = []
     if search:
         steps = f"{search['steps']} steps" if search["steps"] else f"{config.train.epochs} epoch(s)"
-        parts.append(f"search: {n_search} candidate runs ({steps} each on {search['rows']} training rows, "
-                     f"scored on {search['heldout_rows']} held-out training rows)")
+        n_search = sum(trials_for(search, m) for m in settings["methods"])
+        parts.append(f"search: {n_search} trials ({steps} each on {search['rows']} training rows, "
+                     f"scored on {search['heldout_rows']} held-out training rows; pruner {search['pruner']})")
     parts.append(f"final: {n_final} runs ({len(settings['methods'])} methods x {len(settings['seeds'])} "
                  f"seed(s) x {1 + len(settings['data_sizes'])} data size(s))")
-    return "; ".join(parts) + f"; {settings['workers']} worker(s)"
+    return "; ".join(parts) + f"; {settings['workers']} worker(s) here"
 
 
-def run_search(config: RunConfig, settings: dict, out_dir: Path, overwrite: bool,
-               run_method: Callable, method_run_config: Callable) -> dict[str, dict]:
-    """{method: {"candidates": [...], "chosen": {...} | None}}."""
-    search = settings["search"]
+def _search_key(row: str, search: dict, base: dict, seed: int) -> dict:
+    """What a study's trials depend on: a rerun with the same key continues the study."""
+    import hashlib
+
+    def digest(path: str) -> str:  # content, not mtime: a worker on another machine has its own copy
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    base = {**base, "output_dir": None}
+    return {"row": row, "space": search["spaces"].get(row), "grid": search["grids"].get(row),
+            "trials": trials_for(search, row), "steps": search["steps"], "rows": search["rows"],
+            "heldout_rows": search["heldout_rows"], "pruner": search["pruner"], "seed": seed,
+            "config": base, "fit": digest(base["data"]["train"]), "heldout": digest(base["data"]["eval"])}
+
+
+def _sampler(search: dict, row: str, seed: int, number: int):
+    """Seeded per trial: the same config gives the same trials, whichever worker runs them."""
+    import optuna
+
+    startup = max(2, trials_for(search, row) // 3)  # random trials first, then TPE
+    return optuna.samplers.TPESampler(seed=seed * 100_003 + number, n_startup_trials=startup)
+
+
+def _pruner(search: dict, steps: int):
+    import optuna
+
+    if search["pruner"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 2))
+    if search["pruner"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool, overwrite: bool,
+                   storage, run_method: Callable, method_run_config: Callable) -> tuple[list, Callable]:
+    """The search studies (created or continued; awaited with --join) and a worker for them."""
+    import optuna
+
+    search, seed = settings["search"], settings["seeds"][0]
     fit, heldout = split_training(config, search, out_dir)
-    jobs, lrs = [], {}
-    for name in settings["methods"]:
-        values = method_run_config(config, settings, name, out_dir)
-        values["train"]["seed"] = settings["seeds"][0]
-        lrs[name] = candidate_lrs(search, name, default_lr_for(config_from_dict(values["method"])))
-        for lr in lrs[name]:
-            job_id = f"search-{name}-lr{lr:g}"
-            candidate = candidate_values(values, lr, fit, heldout, search, out_dir / "runs" / job_id)
-            jobs.append(Job(job_id, candidate, expected_steps(candidate, search["rows"]),
-                            f"search {name} lr {lr:g}"))
-    check_stale(jobs, out_dir, overwrite)
-    done = run_jobs(jobs, out_dir, settings["workers"], run_method, "search")
+    metric = config.train.metric or default_metric(config.task)
+    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    contexts = {}
+    for row in settings["methods"]:
+        values = method_run_config(config, settings, row, out_dir)
+        values["train"]["seed"] = seed
+        base = trial_values(values, {}, fit, heldout, search, out_dir / "runs" / "search")
+        key = _search_key(row, search, base, seed)
+        name = f"{studies.study_prefix(out_dir)}/search/{row}"
+        if join:
+            studies.wait_for(storage, name, key)
+        else:
+            entries = ([(params, {}) for params in search["grids"][row]] if row in search["grids"]
+                       else [({}, {}) for _ in range(search["trials"])])
+            studies.prepare(storage, name, key, entries, direction, overwrite)
+        contexts[row] = (name, values, expected_steps(base, search["rows"]))
+
+    def run_trial(row: str, study, trial_id: int) -> None:
+        _, values, steps = contexts[row]
+        number = study._storage.get_trial_number_from_id(trial_id)
+        study.sampler = _sampler(search, row, seed, number)
+        trial = optuna.trial.Trial(study, trial_id)
+        space = search["grids"][row][0].keys() if row in search["grids"] else None
+        params = ({k: trial.suggest_categorical(k, [g[k] for g in search["grids"][row]]) for k in space}
+                  if space else suggest(trial, search["spaces"][row]))
+        job_id = f"search-{row}-t{number}"
+        run_dir = out_dir / "runs" / job_id
+        candidate = trial_values(values, params, fit, heldout, search, run_dir)
+        trial.set_user_attr("worker", studies.worker_name())
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        print(f"[search] {row} trial {number}: {shown}", flush=True)
+        from deltatune.training.run_dir import partial_dir
+
+        watch = studies.Watch(trial, partial_dir(run_dir) / "metrics.jsonl", metric)
+        summary = run_method(candidate, out_dir / "jobs" / job_id, on_start=watch.start)
+        if watch.pruned:
+            trial.set_user_attr("status", "pruned")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            print(f"[search] {row} trial {number}: pruned (held-out {metric} lagged)", flush=True)
+            return
+        verdict = judge(summary)
+        for key in ("status", "why", "loss", "learned", "why_not_learned"):
+            if verdict.get(key) is not None:
+                trial.set_user_attr(key, verdict[key])
+        if verdict["status"] == "ok":
+            study.tell(trial, verdict["score"])
+            print(f"[search] {row} trial {number}: held-out {metric} {verdict['score']:.4f}, "
+                  f"loss {verdict.get('loss') or float('nan'):.4f}", flush=True)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            print(f"[search] {row} trial {number}: {verdict['status']}: {verdict.get('why', '')}", flush=True)
+
+    def work() -> int:
+        # each thread its own study objects (a sampler is set per trial)
+        queues = []
+        for row, (name, _, steps) in contexts.items():
+            study = studies.load(storage, name, pruner=_pruner(search, steps))
+            queues.append((study, lambda s, t, row=row: run_trial(row, s, t)))
+        return studies.drain(queues)
+
+    return [name for name, _, _ in contexts.values()], work
+
+
+def collect(storage, names: dict[str, str], search: dict, metric: str) -> dict[str, dict]:
+    """{row: {"candidates": [...], "chosen": {...} | None, "indistinct": why | None, "study": name}}."""
+    from optuna.trial import TrialState
+
     result = {}
-    for name in settings["methods"]:
-        candidates = [{"lr": lr, **judge(done[f"search-{name}-lr{lr:g}"])} for lr in lrs[name]]
-        result[name] = {"candidates": candidates, "chosen": choose(candidates)}
-        shown = ", ".join(f"{c['lr']:g}: " + (f"{c['score']:.4f}" if c["status"] == "ok" else c["status"])
-                          for c in candidates)
-        chosen = result[name]["chosen"]
-        print(f"search {name}: {shown} -> " + (f"lr {chosen['lr']:g}" if chosen else "every candidate failed"),
-              flush=True)
+    for row, name in names.items():
+        study = studies.load(storage, name)
+        candidates = []
+        for trial in study.get_trials(deepcopy=False):
+            attrs = trial.user_attrs
+            entry = {"number": trial.number, "params": dict(trial.params), "metric": metric,
+                     "intermediate": dict(trial.intermediate_values), "worker": attrs.get("worker")}
+            if trial.state == TrialState.COMPLETE:
+                entry.update(status="ok", score=trial.value, loss=attrs.get("loss"), learned=attrs.get("learned"),
+                             why_not_learned=attrs.get("why_not_learned"))
+            elif trial.state == TrialState.PRUNED:
+                last = max(trial.intermediate_values) if trial.intermediate_values else None
+                entry.update(status="pruned", score=trial.intermediate_values.get(last) if last else None,
+                             step=last)
+            elif trial.state == TrialState.FAIL and "status" in attrs:
+                entry.update(status=attrs["status"], why=attrs.get("why", ""))
+            elif trial.state == TrialState.FAIL:
+                entry.update(status="lost", why="its worker stopped (no heartbeat); run again as a new trial")
+            else:
+                continue
+            candidates.append(entry)
+        chosen = choose(candidates)
+        why_same = indistinct(candidates, search["heldout_rows"])
+        result[row] = {"candidates": candidates, "chosen": None if why_same else chosen,
+                       "best": chosen, "indistinct": why_same, "study": name}
     return result
 
 
-def final_jobs(config: RunConfig, settings: dict, out_dir: Path, lrs: dict[str, float | None],
+def final_jobs(config: RunConfig, settings: dict, out_dir: Path, params: dict[str, dict | None],
                method_run_config: Callable) -> dict[tuple, Job]:
-    """{(method, seed, size or None): Job}; size None is the run's own training budget."""
+    """{(method, seed, size or None): Job}; size None is the run's own training budget. `params`:
+    each method's searched settings ({} for its defaults); a method missing from it failed."""
+    from deltatune.compare.space import apply_params
+
     jobs = {}
     sizes = [None] + [s for s in settings["data_sizes"] if s != config.data.max_train_rows]
     for name in settings["methods"]:
-        if name not in lrs:
+        if name not in params:
             continue
         for size in sizes:
             for seed in settings["seeds"]:
                 job_id = name + (f"-s{seed}" if len(settings["seeds"]) > 1 else "") + (f"-n{size}" if size else "")
-                values = method_run_config(config, settings, name, out_dir)
+                values = apply_params(method_run_config(config, settings, name, out_dir), params[name] or {})
                 values["output_dir"] = str(out_dir / "runs" / job_id)
                 values["train"]["seed"] = seed
-                if lrs[name] is not None:
-                    values["train"]["lr"] = lrs[name]
                 if size:
                     values["data"]["max_train_rows"] = size
                 rows = size or config.data.max_train_rows
@@ -86,24 +199,91 @@ def final_jobs(config: RunConfig, settings: dict, out_dir: Path, lrs: dict[str, 
     return jobs
 
 
+def _final_queue(storage, out_dir: Path, jobs: dict[tuple, Job], settings: dict, join: bool,
+                 overwrite: bool, run_method: Callable) -> tuple[str, Callable]:
+    import optuna
+
+    name = f"{studies.study_prefix(out_dir)}/final"
+    by_id = {job.id: job for job in jobs.values()}
+    key = {"jobs": {job.id: {**job.values} for job in jobs.values()}}
+    if join:
+        studies.wait_for(storage, name, key)
+    else:
+        check_stale(list(jobs.values()), out_dir, overwrite)
+        studies.prepare(storage, name, key, [({}, {"job": job.id}) for job in jobs.values()],
+                        "maximize", overwrite, fresh=True)
+    progress = progress_for(list(jobs.values()), out_dir, settings["workers"], "final")
+
+    def run_trial(study, trial_id: int) -> None:
+        trial = study._storage.get_trial(trial_id)
+        summary = run_job(by_id[trial.user_attrs["job"]], out_dir, run_method, progress, "final")
+        study._storage.set_trial_user_attr(trial_id, "worker", studies.worker_name())
+        study._storage.set_trial_user_attr(trial_id, "summary", json.loads(json.dumps(summary, default=str)))
+        score = (summary.get("final_eval") or {}).get(summary.get("metric") or "")
+        if "error" in summary or score is None:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial.number, float(score))
+
+    def work() -> int:
+        return studies.drain([(studies.load(storage, name), run_trial)])
+
+    return name, work
+
+
+def _summaries(storage, name: str) -> dict[str, dict]:
+    """Each final run's summary, from the study (a run may have trained on another machine)."""
+    study = studies.load(storage, name)
+    found = {}
+    for trial in study.get_trials(deepcopy=False):
+        if "summary" in trial.user_attrs:
+            found[trial.user_attrs["job"]] = trial.user_attrs["summary"]
+    return found
+
+
 def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path, overwrite: bool,
-                   run_method: Callable, forgetting: Callable, method_run_config: Callable) -> list[dict]:
+                   run_method: Callable, forgetting: Callable, method_run_config: Callable,
+                   join: bool = False) -> list[dict]:
     search = settings["search"]
     methods, seeds = settings["methods"], settings["seeds"]
-    n_search = sum(len(candidate_lrs(search, m, 1.0)) for m in methods) if search else 0  # only the count
     n_final = len(methods) * len(seeds) * (1 + len([s for s in settings["data_sizes"]
                                                     if s != config.data.max_train_rows]))
-    print("budget: " + _budget_line(config, settings, search, n_search, n_final), flush=True)
-    searched = run_search(config, settings, out_dir, overwrite, run_method, method_run_config) if search else {}
-    lrs = {m: (searched[m]["chosen"] or {}).get("lr") if search else None for m in methods}
-    failed = {m: "every lr diverged or failed in the search (" + "; ".join(
-        f"{c['lr']:g}: {c.get('why', c['status'])}" for c in searched[m]["candidates"]) + ")"
-        for m in methods if search and lrs[m] is None}
-    jobs = final_jobs(config, settings, out_dir, {m: lr for m, lr in lrs.items() if m not in failed},
+    url = studies.storage_url(search, out_dir)
+    storage = studies.open_storage(url)
+    metric = config.train.metric or default_metric(config.task)
+    searched = {}
+    if search:
+        names, work = _search_queues(config, settings, out_dir, join, overwrite, storage, run_method,
+                                     method_run_config)
+        print("budget: " + _budget_line(config, settings, search, n_final), flush=True)
+        for row in methods:
+            if row in search["spaces"]:
+                print(f"search {row}: {trials_for(search, row)} trials over {describe(search['spaces'][row])}",
+                      flush=True)
+        ran = studies.in_threads(settings["workers"], work)
+        searched = collect(storage, dict(zip(methods, names)), search, metric)
+        for row, result in searched.items():
+            chosen = result["chosen"]
+            print(f"search {row}: " + (f"best trial {chosen['number']} {chosen['params']}" if chosen else
+                                       f"{result['indistinct']}: the method's defaults" if result["indistinct"] else
+                                       "every trial failed"), flush=True)
+        if join:
+            print(f"--join: ran {ran} search trials here", flush=True)
+    else:
+        print("budget: " + _budget_line(config, settings, search, n_final), flush=True)
+    params = {m: (searched[m]["chosen"] or {}).get("params", {}) if search else {} for m in methods}
+    failed = {m: "every trial diverged or failed in the search (" + "; ".join(
+        f"trial {c['number']}: {c.get('why', c['status'])}" for c in searched[m]["candidates"]) + ")"
+        for m in methods if search and searched[m]["best"] is None}
+    jobs = final_jobs(config, settings, out_dir, {m: p for m, p in params.items() if m not in failed},
                       method_run_config)
-    check_stale(list(jobs.values()), out_dir, overwrite)
-    done = run_jobs(list(jobs.values()), out_dir, settings["workers"], run_method, "final")
-    summaries = {key: done[job.id] for key, job in jobs.items()}
+    name, work = _final_queue(storage, out_dir, jobs, settings, join, overwrite, run_method)
+    ran = studies.in_threads(settings["workers"], work)
+    if join:
+        print(f"--join: ran {ran} final runs here; the comparison's own process writes the report", flush=True)
+        return []
+    done = _summaries(storage, name)
+    summaries = {key: done.get(job.id, {"error": "not run"}) for key, job in jobs.items()}
     forgot = None
     if config.task == "causal-lm":
         forgot = forgetting(config, settings, {jobs[k].id: s for k, s in summaries.items()})
@@ -119,11 +299,15 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     rows = aggregate([rows_for(seed, None, True) for seed in seeds])
     for row in rows:
         if row["method"] in searched:
-            row["search"] = searched[row["method"]]["candidates"]
-            row["chosen_lr"] = lrs[row["method"]]
+            result = searched[row["method"]]
+            row["search"] = result["candidates"]
+            row["chosen_params"] = (result["chosen"] or {}).get("params")
+            row["chosen_lr"] = (row["chosen_params"] or {}).get("lr")
+            if result["indistinct"]:
+                row["search_indistinct"] = result["indistinct"]
     sections = []
     if search:
-        sections.append(("Learning-rate search", search_table(searched, search)))
+        sections += search_sections(searched, search, storage, out_dir, _atomic_write)
     curves = None
     if settings["data_sizes"]:
         curves = {}
@@ -137,8 +321,10 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
         _atomic_write(out_dir / "curves.json",
                       (json.dumps({str(k): v for k, v in curves.items()}, indent=2, default=str) + "\n").encode())
         sections.append(("Learning curves", curve_table(curves, config.task) + "\n\n![learning curves](curves.png)"))
-    sections.append(("Verdicts on the seed's claims", verdicts(rows, curves, config.task)))
+    from deltatune.compare.verdicts import verdicts
+
+    sections.append(("Verdicts on the seed's claims", verdicts(rows, curves, config.task, searched)))
     note = (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
     if search:
-        note += "; each method at the lr its search chose on held-out training rows"
+        note += "; each method at the settings its search chose on held-out training rows"
     return write_outputs(out_dir, config, {}, plans, forgot, rows=rows, sections=sections, note=note)

@@ -1,8 +1,8 @@
-"""The comparison's many training runs: concurrent workers, reuse of finished runs, progress + ETA.
+"""The comparison's many training runs: reuse of finished runs, progress + ETA.
 
-A job is one `deltatune train` child (a search candidate, or a final run of one method, seed and
-data size). Its run directory is `OUT/runs/JOB_ID`; the run trains into a partial directory and
-renames it at the end, so a `summary.json` there means the run finished. Beside it the comparison
+A job is one `deltatune train` child (a final run of one method, seed and data size; the
+workers of compare/study.py take them from the study's queue). Its run directory is
+`OUT/runs/JOB_ID`; the run trains into a partial directory and renames it at the end, so a `summary.json` there means the run finished. Beside it the comparison
 keeps `OUT/jobs/JOB_ID/key.json`: the exact run config and the training/eval files' size and
 modification time, written only after the run finished. Running the comparison again:
 - a finished run whose key matches is reused (an interrupted comparison continues where it stopped);
@@ -17,7 +17,6 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -118,46 +117,30 @@ class Progress:
         return f"{remaining / 60:.0f} min" if remaining >= 90 else f"{remaining:.0f} s"
 
 
-def run_jobs(jobs: list[Job], out_dir: Path, workers: int, run_method: Callable[[dict, Path], dict],
-             stage: str) -> dict[str, dict]:
-    """Each job's summary (or {"error": ...}), reusing finished ones; `workers` children at once,
-    the CPU threads divided between them."""
+def run_job(job: Job, out_dir: Path, run_method: Callable[..., dict], progress: Progress, stage: str) -> dict:
+    """One job's summary (or {"error": ...}): reused when it finished earlier with these settings."""
+    state, _ = finished_state(job, out_dir)
+    run_dir = Path(job.values["output_dir"])
+    if state == "reuse":
+        progress.start(job, reused=True)
+        return json.loads((run_dir / SUMMARY).read_text())
+    progress.start(job, reused=False)
+    tick = time.time()
+    # run_method writes the child's config under its second argument; one folder per job.
+    summary = run_method(job.values, out_dir / "jobs" / job.id)
+    progress.finish(job, time.time() - tick)
+    outcome = f"failed: {summary['error']}" if "error" in summary else "done"
+    print(f"[{stage}] {job.label}: {outcome} after {time.time() - tick:.0f} s", flush=True)
+    if "error" not in summary:
+        key = json.dumps(job_key(job), default=str, indent=1)
+        tmp = out_dir / "jobs" / job.id / f"key.json.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(key)
+        os.replace(tmp, tmp.parent / "key.json")
+    return summary
+
+
+def progress_for(jobs: list[Job], out_dir: Path, workers: int, stage: str) -> Progress:
     # the ETA counts only the steps still to train: reused runs cost nothing
     to_train = sum(j.steps for j in jobs if finished_state(j, out_dir)[0] != "reuse")
-    progress = Progress(len(jobs), to_train, workers, stage)
-
-    def one(job: Job) -> dict:
-        state, _ = finished_state(job, out_dir)
-        run_dir = Path(job.values["output_dir"])
-        if state == "reuse":
-            progress.start(job, reused=True)
-            return json.loads((run_dir / SUMMARY).read_text())
-        progress.start(job, reused=False)
-        tick = time.time()
-        # run_method writes the child's config under its second argument; one folder per job.
-        summary = run_method(job.values, out_dir / "jobs" / job.id)
-        progress.finish(job, time.time() - tick)
-        outcome = f"failed: {summary['error']}" if "error" in summary else "done"
-        print(f"[{stage}] {job.label}: {outcome} after {time.time() - tick:.0f} s", flush=True)
-        if "error" not in summary:
-            key = json.dumps(job_key(job), default=str, indent=1)
-            tmp = out_dir / "jobs" / job.id / "key.json.tmp"
-            tmp.write_text(key)
-            os.replace(tmp, tmp.with_suffix(""))
-        return summary
-
-    if workers <= 1:
-        return {job.id: one(job) for job in jobs}
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, jobs))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return {job.id: result for job, result in zip(jobs, results)}
+    return Progress(len(jobs), to_train, workers, stage)

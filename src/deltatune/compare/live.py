@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import IO
+from typing import IO, Callable
 
 PROGRESS_ENV = "DELTATUNE_PROGRESS"  # "1": show the progress bar even on a pipe; "0": never
 TAIL_CHARS = 4000
@@ -34,11 +34,15 @@ def child_env() -> dict[str, str]:
 
 
 def run_relayed(command: list[str], env: dict[str, str] | None = None,
-                out: IO[str] | None = None) -> tuple[int, str]:
+                out: IO[str] | None = None,
+                on_start: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, str]:
     """Run `command`, copying its stderr to `out` (default: our stderr) as it arrives.
-    Returns (exit code, the last TAIL_CHARS of its stderr)."""
+    Returns (exit code, the last TAIL_CHARS of its stderr). `on_start` gets the child (the
+    search watches a trial's progress and may stop it)."""
     out = out if out is not None else sys.stderr
     process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+    if on_start is not None:
+        on_start(process)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tail = ""
     try:

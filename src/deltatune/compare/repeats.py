@@ -68,6 +68,11 @@ def aggregate(rows_per_seed: list[list[dict]]) -> list[dict]:
                 if key in SPREAD:
                     row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         row["scores"] = [r.get("score") for r in ok]
+        misses = sum(r.get("learned") is False for r in ok)  # seeds that did not learn
+        if any(r.get("learned") is not None for r in ok):
+            row["learned"] = misses < len(ok)
+        if 0 < misses < len(ok):
+            row["not_learned_seeds"] = misses
         assert row["method"] == name
         merged.append(row)
     return merged

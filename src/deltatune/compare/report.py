@@ -48,7 +48,10 @@ def build_rows(config: RunConfig, runs: dict[str, dict], plans: dict, forgot: di
                 peak_memory_kind=summary["peak_memory_kind"],
                 saved_mb=summary["saved_size_bytes"] / MB,
                 full_copy_mb=4 * (summary["total_params"] - (0 if name == "full" else summary["trainable_params"])) / MB,
-                lr=summary.get("lr"), final_eval=summary.get("final_eval"))
+                lr=summary.get("lr"), final_eval=summary.get("final_eval"),
+                learned=summary.get("learned"),
+                not_learned_why=(summary.get("did_not_learn") or {}).get("reason"),
+                no_skill=(summary.get("final_eval") or {}).get("majority_share"))
         if plan is not None:
             row["planned_peak_mb"] = plan.predicted_peak_bytes / MB
             if "peak_memory_mb" in row:
@@ -69,6 +72,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
             return "n/a"
         if "error" in row and key not in ("method",):
             return "failed" if key == "score" else ""
+        if key == "score" and not learned(row):
+            return f"{fmt.format(row[key])} (did not learn)" if row.get(key) is not None else "did not learn"
         value = row.get(key)
         if value is not None and row.get(f"{key}_std") is not None:  # mean ± std over seeds
             std = fmt.format(row[f"{key}_std"]).lstrip("+")
@@ -85,6 +90,12 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                      for r in table)
 
 
+def learned(row: dict) -> bool:
+    """False when the run's evaluations stayed at the no-information level (training/collapse.py):
+    the majority class, or no better than the label frequencies. Unknown counts as learned."""
+    return row.get("learned") is not False
+
+
 def reading(rows: list[dict], task: str) -> str:
     """A short, generated reading of the table: numbers only, no folklore."""
     ok = [r for r in rows if "error" not in r and r.get("score") is not None]
@@ -92,7 +103,22 @@ def reading(rows: list[dict], task: str) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"- **{r['method']}** failed: {r['error']}")
+    for r in ok:
+        if not learned(r):
+            lines.append(f"- **{r['method']} did not learn**: {r.get('not_learned_why') or 'no-information level'}; "
+                         "its score is no result, and nothing below is drawn from it.")
+        elif r.get("not_learned_seeds"):
+            lines.append(f"- {r['method']}: {r['not_learned_seeds']} of {r.get('seeds', 1)} seeds did not learn; "
+                         "its mean includes them.")
+    for r in rows:
+        if r.get("search_indistinct"):
+            lines.append(f"- {r['method']}: its search could not tell the trials apart "
+                         f"({r['search_indistinct']}); the final runs use the method's defaults.")
     if not ok:
+        return "\n".join(lines)
+    ok = [r for r in ok if learned(r)]
+    if not ok:
+        lines.append("- No method learned: there is no ranking to read from this table.")
         return "\n".join(lines)
     best = max(ok, key=lambda r: r["score"])
     lines.append(f"- Best task score: **{best['method']}** ({best['score']:.2%}).")
@@ -143,6 +169,25 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def place_labels(anchors: list[tuple[float, float]], sizes: list[tuple[float, float]],
+                 offset: tuple[float, float] = (8.0, 6.0), gap: float = 2.0) -> list[tuple[float, float]]:
+    """Label positions (lower-left corners, in pixels) beside each anchor point so that no two
+    label boxes overlap: a label that would cover an earlier one moves down (then up) a line at
+    a time. Points with tied scores otherwise print their labels on top of each other."""
+    placed: list[tuple[float, float, float, float]] = []
+    positions = []
+    for (x, y), (w, h) in zip(anchors, sizes):
+        base_x, base_y = x + offset[0], y + offset[1]
+        for shift in range(0, 200):
+            step = (shift + 1) // 2 * (h + gap) * (-1 if shift % 2 else 1)  # 0, -1, +1, -2, +2 lines ...
+            box = (base_x, base_y + step, base_x + w, base_y + step + h)
+            if all(box[2] <= p[0] or box[0] >= p[2] or box[3] <= p[1] or box[1] >= p[3] for p in placed):
+                break
+        placed.append(box)
+        positions.append((box[0], box[1]))
+    return positions
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -154,20 +199,40 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     peak = max((r["peak_memory_mb"] for r in ok), default=1.0)
     for r in ok:
         size = 80 + 900 * r["peak_memory_mb"] / peak
-        ax.scatter(r["trainable_params"], 100 * r["score"], s=size, alpha=0.55)
+        if learned(r):
+            ax.scatter(r["trainable_params"], 100 * r["score"], s=size, alpha=0.55)
+        else:  # a hollow grey marker: no result
+            ax.scatter(r["trainable_params"], 100 * r["score"], s=size, facecolors="none", edgecolors="0.4",
+                       linestyle="--")
         if r.get("score_std"):  # std over seeds
             ax.errorbar(r["trainable_params"], 100 * r["score"], yerr=100 * r["score_std"], fmt="none",
                         ecolor="0.3", capsize=4)
-        ax.annotate(f"{r['method']}\n{r['peak_memory_mb']:.0f} MB", (r["trainable_params"], 100 * r["score"]),
-                    textcoords="offset points", xytext=(8, 6), fontsize=8)
+    no_skill = [r["no_skill"] for r in ok if r.get("no_skill") is not None]
+    if no_skill and ok[0].get("metric") == "accuracy":
+        ax.axhline(100 * max(no_skill), color="0.35", linestyle=":", linewidth=1.2,
+                   label=f"no skill: majority class {100 * max(no_skill):.1f}%")
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.15)  # room for the labels beside the largest markers
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"{ok[0]['metric'] if ok else 'score'} (%)")
-    ax.set_title(title + "\n(marker size: peak memory)", fontsize=10)
+    ax.set_title(title + "\n(marker size: peak memory; hollow: did not learn)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    buffer = io.BytesIO()
     fig.tight_layout()
+    fig.canvas.draw()  # the data-to-pixel transform is final only now
+    texts = [f"{r['method']}{'' if learned(r) else ' (did not learn)'}\n{r['peak_memory_mb']:.0f} MB" for r in ok]
+    anchors = [tuple(ax.transData.transform((r["trainable_params"], 100 * r["score"]))) for r in ok]
+    px_per_pt = fig.dpi / 72
+    sizes = [(8 * 0.62 * max(map(len, t.splitlines())) * px_per_pt + 4, 2 * 8 * 1.25 * px_per_pt + 2) for t in texts]
+    order = sorted(range(len(ok)), key=lambda i: (anchors[i][0], -anchors[i][1]))
+    placed = place_labels([anchors[i] for i in order], [sizes[i] for i in order])
+    for i, (lx, ly) in zip(order, placed):
+        ax.annotate(texts[i], (ok[i]["trainable_params"], 100 * ok[i]["score"]), textcoords="offset points",
+                    xytext=((lx - anchors[i][0]) / px_per_pt, (ly - anchors[i][1]) / px_per_pt), fontsize=8,
+                    va="bottom", ha="left",
+                    arrowprops=({"arrowstyle": "-", "color": "0.6", "lw": 0.6}
+                                if abs(ly - anchors[i][1] - 6.0) > 1 else None))
+    buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     _atomic_write(path, buffer.getvalue())

@@ -11,7 +11,7 @@ The `compare:` section of a run config (all optional):
       lora: {method: {r: 16}, train: {lr: 1.0e-3}}
     forgetting_data: ../shared/data/wikitext2/test.jsonl   # causal LMs only
     forgetting_max_rows: 300
-    search: {lr: auto}         # per-method lr search on held-out TRAINING rows (compare/search.py)
+    search: {trials: 8}        # per-method Optuna search on held-out TRAINING rows (compare/search.py)
     seeds: [0, 1]; data_sizes: [250, 1000]; workers: 2   # compare/repeats.py, compare/jobs.py
 """
 from __future__ import annotations
@@ -46,14 +46,14 @@ def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
     return values
 
 
-def run_method(values: dict, out_dir: Path) -> dict[str, Any]:
+def run_method(values: dict, out_dir: Path, on_start=None) -> dict[str, Any]:
     """Train one method in a child process, its progress shown live (compare/live.py); returns
-    its summary (or the one-line error: the last line of its stderr)."""
+    its summary (or the one-line error: the last line of its stderr). `on_start`: see run_relayed."""
     config_path = out_dir / "configs" / f"{Path(values['output_dir']).name}.yaml"  # the row's name
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(values, sort_keys=False))
     command = [sys.executable, "-m", "deltatune.cli", "train", str(config_path), "--overwrite"]
-    returncode, tail = run_relayed(command, child_env())
+    returncode, tail = run_relayed(command, child_env(), on_start=on_start)
     if returncode != 0:
         return {"error": last_line(tail, returncode)}
     return json.loads((Path(values["output_dir"]) / "summary.json").read_text())
@@ -97,8 +97,12 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
 
 
 def compare_from_config(config_path: str, overrides: list[str], methods: str | None = None,
-                        overwrite: bool = False) -> list[dict]:
+                        overwrite: bool = False, join: bool = False) -> list[dict]:
+    """`join`: a worker beside the comparison's own process (same config and storage): it runs
+    search trials and final runs from the shared study and writes no report."""
     from deltatune.compare.plan import plan_methods
+    from deltatune.compare.search import read_search
+    from deltatune.compare.settings import row_method_options
     from deltatune.models import release_freed_memory
 
     config, settings = read_compare_config(config_path, overrides)
@@ -106,17 +110,22 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
         settings["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
         for name in settings["methods"]:
             check_row(name, "--methods")
+        settings["search"] = read_search((config.compare or {}).get("search"), settings["methods"],
+                                         row_method_options(config, settings["per_method"], settings["methods"]))
     out_dir = Path(config.output_dir)
     # An earlier comparison here (it has jobs/) is continued: finished runs with the same settings
     # are reused, stale ones refused unless --overwrite (compare.jobs). Anything else is not ours.
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not (out_dir / "jobs").is_dir():
+    if (not join and out_dir.exists() and any(out_dir.iterdir()) and not overwrite
+            and not (out_dir / "jobs").is_dir() and not (out_dir / "study.db").exists()):
         raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(config, out_dir / "config.yaml")
-    print(f"planning {', '.join(settings['methods'])} ...", flush=True)
-    plans = {p.method: p for p in plan_methods(config, settings["methods"], settings["per_method"])}
-    release_freed_memory()
+    plans = {}
+    if not join:
+        save_run_config(config, out_dir / "config.yaml")
+        print(f"planning {', '.join(settings['methods'])} ...", flush=True)
+        plans = {p.method: p for p in plan_methods(config, settings["methods"], settings["per_method"])}
+        release_freed_memory()
     from deltatune.compare.fair import run_comparison  # search, seeds, sizes, reuse: compare/fair.py
 
     return run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
-                          forgetting=forgetting, method_run_config=method_run_config)
+                          forgetting=forgetting, method_run_config=method_run_config, join=join)

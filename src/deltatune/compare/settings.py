@@ -66,8 +66,18 @@ def read_compare_config(path: str, overrides: list[str]) -> tuple[RunConfig, dic
     from deltatune.compare.search import read_search
 
     settings.update(read_repeats(settings, config.train.seed, config.data.max_train_rows),
-                    search=read_search(settings.get("search"), methods))
+                    search=read_search(settings.get("search"), methods, row_method_options(config, per_method, methods)))
     return config, settings
+
+
+def row_method_options(config: RunConfig, per_method: dict, rows: list[str]) -> dict[str, dict]:
+    """Each row's `method:` mapping as its runs get it (the search checks its space against it)."""
+    options = {}
+    for row in rows:
+        method = split_row(row)[0]
+        shared = config.method if (config.method or {}).get("name") == method else {}
+        options[row] = {**shared, **row_settings(per_method, row).get("method", {}), "name": method}
+    return options
 
 
 def check_row(row: str, where: str) -> None:

@@ -6,31 +6,8 @@ small. Each verdict names the numbers it rests on; "level" means within noise (c
 """
 from __future__ import annotations
 
+from deltatune.compare.report import learned
 from deltatune.compare.repeats import level, noise, spread
-
-
-def search_table(searched: dict[str, dict], search: dict) -> str:
-    lines = [f"Held-out score per candidate lr ({search['rows']} training rows to fit, "
-             f"{search['heldout_rows']} other training rows to score; the eval file is not used):", "",
-             "| method | candidates (lr: held-out score) | chosen lr |", "|---|---|---|"]
-    for name, result in searched.items():
-        cells = []
-        for c in result["candidates"]:
-            if c["status"] == "ok":
-                cells.append(f"{c['lr']:g}: {c['score']:.4f}")
-            else:
-                cells.append(f"{c['lr']:g}: **{c['status']}** ({c.get('why', '')[:80]})")
-        chosen = result["chosen"]
-        lines.append(f"| {name} | " + "; ".join(cells) + f" | {chosen['lr']:g} |" if chosen else
-                     f"| {name} | " + "; ".join(cells) + " | none |")
-    # A choice at the end of the grid means the best lr may lie beyond it.
-    edge = [name for name, result in searched.items() if result["chosen"] and len(result["candidates"]) > 1
-            and result["chosen"]["lr"] in (min(c["lr"] for c in result["candidates"]),
-                                           max(c["lr"] for c in result["candidates"]))]
-    if edge:
-        lines += ["", f"Chosen at the edge of its grid: {', '.join(edge)} — a wider grid may find a better lr "
-                      "(a short search also tends to favour larger lrs than a longer run would)."]
-    return "\n".join(lines)
 
 
 def _pts(a: float) -> str:
@@ -111,7 +88,7 @@ def _small_data(curves: dict | None) -> str:
     sizes = sorted(curves)
 
     def gap_at(size: int) -> tuple[float, dict, dict] | None:
-        ok = [r for r in curves[size] if "error" not in r and r.get("score") is not None]
+        ok = [r for r in curves[size] if "error" not in r and r.get("score") is not None and learned(r)]
         full = next((r for r in ok if r["method"] == "full"), None)
         peft = [r for r in ok if r is not full]
         if full is None or not peft:
@@ -138,10 +115,20 @@ def _small_data(curves: dict | None) -> str:
             f"({bl['method']}).")
 
 
-def verdicts(rows: list[dict], curves: dict | None, task: str) -> str:
-    ok = [r for r in rows if "error" not in r and r.get("score") is not None]
+def verdicts(rows: list[dict], curves: dict | None, task: str, searched: dict | None = None) -> str:
+    finished = [r for r in rows if "error" not in r and r.get("score") is not None]
+    ok = [r for r in finished if learned(r)]
+    idle = [r["method"] for r in finished if not learned(r)]
+    aside = (f"Left out of every verdict — did not learn: {', '.join(idle)}." if idle else "")
     if not ok:
-        return "No method finished; no verdict."
+        return ("No method learned; no verdict. " + aside).strip() if finished else "No method finished; no verdict."
     full = next((r for r in ok if r["method"] == "full"), None)
-    return "\n\n".join(["- " + _quality(ok, full), "- " + _cost(ok, full), "- " + _forgetting(ok, full, task),
-                        "- " + _small_data(curves)])
+    items = ["- " + _quality(ok, full), "- " + _cost(ok, full), "- " + _forgetting(ok, full, task),
+             "- " + _small_data(curves)]
+    blind = [f"{name} ({result['indistinct']})" for name, result in (searched or {}).items() if result.get("indistinct")]
+    if blind:
+        items.append("- **Search** — could not tell the trials apart, so these ran at the method's defaults "
+                     "rather than tuned settings: " + "; ".join(blind) + ".")
+    if aside:
+        items.append("- " + aside)
+    return "\n\n".join(items)

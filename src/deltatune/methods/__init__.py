@@ -64,6 +64,9 @@ class Method:
     default_lr: float = 5e-4
     # Named presets of this method's options, chosen like methods: {"dora": {"use_dora": True}}.
     variants: dict[str, dict] = field(default_factory=dict)
+    # What `compare.search` tunes besides the lr (always searched, log-uniform around the default):
+    # option -> (low, high, "log" | "linear") for a range, or a list of choices. {}: the lr only.
+    search_space: dict[str, tuple | list] = field(default_factory=dict)
 
 
 _METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3")

@@ -285,4 +285,5 @@ METHOD = Method(
                  "so its effect depends on the input and cannot be folded into the base weights; "
                  "keep the adapter separate (load_adapter) or use LoRA if you need a merged model",
     default_lr=1e-3,
+    search_space={"bottleneck_size": [8, 16, 32, 64, 128]},
 )

@@ -372,4 +372,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
                 from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora,
                 default_lr=1e-3,  # with alpha = 2r; SST-2/MiniLM all-linear r=8: 84.4% in one pass
-                variants={"dora": {"use_dora": True}})
+                variants={"dora": {"use_dora": True}},
+                search_space={"r": [4, 8, 16, 32], "alpha": (4, 64, "log")})

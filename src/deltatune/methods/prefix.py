@@ -117,4 +117,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 METHOD = Method(name="prefix", config=PrefixConfig, apply=apply_prefix, to_peft=prefix_to_peft,
                 from_peft=prefix_from_peft, state_dict=virtual_state_dict,
                 load_state_dict=load_virtual_state_dict, why_no_merge=WHY_NO_MERGE, default_lr=3e-2,
-                variants={"prefix-lstm": {"projection": "lstm"}})
+                variants={"prefix-lstm": {"projection": "lstm"}},
+                search_space={"num_virtual_tokens": [10, 20, 50]})

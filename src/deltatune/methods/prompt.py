@@ -100,4 +100,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="prompt", config=PromptTuningConfig, apply=apply_prompt, to_peft=prompt_to_peft,
                 from_peft=prompt_from_peft, state_dict=virtual_state_dict,
-                load_state_dict=load_virtual_state_dict, why_no_merge=WHY_NO_MERGE, default_lr=3e-2)
+                load_state_dict=load_virtual_state_dict, why_no_merge=WHY_NO_MERGE, default_lr=3e-2,
+                search_space={"num_virtual_tokens": [10, 20, 50], "init": ["vocab", "random"]})

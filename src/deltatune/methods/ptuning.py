@@ -112,4 +112,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="ptuning", config=PTuningConfig, apply=apply_ptuning, to_peft=ptuning_to_peft,
                 from_peft=ptuning_from_peft, state_dict=virtual_state_dict,
-                load_state_dict=load_virtual_state_dict, why_no_merge=WHY_NO_MERGE, default_lr=1e-3)
+                load_state_dict=load_virtual_state_dict, why_no_merge=WHY_NO_MERGE, default_lr=1e-3,
+                search_space={"num_virtual_tokens": [10, 20, 50]})
