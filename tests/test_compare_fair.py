@@ -1,4 +1,4 @@
-"""The fair comparison: lr search on held-out training rows, seeds, curves, reuse of finished runs."""
+"""The fair comparison: search on held-out training rows, seeds, curves, reuse of finished runs."""
 from __future__ import annotations
 
 import csv
@@ -40,17 +40,18 @@ def test_search_picks_best_heldout_lr_never_reads_eval_and_skips_diverged(tmp_pa
     # held-out score of the other two, and never touch the (poisoned) eval file.
     config = comparison(tmp_path, model_dir, {
         "methods": ["full"],
-        "search": {"lr": [1e-7, 3e-3, 1e4], "rows": 64, "heldout_rows": 32, "steps": 12}}, poison_eval=True)
+        "search": {"lr": [1e-7, 3e-3, 1e4], "rows": 64, "heldout_rows": 32, "steps": 12, "pruner": "none"}},
+        poison_eval=True)
     assert main(["compare", str(config)]) == 0
     out = tmp_path / "cmp"
     [row] = json.loads((out / "results.json").read_text())
-    by_lr = {c["lr"]: c for c in row["search"]}
+    by_lr = {c["params"]["lr"]: c for c in row["search"]}
     assert by_lr[1e4]["status"] == "diverged" and by_lr[1e4]["why"]
     assert by_lr[1e-7]["status"] == by_lr[3e-3]["status"] == "ok"
-    best = max((c for c in row["search"] if c["status"] == "ok"), key=lambda c: (c["score"], -c["lr"]))
-    assert row["chosen_lr"] == best["lr"]
-    for lr in (1e-7, 3e-3):  # each score is the candidate's own held-out accuracy
-        summary = json.loads((out / "runs" / f"search-full-lr{lr:g}" / "summary.json").read_text())
+    best = max((c for c in row["search"] if c["status"] == "ok"), key=lambda c: (c["score"], -c["loss"]))
+    assert row["chosen_lr"] == best["params"]["lr"] or row.get("search_indistinct")
+    for lr in (1e-7, 3e-3):  # each score is the trial's own held-out accuracy
+        summary = json.loads((out / "runs" / f"search-full-t{by_lr[lr]['number']}" / "summary.json").read_text())
         assert by_lr[lr]["score"] == summary["final_eval"]["accuracy"]
     # the candidates were scored on held-out rows of the TRAINING file, disjoint from their fit rows
     train_rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -61,12 +62,12 @@ def test_search_picks_best_heldout_lr_never_reads_eval_and_skips_diverged(tmp_pa
     assert {key(r) for r in fit} | {key(r) for r in heldout} <= {key(r) for r in train_rows}
     # disjoint as rows of the file (texts may repeat in this tiny vocabulary): 96 rows, all used once
     assert sorted(map(key, fit + heldout)) == sorted(map(key, train_rows))
-    summary = json.loads((out / "runs" / "search-full-lr0.003" / "summary.json").read_text())
+    summary = json.loads((out / "runs" / f"search-full-t{by_lr[3e-3]['number']}" / "summary.json").read_text())
     assert summary["eval_examples"] == 32 and summary["train_examples"] == 64
     # the final run does read the eval file, and that is where the poison shows
     assert "error" in row and "dev.jsonl" in row["error"]
     report = (out / "report.md").read_text()
-    assert "## Learning-rate search" in report and "**diverged**" in report
+    assert "## Search" in report and "**diverged**" in report
 
 
 def test_seeds_give_mean_and_std_curves_plot_and_reruns_reuse_or_refuse(tmp_path, model_dir, capsys):
@@ -147,9 +148,12 @@ def test_judge_and_choose_never_pick_a_diverged_candidate(tmp_path):
 def test_search_settings_are_validated_and_auto_grid_is_centred():
     search = read_search({"lr": "auto", "points": 3, "factor": 10}, ["lora"])
     assert candidate_lrs(search, "lora", 1e-3) == [1e-4, 1e-3, 1e-2]
+    assert search["grids"]["lora"] == [{"lr": 1e-4}, {"lr": 1e-3}, {"lr": 1e-2}]
     per_method = read_search({"lr": {"prefix": [1e-3, 3e-3]}}, ["lora", "prefix"])
-    assert candidate_lrs(per_method, "prefix", 3e-2) == [1e-3, 3e-3]
-    assert len(candidate_lrs(per_method, "lora", 1e-3)) == 3
+    assert per_method["grids"]["prefix"] == [{"lr": 1e-3}, {"lr": 3e-3}]
+    # lr: auto without a grid: the lr alone, searched log-uniform around lora's default (1e-3)
+    assert per_method["spaces"]["lora"] == {"lr": ("range", 1e-4, 1e-2, True)}
+    assert read_search({}, ["lora"])["spaces"]["lora"]["r"] == ("choice", [4, 8, 16, 32])
     with pytest.raises(DeltatuneError, match="compare.search.lr: expected auto or a list"):
         read_search({"lr": [0.1, -1]}, ["lora"])
     with pytest.raises(DeltatuneError, match="compare.search.step: unknown key"):

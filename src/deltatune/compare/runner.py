@@ -112,6 +112,10 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
             check_row(name, "--methods")
         settings["search"] = read_search((config.compare or {}).get("search"), settings["methods"],
                                          row_method_options(config, settings["per_method"], settings["methods"]))
+    if (settings["search"] or {}).get("storage"):  # a bad URL or an unreachable database: now, in one line
+        from deltatune.compare.study import open_storage
+
+        open_storage(settings["search"]["storage"])
     out_dir = Path(config.output_dir)
     # An earlier comparison here (it has jobs/) is continued: finished runs with the same settings
     # are reused, stale ones refused unless --overwrite (compare.jobs). Anything else is not ours.

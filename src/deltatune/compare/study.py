@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,18 +70,23 @@ def worker_name() -> str:
 
 # ------------------------------------------------------------------------------------- queue
 def pop_waiting(study) -> int | None:
-    """A WAITING trial of `study`, now RUNNING and ours; None when there is none. The move is
-    one transaction in the storage, so two workers never get the same trial."""
-    from optuna.exceptions import UpdateFinishedTrialError
+    """A WAITING trial of `study`, now RUNNING and ours; None when there is none. The move is one
+    conditional UPDATE (... WHERE state = WAITING), so two workers never get the same trial, on
+    any database (SQLite has no row locks: a read-then-write could hand one trial to two)."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
     from optuna.trial import TrialState
 
-    storage = study._storage
+    engine = getattr(study._storage, "_backend", study._storage).engine
+    table = models.TrialModel.__table__
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-                return trial._trial_id
-        except UpdateFinishedTrialError:
-            continue
+        with engine.begin() as connection:
+            taken = connection.execute(
+                sqlalchemy.update(table)
+                .where(table.c.trial_id == trial._trial_id, table.c.state == TrialState.WAITING)
+                .values(state=TrialState.RUNNING, datetime_start=datetime.now(timezone.utc).replace(tzinfo=None))).rowcount
+        if taken == 1:
+            return trial._trial_id
     return None
 
 
@@ -115,13 +121,16 @@ def unfinished(study) -> int:
 def drain(queues: list[tuple[Any, Callable[[Any, int], None]]]) -> int:
     """Run WAITING trials of the (study, run) queues, in order, until none is waiting or running
     anywhere (a trial running elsewhere may still fail and come back). Returns how many ran here."""
+    import optuna
     from optuna.storages import fail_stale_trials
 
     ran = 0
     while True:
         busy = False
         for study, run in queues:
-            fail_stale_trials(study)  # a killed worker's trial: failed, and queued again
+            with warnings.catch_warnings():  # experimental in optuna, and what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)  # a killed worker's trial: failed, and queued again
             trial_id = pop_waiting(study)
             if trial_id is not None:
                 with heartbeat(study._storage, trial_id):

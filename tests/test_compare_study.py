@@ -1,0 +1,245 @@
+"""The comparison's search as Optuna studies in a database: seeded trials, pruning, several
+workers on one SQLite study, a killed worker's trial retried, and the settings' one-line errors.
+
+Most tests replace each training child by tests/study_driver.py's stand-in (seconds, not
+minutes); the first trains the tiny model for real."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from study_driver import install, score_of
+from tiny_runs import sentiment_rows, tiny_bert_dir, write_config, write_jsonl
+
+from deltatune.cli import main
+from deltatune.compare.report import place_labels
+from deltatune.compare.search import indistinct, read_search, search_rows
+from deltatune.errors import DeltatuneError
+
+DRIVER = Path(__file__).with_name("study_driver.py")
+
+
+def config_for(root: Path, model: str, search: dict, methods=("full", "lora"), rows: int = 96, **compare) -> Path:
+    write_jsonl(root / "train.jsonl", sentiment_rows(rows, seed=1))
+    write_jsonl(root / "dev.jsonl", sentiment_rows(32, seed=2))
+    return write_config(root / "compare.yaml", {
+        "model": model, "task": "classification",
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "dev.jsonl"), "max_length": 32},
+        "method": {"name": "lora"},
+        "train": {"epochs": 1, "batch_size": 8, "bf16": False},
+        "output_dir": str(root / "cmp"), "compare": {"methods": list(methods), "search": search, **compare}})
+
+
+def trials_of(out: Path, row: str) -> list:
+    storage = f"sqlite:///{out / 'study.db'}"
+    return optuna.load_study(study_name=f"deltatune:{out.name}/search/{row}", storage=storage).get_trials()
+
+
+@pytest.fixture()
+def fake(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_HEARTBEAT_S", "1")
+    import deltatune.compare.plan as plan
+    import deltatune.compare.runner as runner
+
+    monkeypatch.setattr(runner, "run_method", runner.run_method)
+    monkeypatch.setattr(plan, "plan_methods", plan.plan_methods)
+    install(tmp_path)
+    return tmp_path
+
+
+def test_two_method_study_on_the_tiny_model_reports_trials_and_reads_them_back(tmp_path):
+    """Real training: 3 trials each; the report shows the trials, the best settings and search.png."""
+    model = tiny_bert_dir(tmp_path / "model")
+    config = config_for(tmp_path, str(model), {"trials": 3, "steps": 8, "rows": 48, "heldout_rows": 32,
+                                               "per_method": {"full": {"lr": [1e-3, 1e-2, "log"]},
+                                                              "lora": {"r": [2, 4], "alpha": 8}}})
+    assert main(["compare", str(config)]) == 0
+    out = tmp_path / "cmp"
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    for name in ("full", "lora"):
+        trials = trials_of(out, name)
+        assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        # each trial's value is its own run's held-out accuracy, on the held-out slice
+        for trial in trials:
+            summary = json.loads((out / "runs" / f"search-{name}-t{trial.number}" / "summary.json").read_text())
+            assert trial.value == summary["final_eval"]["accuracy"] and summary["eval_examples"] == 32
+            assert trial.user_attrs["loss"] == summary["final_eval"]["loss"]
+        assert [c["number"] for c in rows[name]["search"]] == [0, 1, 2]
+    assert {t.params["r"] for t in trials_of(out, "lora")} <= {2, 4}
+    import yaml
+
+    for trial in trials_of(out, "lora"):  # a single value is fixed, not searched
+        assert "alpha" not in trial.params
+        child = yaml.safe_load((out / "jobs" / f"search-lora-t{trial.number}" / "configs" /
+                                f"search-lora-t{trial.number}.yaml").read_text())
+        assert child["method"]["alpha"] == 8 and child["method"]["r"] == trial.params["r"]
+    assert all(1e-3 <= t.params["lr"] <= 1e-2 for t in trials_of(out, "full"))
+    report = (out / "report.md").read_text()
+    assert "## Search" in report and "## Search trials" in report and (out / "search.png").stat().st_size > 10_000
+    assert "optuna-dashboard sqlite:///" in report
+
+
+def test_same_config_same_trials(fake):
+    """Seeded TPE: two studies from the same config sample the same parameters, trial by trial."""
+    params = []
+    for run in ("a", "b"):
+        root = fake / run
+        root.mkdir()
+        config = config_for(root, "tiny", {"trials": 5, "steps": 4, "rows": 48, "heldout_rows": 32,
+                                           "pruner": "none"})
+        assert main(["compare", str(config)]) == 0
+        params.append({row: [t.params for t in trials_of(root / "cmp", row)] for row in ("full", "lora")})
+    assert params[0] == params[1]
+    assert len({json.dumps(p, sort_keys=True) for p in params[0]["lora"]}) == 5  # not one point repeated
+    # and another seed samples other points
+    root = fake / "c"
+    root.mkdir()
+    config = config_for(root, "tiny", {"trials": 5, "steps": 4, "rows": 48, "heldout_rows": 32, "pruner": "none"})
+    assert main(["compare", str(config), "train.seed=7"]) == 0
+    assert [t.params for t in trials_of(root / "cmp", "lora")] != params[0]["lora"]
+
+
+def test_a_lagging_trial_is_pruned_and_shown_as_pruned(fake, capsys):
+    # grid: the good lr first, then one far off; the median pruner stops the second at its first report
+    config = config_for(fake, "tiny", {"lr": [1e-3, 1e-7], "steps": 8, "rows": 48, "heldout_rows": 32},
+                        methods=("lora",))
+    assert main(["compare", str(config)]) == 0
+    out = fake / "cmp"
+    good, bad = trials_of(out, "lora")
+    assert good.state == optuna.trial.TrialState.COMPLETE and good.params == {"lr": 1e-3}
+    assert bad.state == optuna.trial.TrialState.PRUNED and bad.params == {"lr": 1e-7}
+    assert max(bad.intermediate_values) < 8  # stopped before its last step
+    log = (fake / "executions.log").read_text()
+    assert "start search-lora-t1" in log and "finish search-lora-t1" not in log
+    [row] = json.loads((out / "results.json").read_text())
+    assert row["chosen_lr"] == 1e-3
+    assert "pruned at step" in (out / "report.md").read_text()
+
+
+def _study_done(out: Path, rows) -> bool:
+    try:
+        return all(sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials_of(out, r)) == 3 for r in rows)
+    except (KeyError, Exception):
+        return False
+
+
+def _driver(root: Path, config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "DELTATUNE_HEARTBEAT_S": "1", "STUDY_DRIVER_STEP_S": "0.25", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(DRIVER), str(root), "compare", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_two_worker_processes_run_every_trial_exactly_once(tmp_path):
+    config = config_for(tmp_path, "tiny", {"trials": 3, "steps": 8, "rows": 48, "heldout_rows": 32,
+                                           "pruner": "none"}, seeds=[0, 1])
+    first = _driver(tmp_path, config)
+    second = _driver(tmp_path, config, "--join")
+    out_first, _ = first.communicate(timeout=300)
+    out_second, _ = second.communicate(timeout=300)
+    assert first.returncode == 0, out_first[-2000:]
+    assert second.returncode == 0, out_second[-2000:]
+    log = [line.split() for line in (tmp_path / "executions.log").read_text().splitlines()]
+    started = Counter(job for kind, job, _ in log if kind == "start")
+    finished = Counter(job for kind, job, _ in log if kind == "finish")
+    searched = {f"search-{r}-t{n}" for r in ("full", "lora") for n in range(3)}
+    finals = {f"{r}-s{s}" for r in ("full", "lora") for s in (0, 1)}
+    assert set(started) == set(finished) == searched | finals
+    assert set(started.values()) == {1} and set(finished.values()) == {1}  # nobody ran a trial twice
+    assert len({pid for _, _, pid in log}) == 2  # both workers took work
+    assert "--join: ran" in out_second
+    out = tmp_path / "cmp"
+    assert _study_done(out, ("full", "lora"))
+    assert (out / "report.md").exists()
+
+
+def test_a_killed_worker_trial_is_retried_never_lost_or_doubled(tmp_path):
+    config = config_for(tmp_path, "tiny", {"trials": 3, "steps": 12, "rows": 48, "heldout_rows": 32,
+                                           "pruner": "none"}, methods=("lora",))
+    worker = _driver(tmp_path, config)
+    log_path = tmp_path / "executions.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log_path.exists() and "start search-lora-t1" in log_path.read_text()):
+        time.sleep(0.2)
+    time.sleep(0.5)  # mid-trial
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert "finish search-lora-t1" not in log_path.read_text()
+    again = _driver(tmp_path, config)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output[-2000:]
+    trials = trials_of(tmp_path / "cmp", "lora")
+    states = Counter(t.state for t in trials)
+    assert states[optuna.trial.TrialState.COMPLETE] == 3 and states[optuna.trial.TrialState.FAIL] == 1
+    [lost] = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert lost.number == 1 and retry.state == optuna.trial.TrialState.COMPLETE and retry.params == lost.params
+    finished = Counter(line.split()[1] for line in log_path.read_text().splitlines() if line.startswith("finish"))
+    assert set(finished.values()) == {1}
+    assert {f"search-lora-t{t.number}" for t in trials if t.state == optuna.trial.TrialState.COMPLETE} \
+        <= set(finished)
+    [row] = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert [c["status"] for c in row["search"]].count("lost") == 1
+
+
+@pytest.mark.parametrize("search, expected", [
+    ({"space": {"rank": [4, 8]}}, "compare.search.space.rank: no method in this comparison has a parameter"),
+    ({"per_method": {"lora": {"rank": [4, 8]}}}, "compare.search.per_method.lora.rank: lora has no parameter 'rank'"),
+    ({"per_method": {"lora": {"r": [0, 8]}}}, "compare.search.per_method.lora.r: 0 is not a value lora can take"),
+    ({"per_method": {"lora": {"r": [0, 16, "linear"]}}}, "compare.search.per_method.lora.r: 0 is not a value"),
+    ({"space": {"lr": [1e-3, 1e-4, "log"]}}, "compare.search.space.lr: a range is [low, high, log|linear] with low < high"),
+    ({"storage": "not a url"}, "compare.search.storage: expected an SQLAlchemy URL"),
+    ({"storage": "sqlite:////nonexistent-dir/deeper/study.db"}, "compare.search.storage: cannot open"),
+    ({"storage": "nosuchdb://host/x"}, "compare.search.storage: cannot open"),
+    ({"pruner": "sometimes"}, "compare.search.pruner: one of median, hyperband, none"),
+    ({"trials": 0}, "compare.search.trials: must be a positive integer"),
+])
+def test_bad_search_settings_are_one_line_exit_2(tmp_path, capsys, search, expected):
+    config = config_for(tmp_path, str(tmp_path / "no-model-needed"), search)
+    assert main(["compare", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and "\n" not in error and "Traceback" not in error
+
+
+def test_defaults_shrink_to_a_small_training_file_and_given_rows_do_not():
+    search = read_search({}, ["lora"])
+    assert search_rows(search, 256, "train.jsonl") == (171, 85)
+    assert search_rows(search, 1000, "train.jsonl") == (400, 200)
+    with pytest.raises(DeltatuneError, match="too few"):
+        search_rows(search, 20, "train.jsonl")
+    given = read_search({"rows": 300, "heldout_rows": 100}, ["lora"])
+    with pytest.raises(DeltatuneError, match="rows \\+ heldout_rows = 400, but train.jsonl gives only 256"):
+        search_rows(given, 256, "train.jsonl")
+
+
+def test_trials_that_cannot_be_told_apart_are_said_so():
+    same = [{"status": "ok", "score": 0.69, "loss": 0.681, "metric": "accuracy", "learned": True},
+            {"status": "ok", "score": 0.69, "loss": 0.680, "metric": "accuracy", "learned": True}]
+    assert "scored the same" in indistinct(same, 160)
+    idle = [{**c, "learned": False, "why_not_learned": "majority class"} for c in same]
+    idle[1]["score"] = 0.75
+    assert "no trial learned" in indistinct(idle, 160)
+    apart = [same[0], {**same[1], "loss": 0.60}]
+    assert indistinct(apart, 160) is None
+
+
+def test_tied_labels_never_overlap():
+    anchors = [(100.0, 200.0)] * 4 + [(103.0, 202.0)]
+    sizes = [(60.0, 24.0)] * 5
+    boxes = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(place_labels(anchors, sizes), sizes)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
+def test_fake_scores_peak_at_the_fake_optimum():
+    # the stand-in's landscape the tests rely on: lr 1e-3 beats 1e-7
+    assert score_of({"train": {"lr": 1e-3}, "method": {}}) > score_of({"train": {"lr": 1e-7}, "method": {}}) + 0.3
