@@ -47,7 +47,7 @@ JSON = {"json", "jsonl"}
 NOT_CODE = {"", "text", "txt", "output", "log", "plain", "none"}
 # Commands shown in the docs but never run by this test (they install, fetch or start things).
 SHELL_NOT_RUN = {"make", "pip", "pip3", "torchrun", "curl", "mlflow", "git", "export", "cd", "tensorboard",
-                 "source", "uv", "nvidia-smi", "wandb"}
+                 "source", "uv", "nvidia-smi", "wandb", "optuna-dashboard"}
 PYTHON_SCRIPTS_NOT_RUN = ("benchmarks/", "docs/")   # `python benchmarks/run.py`: shell, not run
 
 MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<directive>[a-z-]+)\s*(?P<rest>.*?)\s*-->\s*$")

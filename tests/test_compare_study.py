@@ -109,7 +109,8 @@ def test_same_config_same_trials(fake):
 
 def test_a_lagging_trial_is_pruned_and_shown_as_pruned(fake, capsys):
     # grid: the good lr first, then one far off; the median pruner stops the second at its first report
-    config = config_for(fake, "tiny", {"lr": [1e-3, 1e-7], "steps": 8, "rows": 48, "heldout_rows": 32},
+    config = config_for(fake, "tiny", {"lr": [1e-3, 1e-7], "steps": 8, "rows": 48, "heldout_rows": 32,
+                                       "pruner": "median"},
                         methods=("lora",))
     assert main(["compare", str(config)]) == 0
     out = fake / "cmp"
@@ -243,3 +244,17 @@ def test_tied_labels_never_overlap():
 def test_fake_scores_peak_at_the_fake_optimum():
     # the stand-in's landscape the tests rely on: lr 1e-3 beats 1e-7
     assert score_of({"train": {"lr": 1e-3}, "method": {}}) > score_of({"train": {"lr": 1e-7}, "method": {}}) + 0.3
+
+
+def test_plan_counts_trials_and_plans_the_heaviest_searched_configuration(tmp_path, capsys):
+    model = tiny_bert_dir(tmp_path / "model")
+    config = config_for(tmp_path, str(model), {"trials": 3, "per_method": {"lora": {"r": [2, 16]}}})
+    assert main(["plan", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "search: 6 trials (full 3, lora 3)" in printed and "lora r=16" in printed
+    heavy = next(line for line in printed.splitlines() if line.startswith("lora "))
+    (tmp_path / "x").mkdir()
+    explicit = config_for(tmp_path / "x", str(model), None, methods=("lora",))
+    assert main(["plan", str(explicit), "method.r=16"]) == 0
+    same = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lora "))
+    assert heavy.split()[1] == same.split()[1]  # the trainable parameters of r=16

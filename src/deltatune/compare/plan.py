@@ -383,7 +383,29 @@ def plan_from_config(config_path: str, overrides: list[str], methods: str | None
         raise DeltatuneError(f"--world-size: must be >= 1, got {world_size}")
     run_config, settings = read_compare_config(config_path, overrides)
     names = methods.split(",") if methods else settings["methods"]
-    plans = plan_methods(run_config, names, settings["per_method"], world_size, distributed)
+    per_method = settings["per_method"]
+    search = settings["search"]
+    if search:  # each method's heaviest searched configuration: the memory its worst trial needs
+        from deltatune.compare.search import read_search, trials_for
+        from deltatune.compare.settings import row_method_options, row_settings
+        from deltatune.compare.space import heaviest
+
+        if methods:
+            search = read_search((run_config.compare or {}).get("search"), names,
+                                 row_method_options(run_config, per_method, names))
+        per_method = {k: {s: dict(v) for s, v in values.items()} for k, values in per_method.items()}
+        picked = []
+        for row in names:
+            heavy = heaviest(search["spaces"].get(row, {}))
+            if heavy:
+                own = row_settings(per_method, row)
+                per_method[row] = {**own, "method": {**own.get("method", {}), **heavy}}
+                picked.append(f"{row} " + ", ".join(f"{k}={v}" for k, v in heavy.items()))
+        print(f"search: {sum(trials_for(search, row) for row in names)} trials "
+              f"({', '.join(f'{row} {trials_for(search, row)}' for row in names)}); memory below is "
+              f"for each method's heaviest searched configuration"
+              + (f" ({'; '.join(picked)})" if picked else ""))
+    plans = plan_methods(run_config, names, per_method, world_size, distributed)
     if world_size > 1:
         print(f"per process, {world_size} processes, {distributed} (batch_size is the global batch):")
     print(format_plans(plans))

@@ -117,9 +117,27 @@ def reading(rows: list[dict], task: str) -> str:
     if not ok:
         return "\n".join(lines)
     ok = [r for r in ok if learned(r)]
-    if not ok:
+    if ok:
+        lines += _ranking(ok)
+    else:
         lines.append("- No method learned: there is no ranking to read from this table.")
-        return "\n".join(lines)
+    if task == "causal-lm":
+        forgot = [r for r in ok if r.get("forgetting") is not None]
+        if forgot:
+            most = max(forgot, key=lambda r: r["forgetting"])
+            least = min(forgot, key=lambda r: r["forgetting"])
+            lines.append(f"- Forgetting (general-text perplexity, tuned minus base "
+                         f"{ok[0]['base_perplexity']:.2f}): most {most['method']} "
+                         f"({most['forgetting']:+.3f}), least {least['method']} ({least['forgetting']:+.3f}).")
+    else:
+        lines.append("- Forgetting is measured for causal LMs (perplexity on general text); it does not "
+                     "apply to an encoder with a new classification head.")
+    return "\n".join(lines)
+
+
+def _ranking(ok: list[dict]) -> list[str]:
+    """The reading's comparisons, over rows that learned."""
+    lines = []
     best = max(ok, key=lambda r: r["score"])
     lines.append(f"- Best task score: **{best['method']}** ({best['score']:.2%}).")
     full = next((r for r in ok if r["method"] == "full"), None)
@@ -143,18 +161,7 @@ def reading(rows: list[dict], task: str) -> str:
         lines.append(f"- `plan`'s predicted peak memory was off from the measured peak by at most "
                      f"{abs(worst['plan_error_percent']):.0f}% (worst: {worst['method']}, "
                      f"{worst['planned_peak_mb']:.0f} MB planned vs {worst['peak_memory_mb']:.0f} MB measured).")
-    if task == "causal-lm":
-        forgot = [r for r in ok if r.get("forgetting") is not None]
-        if forgot:
-            most = max(forgot, key=lambda r: r["forgetting"])
-            least = min(forgot, key=lambda r: r["forgetting"])
-            lines.append(f"- Forgetting (general-text perplexity, tuned minus base "
-                         f"{ok[0]['base_perplexity']:.2f}): most {most['method']} "
-                         f"({most['forgetting']:+.3f}), least {least['method']} ({least['forgetting']:+.3f}).")
-    else:
-        lines.append("- Forgetting is measured for causal LMs (perplexity on general text); it does not "
-                     "apply to an encoder with a new classification head.")
-    return "\n".join(lines)
+    return lines
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -86,6 +86,8 @@ def read_search(value: Any, methods: list[str], method_options: dict[str, dict] 
         raise DeltatuneError("compare.search.lr: the lr grid of earlier configs cannot be mixed with "
                              "space/per_method; write space: {lr: [...]} instead")
     search = {**DEFAULTS, **value}
+    if "lr" in value and "pruner" not in value:
+        search["pruner"] = "none"  # the lr grid of earlier configs ran every point to the end
     search["rows_given"] = "rows" in value or "heldout_rows" in value
     for key in ("trials", "points", "rows", "heldout_rows", "steps"):
         _positive_int(search[key], key)

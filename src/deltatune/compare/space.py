@@ -150,3 +150,16 @@ def describe(space: dict[str, tuple]) -> str:
         else:
             parts.append(f"{key} {{{', '.join(map(str, spec[1]))}}}" if len(spec[1]) > 1 else f"{key} {spec[1][0]}")
     return ", ".join(parts)
+
+
+def heaviest(space: dict[str, tuple]) -> dict[str, Any]:
+    """The space's largest value of every numeric option (rank, bottleneck, virtual tokens ...):
+    what `plan` predicts memory for. The lr costs no memory and is left out."""
+    values = {}
+    for key, spec in space.items():
+        if key == "lr":
+            continue
+        options = [spec[2]] if spec[0] == "range" else [v for v in spec[1] if _is_number(v)]
+        if options:
+            values[key] = max(options)
+    return values
