@@ -258,3 +258,48 @@ def test_plan_counts_trials_and_plans_the_heaviest_searched_configuration(tmp_pa
     assert main(["plan", str(explicit), "method.r=16"]) == 0
     same = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lora "))
     assert heavy.split()[1] == same.split()[1]  # the trainable parameters of r=16
+
+
+def _row(method: str, score: float, learned: bool = True, **more) -> dict:
+    return {"method": method, "metric": "accuracy", "score": score, "learned": learned,
+            "not_learned_why": None if learned else "every eval row was predicted as one class",
+            "trainable_params": 10, "trainable_percent": 1.0, "time_per_step_s": 0.1,
+            "peak_memory_mb": 100.0, "saved_mb": 1.0, "no_skill": 0.684, **more}
+
+
+def test_rows_that_did_not_learn_give_no_level_with_and_no_verdict():
+    from deltatune.compare.report import format_table, reading
+    from deltatune.compare.verdicts import verdicts
+
+    # the shape of the sentence-pair report: full and most PEFT rows at the majority class, one above
+    rows = [_row("full", 0.684, learned=False), _row("lora", 0.684, learned=False), _row("ia3", 0.728)]
+    table = format_table(rows, markdown=True)
+    assert "68.40% (did not learn)" in table and "72.80%" in table and "72.80% (did" not in table
+    text = reading(rows, "classification")
+    assert "**full did not learn**" in text and "**lora did not learn**" in text
+    assert "level with" not in text and "Best task score: **ia3**" in text
+    judged = verdicts(rows, None, "classification",
+                      {"full": {"indistinct": "no trial learned anything"}, "lora": {"indistinct": None}})
+    assert "does not hold here" not in judged and "full fine-tuning was not in this comparison" in judged
+    assert "Left out of every verdict — did not learn: full, lora" in judged
+    assert "could not tell the trials apart" in judged and "full (no trial learned anything)" in judged
+    nobody = verdicts([_row("full", 0.684, learned=False)], None, "classification")
+    assert nobody.startswith("No method learned; no verdict.")
+
+
+def test_edge_of_range_only_when_the_edge_scored_best():
+    from deltatune.compare.search_report import edge_remark
+
+    def trial(number, lr, score, loss):
+        return {"number": number, "params": {"lr": lr}, "status": "ok", "score": score, "loss": loss,
+                "metric": "accuracy"}
+
+    tied = [trial(0, 1e-4, 0.69, 0.66), trial(1, 1e-3, 0.69, 0.65), trial(2, 1e-2, 0.69, 0.68)]
+    best_in_middle = {"chosen": tied[1], "candidates": tied}
+    assert edge_remark("lora", best_in_middle, {}) is None
+    edge = [trial(0, 1e-4, 0.60, 0.70), trial(1, 1e-3, 0.70, 0.60), trial(2, 1e-2, 0.80, 0.50)]
+    remark = edge_remark("lora", {"chosen": edge[2], "candidates": edge}, {})
+    assert "the best lr (0.01) is the highest tried" in remark
+    # an edge tied on score with an inner point, and not better by loss: no remark
+    level = [trial(0, 1e-4, 0.60, 0.70), trial(1, 1e-3, 0.80, 0.50), trial(2, 1e-2, 0.80, 0.55)]
+    assert edge_remark("lora", {"chosen": level[2], "candidates": level}, {}) is None

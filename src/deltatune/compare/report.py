@@ -116,11 +116,14 @@ def reading(rows: list[dict], task: str) -> str:
                          f"({r['search_indistinct']}); the final runs use the method's defaults.")
     if not ok:
         return "\n".join(lines)
+    idle = ok
     ok = [r for r in ok if learned(r)]
     if ok:
         lines += _ranking(ok)
     else:
-        lines.append("- No method learned: there is no ranking to read from this table.")
+        top = max(idle, key=lambda r: r["score"])
+        lines.append(f"- Best task score: none — no method learned (the highest, {top['method']} "
+                     f"{top['score']:.2%}, is at the no-information level); there is no ranking to read here.")
     if task == "causal-lm":
         forgot = [r for r in ok if r.get("forgetting") is not None]
         if forgot:

@@ -91,8 +91,9 @@ const Chart = (() => {
       transform: `rotate(-90 12 ${(f.y0 + f.y1) / 2})` });
   }
 
-  // points: [{key, x, y, size, label, details: [[name, value], ...]}]; x on a log scale,
-  // marker area proportional to `size`; hovering a marker shows every detail in #tooltip.
+  // points: [{key, x, y, size, label, hollow, details: [[name, value], ...]}]; x on a log scale,
+  // marker area proportional to `size` (hollow: a run that did not learn); hovering a marker shows
+  // every detail in #tooltip. opts.baseline {y, label}: a dashed no-skill line.
   function scatter(container, points, opts) {
     const o = Object.assign({ width: 1000, height: 420, xLabel: "", yLabel: "" }, opts || {});
     const f = frame(container, o.width, o.height, { l: 58, r: 30, t: 24, b: 42 });
@@ -113,15 +114,33 @@ const Chart = (() => {
     const xt = [];
     for (let e = lx0; e <= lx1; e++) xt.push([sx(Math.pow(10, e)), short(Math.pow(10, e))]);
     axes(f, xt, ticks(ymin, ymax, 5).map((t) => [sy(t), short(t)]), o.xLabel, o.yLabel);
+    if (o.baseline && Number.isFinite(o.baseline.y) && o.baseline.y >= ymin && o.baseline.y <= ymax) {
+      // the no-skill level (e.g. the majority class): a score on it is no result
+      svg("line", { class: "baseline", x1: f.x0, x2: f.x1, y1: sy(o.baseline.y), y2: sy(o.baseline.y),
+        stroke: "#777", "stroke-dasharray": "4 4" }, f.root);
+      text(f.root, f.x1 - 4, sy(o.baseline.y) - 4, o.baseline.label, { class: "label", "text-anchor": "end" });
+    }
+    const placed = [];  // label boxes so far: a label that would cover one moves down or up a line
+    const labelAt = (x, y, label) => {
+      const w = 7 * label.length, h = 14;
+      for (let shift = 0; shift < 200; shift++) {
+        const ty = y + Math.ceil(shift / 2) * (h + 2) * (shift % 2 ? 1 : -1);
+        if (placed.every((b) => x + w <= b.x || x >= b.x + b.w || ty <= b.y - h || ty - h >= b.y)) {
+          placed.push({ x, y: ty, w });
+          return ty;
+        }
+      }
+      return y;
+    };
     const biggest = Math.max(...ok.map((p) => p.size || 0)) || 1;
     const tip = document.getElementById("tooltip");
     // largest first, so a small marker is never hidden under a big one
     ok.slice().sort((a, b) => (b.size || 0) - (a.size || 0)).forEach((p) => {
       const i = points.indexOf(p), color = COLORS[i % COLORS.length];
       const r = 6 + 22 * Math.sqrt((p.size || 0) / biggest);
-      const dot = svg("circle", { class: "point", cx: sx(p.x), cy: sy(p.y), r, fill: color,
-        stroke: color, "data-key": p.key }, f.root);
-      text(f.root, sx(p.x) + r + 4, sy(p.y) + 4, p.label, { class: "label" });
+      const dot = svg("circle", { class: p.hollow ? "point hollow" : "point", cx: sx(p.x), cy: sy(p.y), r,
+        fill: p.hollow ? "none" : color, stroke: color, "data-key": p.key }, f.root);
+      text(f.root, sx(p.x) + r + 4, labelAt(sx(p.x) + r + 4, sy(p.y) + 4, p.label), p.label, { class: "label" });
       dot.addEventListener("mouseenter", () => {
         tip.textContent = "";
         const head = document.createElement("b");

@@ -7,7 +7,8 @@
 
   function scoreText(row) {
     if (row.score === null || row.score === undefined) return "—";
-    return row.metric === "perplexity" ? fmt.num(row.score, 2) : fmt.pct(row.score);
+    const score = row.metric === "perplexity" ? fmt.num(row.score, 2) : fmt.pct(row.score);
+    return row.learned === false ? `${score} (did not learn)` : score;
   }
 
   function details(row) {
@@ -83,10 +84,14 @@
       const rows = data.rows.filter((r) => !r.error);
       const metric = (rows[0] && rows[0].metric) || "score";
       const percent = metric !== "perplexity";
+      const noSkill = rows.map((r) => r.no_skill).filter((v) => Number.isFinite(v));
       Chart.scatter(chartBox, rows.map((r) => ({ key: r.method, x: r.trainable_params,
-        y: percent ? 100 * r.score : r.score, size: r.peak_memory_mb,
-        label: r.method, details: details(r) })),
-        { xLabel: "trainable parameters (log scale) · marker area: peak memory", yLabel: percent ? `${metric} (%)` : metric });
+        y: percent ? 100 * r.score : r.score, size: r.peak_memory_mb, hollow: r.learned === false,
+        label: r.learned === false ? `${r.method} (did not learn)` : r.method, details: details(r) })),
+        { xLabel: "trainable parameters (log scale) · marker area: peak memory", yLabel: percent ? `${metric} (%)` : metric,
+          baseline: noSkill.length && metric === "accuracy"
+            ? { y: 100 * Math.max(...noSkill), label: `no skill: majority class ${(100 * Math.max(...noSkill)).toFixed(1)}%` }
+            : null });
       tableBox.textContent = "";
       tableBox.append(data.rows.length ? table(data.rows) : el("div", { class: "empty" }, "No method has finished yet."));
       readingBox.textContent = "";
