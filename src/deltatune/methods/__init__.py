@@ -66,7 +66,8 @@ class Method:
     variants: dict[str, dict] = field(default_factory=dict)
 
 
-_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3")
+_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3",
+                   "oft", "boft", "loha", "lokr")
 
 
 def load_methods(module_names: Iterable[str]) -> dict[str, Method]:
