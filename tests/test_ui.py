@@ -17,7 +17,7 @@ from deltatune.serving.generate import generate_text
 from deltatune.training.progress import RunLog
 from deltatune.ui import runs as runs_index
 from deltatune.ui.app import build_app
-from deltatune.ui.launch import FormError, Jobs, config_from_form
+from deltatune.ui.launch import FormError, Jobs, config_from_form, write_config
 from deltatune.ui.playground import BASE, Playground
 from tiny_runs import one_thread  # noqa: F401  (the fixture)
 from ui_site import (COMPARED, finish_comparison, make_site, start_comparison, train_chat_run,
@@ -179,3 +179,15 @@ def test_playground_chat_streams_the_library_answer(site):
         list(play.chat(str(site["llama"]), "chat", [{"role": "user", "content": " "}]))
     with pytest.raises(dt.DeltatuneError, match="not a finished causal-lm run"):
         list(play.chat(str(site["llama"]), "cmp/runs/lora", [{"role": "user", "content": "hi"}]))
+
+
+def test_form_offers_the_weight_methods_options(site):
+    """LoHa/LoKr take rank and alpha from the form, OFT/BOFT only target modules (their block
+    sizes keep the method's defaults); each config passes the CLI's validation."""
+    kind, _, values = write_config(form(site, name="weights", kind="compare",
+                                        methods=["oft", "boft", "loha", "lokr"],
+                                        r="4", alpha="8", target_modules="query, value"), site["runs"])
+    targets = {"target_modules": ["query", "value"]}
+    assert values["compare"]["per_method"] == {
+        "oft": {"method": targets}, "boft": {"method": targets},
+        "loha": {"method": {"r": 4, "alpha": 8.0, **targets}}, "lokr": {"method": {"r": 4, "alpha": 8.0, **targets}}}

@@ -9,9 +9,13 @@ from deltatune.methods import REGISTRY as METHODS
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.base import count_parameters
+from deltatune.methods.boft import BOFTConfig
 from deltatune.methods.full import FullConfig
 from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.loha import LoHaConfig
+from deltatune.methods.lokr import LoKrConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.oft import OFTConfig
 from deltatune.methods.prefix import PrefixConfig
 from deltatune.methods.prompt import PromptTuningConfig
 from deltatune.methods.ptuning import PTuningConfig
@@ -26,5 +30,6 @@ __all__ = [
     "load_model", "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
     "combine_adapters", "mixed_adapters", "save_merged",
     "PrefixConfig", "PromptTuningConfig", "PTuningConfig", "IA3Config", "QuantizationConfig",
+    "OFTConfig", "BOFTConfig", "LoHaConfig", "LoKrConfig",
 ]
 __version__ = "0.1.0"

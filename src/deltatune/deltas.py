@@ -162,7 +162,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 # Methods whose whole state sits in DeltaLayer deltas (and modules_to_save copies), so taking
 # those modules out and putting them back is a complete unload / reload.
-DETACHABLE_METHODS = ("lora", "ia3")
+DETACHABLE_METHODS = ("lora", "ia3", "oft", "boft", "loha", "lokr")
 
 
 @dataclasses.dataclass

@@ -69,7 +69,8 @@ class Method:
     search_space: dict[str, tuple | list] = field(default_factory=dict)
 
 
-_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3")
+_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3",
+                   "oft", "boft", "loha", "lokr")
 
 
 def load_methods(module_names: Iterable[str]) -> dict[str, Method]:
