@@ -238,6 +238,7 @@ def test_loftq_without_a_4bit_base_is_refused(llama_dir, tmp_path):
 
 def test_the_cli_says_it_in_one_line_and_exits_2(llama_dir, tmp_path, capsys):
     config = causal_config(tmp_path, llama_dir)
+    capsys.readouterr()  # saving the tiny model prints a progress bar
     assert main(["train", str(config), "method.init=loftq"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "quantize: nf4" in err
