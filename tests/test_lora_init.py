@@ -262,6 +262,16 @@ def test_pissa_cannot_share_a_base_with_another_adapter():
         dt.apply(plain, dt.LoraConfig(r=4, target_modules=["q_proj"], init="pissa"), name="second")
 
 
+def test_loftq_that_refits_the_codes_cannot_share_a_base(llama_dir):
+    model, _ = dt.load_model(str(llama_dir), quantize=FP32)
+    dt.apply(model, dt.LoraConfig(r=4, target_modules=["q_proj"], init="loftq", loftq_iter=2))
+    with pytest.raises(dt.DeltatuneError, match=r"adapter 'default' changed the base weights"):
+        dt.apply(model, dt.LoraConfig(r=4, target_modules=["q_proj"]), name="second")
+    model, _ = dt.load_model(str(llama_dir), quantize=FP32)
+    dt.apply(model, dt.LoraConfig(r=4, target_modules=["q_proj"], init="loftq"))  # codes kept
+    dt.apply(model, dt.LoraConfig(r=4, target_modules=["q_proj"]), name="second")
+
+
 def test_unknown_peft_init_is_one_line(tmp_path):
     model = ours("llama", "default")
     dt.save_adapter(model, tmp_path / "a")

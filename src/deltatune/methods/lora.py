@@ -285,7 +285,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
         if not isinstance(module, LoraLayer):
             module = LoraLayer(module)
             set_parent(model, path, module)
-        lora_init.check_can_join(module, path, name, config.init)
+        lora_init.check_can_join(module, path, name, config)
         in_f, out_f = in_out_features(module.base_layer)
         delta = LoraDelta(in_f, out_f, config).to(module.base_layer.weight.device)
         if module.base_layer.weight.dtype == torch.float64:

@@ -195,17 +195,24 @@ def initialise(model: nn.Module, path: str, layer: nn.Module, delta: nn.Module, 
     with torch.no_grad():
         delta.lora_A.weight.copy_(lora_A)
         delta.lora_B.weight.copy_(lora_B)
+    delta.rewrote_base = rewrites_base(config)
 
 
-def check_can_join(layer: nn.Module, path: str, name: str, init: str) -> None:
-    """PiSSA/OLoRA rewrite the base weights: they cannot share a layer with another delta."""
-    changed = [other for other, d in layer.deltas.items() if getattr(d, "initial_A", None) is not None]
+def rewrites_base(config) -> bool:
+    """Does applying `config` change the base layer's weights (PiSSA, OLoRA) or codes (LoftQ
+    with more than one round)? Such a delta cannot share its layers with another."""
+    return changes_base(config.init) or (config.init == "loftq" and config.loftq_iter > 1)
+
+
+def check_can_join(layer: nn.Module, path: str, name: str, config) -> None:
+    """A delta that rewrote the base cannot share a layer with another delta, either way round."""
+    changed = [other for other, d in layer.deltas.items() if getattr(d, "rewrote_base", False)]
     if changed:
-        raise DeltatuneError(f"adapter {changed[0]!r} changed the base weights of {path} (init "
-                             f"pissa/olora); another adapter cannot join it — load its saved "
-                             f"(converted) files on a fresh base instead")
-    if changes_base(init) and len(layer.deltas):
-        raise DeltatuneError(f"init: {init} changes the base weights of {path}, which already "
+        raise DeltatuneError(f"adapter {changed[0]!r} changed the base weights of {path} (init pissa, "
+                             f"olora, or loftq with loftq_iter > 1); another adapter cannot join it — "
+                             f"load its saved files on a fresh base instead")
+    if rewrites_base(config) and len(layer.deltas):
+        raise DeltatuneError(f"init: {config.init} changes the base weights of {path}, which already "
                              f"carries adapter {next(iter(layer.deltas))!r}; apply {name!r} to a fresh base")
 
 
