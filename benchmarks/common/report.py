@@ -278,6 +278,24 @@ def nf4_gap(files: list[Path]) -> list[str]:
     return out
 
 
+def loftq_init(files: list[Path]) -> list[str]:
+    """quality/loftq_init.py: LoftQ vs the plain init on an nf4 base, beside dense LoRA."""
+    if not files:
+        return ["No result file `benchmarks/results/quality/*loftq-init*.json` yet: run "
+                "`python benchmarks/quality/loftq_init.py`, then `make report`.", ""]
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        date, flags = _meta(path)
+        rows = [[k, f"{v['start_loss']:.4f}", f"{100 * v['start_vs_dense']:+.1f}%",
+                 f"{v['last5_loss']:.4f}", f"{100 * v['last5_vs_dense']:+.1f}%", f"{v['init_s']:.1f}"]
+                for k, v in raw.items() if k != "settings"]
+        out += [caption([date], flags, "bf16 autocast", "python benchmarks/quality/loftq_init.py"), "",
+                *_table(["row", "loss at the start (last 5 steps' rows)", "vs dense", "training loss, last 5 steps",
+                         "vs dense", "init s"], rows), ""]
+    return out
+
+
 def examples_seeds(files: list[Path]) -> list[str]:
     """quality/examples_seeds.py: each example over seeds, per precision and length grouping."""
     if not files:
@@ -315,6 +333,7 @@ def examples_seeds(files: list[Path]) -> list[str]:
 
 RENDERERS = {"sft-bench": sft_bench, "scaling": scaling, "levers": levers, "fsdp": fsdp,
              "serve-load": serve_load, "mixed-step": mixed_step, "nf4-gap": nf4_gap,
+             "loftq-init": loftq_init,
              "examples-seeds": examples_seeds}
 
 

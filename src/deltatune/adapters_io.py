@@ -45,8 +45,14 @@ def commit_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
-    """Write the active (or named) delta to `directory`, atomically."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
+                 trainable_form: bool = False) -> Path:
+    """Write the active (or named) delta to `directory`, atomically.
+
+    A delta that changed its base (LoRA with init pissa/olora) is written as plain LoRA of twice
+    the rank that loads on the unmodified base, as PEFT's `path_initial_model_for_weight_conversion`
+    converts it; `trainable_form=True` keeps it as it trains (rank r, its init recorded; loading
+    redoes the init on the unmodified base), which is what checkpoints resume from."""
     state = delta_state(model)
     name = name or active_config(model)[0]
     if name not in state.configs:
@@ -60,7 +66,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_dict(model, name).items()}
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             peft_config = {
                 "peft_type": config.peft_type,
                 "task_type": PEFT_TASK_TYPES[task_of(model)],
@@ -69,6 +74,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
                 "modules_to_save": config.modules_to_save or None,
                 **method.to_peft(config, model, name),
             }
+            if method.export_form is not None and not trainable_form:
+                tensors, peft_config = method.export_form(model, name, tensors, peft_config)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
             write_record(model, tmp)
         commit_directory(tmp, final)

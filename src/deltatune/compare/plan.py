@@ -273,6 +273,9 @@ def _delta_file_bytes(adapted: nn.Module, method) -> int:
 
     name = delta_state(adapted).active
     tensors = method.state_dict(adapted, name)
+    if method.export_form is not None:  # as save_adapter writes it (PiSSA/OLoRA: rank 2r)
+        config = delta_state(adapted).configs[name]
+        tensors, _ = method.export_form(adapted, name, tensors, method.to_peft(config, adapted, name))
     return sum(t.numel() * t.element_size() for t in tensors.values()) + 4096  # + header/config
 
 

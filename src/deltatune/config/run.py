@@ -96,6 +96,9 @@ class TrainConfig(ConfigSection):
     grad_accum: int = 1
     lr: float | None = None         # None: the method's Method.default_lr
     weight_decay: float = 0.0       # never applied to biases and norms
+    # LoRA+ (lora, dora): B's learning rate = ratio x lr (A's); the paper and PEFT suggest ~16.
+    # None: one lr for all (plain LoRA)
+    loraplus_lr_ratio: float | None = None
     schedule: str = "linear"        # linear | cosine | constant, after warmup
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0   # None: no clipping
@@ -126,7 +129,7 @@ class TrainConfig(ConfigSection):
     def validate(self) -> None:
         self.positive("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every")
         self.positive("max_steps", "eval_batch_size", "lr", "max_grad_norm", "eval_every",
-                      "save_every", "early_stopping_patience", allow_none=True)
+                      "save_every", "early_stopping_patience", "loraplus_lr_ratio", allow_none=True)
         if self.weight_decay < 0:
             self.fail("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:

@@ -67,7 +67,19 @@ class Method:
     # What `compare.search` tunes besides the lr (always searched, log-uniform around the default):
     # option -> (low, high, "log" | "linear") for a range, or a list of choices. {}: the lr only.
     search_space: dict[str, tuple | list] = field(default_factory=dict)
+    # The saved form of a delta whose training form only fits a changed base (PiSSA/OLoRA):
+    # (model, name, PEFT-keyed tensors, adapter_config.json fields) -> the same, loadable on the
+    # unmodified base. save_adapter applies it unless asked for the trainable form (checkpoints).
+    export_form: Callable[[nn.Module, str, StateDict, dict], tuple[StateDict, dict]] | None = None
+    # Per-parameter learning-rate multipliers the optimizer applies, from the run's train options
+    # (LoRA+: B's lr a multiple of A's): (config, train section) -> ((name, parameter) -> factor),
+    # or None for one lr. The trainer asks through `lr_multipliers_for`, knowing no method.
+    lr_multipliers: Callable[[MethodConfig, object], Callable[[str, nn.Parameter], float] | None] | None = None
+    train_options: tuple[str, ...] = ()  # method-specific train.* keys it reads (METHOD_TRAIN_OPTIONS)
 
+
+# train.* keys that only some methods understand; set for another method they are an error
+METHOD_TRAIN_OPTIONS = ("loraplus_lr_ratio",)
 
 _METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3",
                    "oft", "boft", "loha", "lokr")
@@ -132,7 +144,28 @@ def method_config_for(run: RunConfig) -> MethodConfig:
     if quantization is not None and config.method == "full":
         raise DeltatuneError(f"quantize: {quantization.type} freezes the base in integer codes, which "
                              "full fine-tuning cannot train; use a PEFT method or quantize: none")
+    if getattr(config, "init", None) == "loftq" and (quantization is None or quantization.bits != 4):
+        raise DeltatuneError("method.init: loftq fits the adapter to a 4-bit base's quantization error; "
+                             "set quantize: nf4 (or fp4)")
+    check_train_options(config, run.train)
     return config
+
+
+def check_train_options(config: MethodConfig, train: object) -> None:
+    """A method-specific train.* key set for a method that does not read it: one line."""
+    method = get_method(config.method)
+    for option in METHOD_TRAIN_OPTIONS:
+        if getattr(train, option, None) is not None and option not in method.train_options:
+            readers = [n for m in REGISTRY.values() if option in m.train_options for n in (m.name, *m.variants)]
+            raise DeltatuneError(f"train.{option}: applies to {', '.join(readers)} only, not to "
+                                 f"method {method.name!r}")
+
+
+def lr_multipliers_for(config: MethodConfig, train: object) -> Callable[[str, nn.Parameter], float] | None:
+    """(parameter name, parameter) -> lr multiplier for this method and train options, or None."""
+    check_train_options(config, train)
+    method = get_method(config.method)
+    return method.lr_multipliers(config, train) if method.lr_multipliers is not None else None
 
 
 def config_from_dict(values: dict) -> MethodConfig:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods import dora  # noqa: F401  (DoRA math, see dora.py)
+from deltatune.methods import lora_init  # PiSSA, OLoRA, LoftQ and their files, see lora_init.py
 from deltatune.methods import lora_rows  # mixed-adapter batches, see lora_rows.py
 from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
-
-INITS = ("default", "gaussian")
 
 
 @dataclass
@@ -44,7 +44,11 @@ class LoraConfig(MethodConfig):
     # (last path components), or a regex (full match on the path); peft's exclude_modules
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False      # scale = alpha / sqrt(r), better for large ranks
-    init: str = "default"         # default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r)
+    # default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r); pissa (pissa_niter_N): B·A the
+    # top-r singular part of W, the base keeps the rest; olora: B·A from W's QR factors; loftq
+    # (a 4-bit base): B·A fits the quantization error. PEFT's init_lora_weights (lora_init.py)
+    init: str = "default"
+    loftq_iter: int = 1           # loftq: alternating quantize / low-rank-fit rounds (>1 refits the codes)
     # DoRA: also learn each output row's magnitude (PEFT's lora_magnitude_vector). Learns more
     # like full fine-tuning at the same rank, for one extra (out, in) product per layer and step.
     use_dora: bool = False
@@ -59,8 +63,14 @@ class LoraConfig(MethodConfig):
             self.fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_dora, bool):
             self.fail("use_dora", f"must be true or false, got {self.use_dora!r}")
-        if self.init not in INITS:
-            self.fail("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not lora_init.valid_init(self.init):
+            self.fail("init", f"must be one of {', '.join(lora_init.INITS)} or pissa_niter_N, "
+                              f"got {self.init!r}")
+        if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
+            self.fail("loftq_iter", f"must be a positive integer, got {self.loftq_iter!r}")
+        if self.use_dora and lora_init.changes_base(self.init):
+            self.fail("init", f"{self.init} with use_dora: a DoRA adapter trained on the residual "
+                              "base cannot be converted to load on the unmodified one; use one or the other")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 try:
@@ -268,15 +278,19 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
         raise DeltatuneError(
             f"LoraConfig.target_modules: {config.target_modules!r} matched no linear module "
             f"(some that exist: {module_names_hint(model)})")
+    lora_init.check_targets(model, targets, config.init)
+    dense = lora_init.DenseWeights(model) if config.init == "loftq" else None
     for path in targets:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
             module = LoraLayer(module)
             set_parent(model, path, module)
+        lora_init.check_can_join(module, path, name, config)
         in_f, out_f = in_out_features(module.base_layer)
         delta = LoraDelta(in_f, out_f, config).to(module.base_layer.weight.device)
         if module.base_layer.weight.dtype == torch.float64:
             delta = delta.double()
+        lora_init.initialise(model, path, module, delta, config, dense)
         if config.use_dora:
             delta.init_magnitude(dora.weight_out_in(module.base_layer, module.transposed))
         module.add_delta(name, delta)
@@ -344,7 +358,7 @@ def lora_to_peft(config: LoraConfig, model: nn.Module, name: str) -> dict:
             "target_modules": targets, "exclude_modules": exclude,
             "use_rslora": config.use_rslora, "bias": "none",
             "fan_in_fan_out": any_conv1d, "use_dora": config.use_dora,
-            "init_lora_weights": True if config.init == "default" else config.init}
+            **lora_init.init_to_peft(config)}
 
 
 def lora_from_peft(values: dict) -> LoraConfig:
@@ -363,14 +377,26 @@ def lora_from_peft(values: dict) -> LoraConfig:
                       exclude_modules=exclude or None,
                       use_rslora=bool(values.get("use_rslora", False)),
                       use_dora=bool(values.get("use_dora", False)),
-                      init="gaussian" if values.get("init_lora_weights") == "gaussian" else "default",
+                      **lora_init.init_from_peft(values),
                       modules_to_save=values.get("modules_to_save"))
+
+
+def loraplus_multipliers(config: LoraConfig, train) -> "Callable[[str, nn.Parameter], float] | None":
+    """LoRA+ (Hayou et al. 2024): B learns `train.loraplus_lr_ratio` times faster than A. As
+    PEFT's create_loraplus_optimizer groups them, every vector (DoRA's magnitude, biases) goes
+    with B."""
+    ratio = getattr(train, "loraplus_lr_ratio", None)
+    if ratio is None:
+        return None
+    return lambda name, param: ratio if ".lora_B." in name or param.ndim == 1 else 1.0
 
 
 from deltatune.methods import Method  # noqa: E402  (the registry imports this module)
 
 METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
                 from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora,
+                export_form=lora_init.converted_for_export, lr_multipliers=loraplus_multipliers,
+                train_options=("loraplus_lr_ratio",),
                 default_lr=1e-3,  # with alpha = 2r; SST-2/MiniLM all-linear r=8: 84.4% in one pass
                 variants={"dora": {"use_dora": True}},
                 search_space={"r": [4, 8, 16, 32], "alpha": (4, 64, "log")})

@@ -99,7 +99,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     final = Path(run_dir) / CHECKPOINTS / f"step-{step}"
     tmp = atomic_directory(final)
     try:
-        save_adapter(model, tmp / "adapter")
+        save_adapter(model, tmp / "adapter", trainable_form=True)  # resumes on the same (changed) base
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     **trainer_state}, tmp / STATE_FILE)
         commit_directory(tmp, final)

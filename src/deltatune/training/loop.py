@@ -38,7 +38,7 @@ from deltatune.training.collapse import did_not_learn, no_information
 from deltatune.training.collapse import message as collapse_message
 from deltatune.training.evaluation import NOT_SHOWN, default_metric, evaluate_model, is_better
 from deltatune.training.losses import batch_loss, count_targets
-from deltatune.methods import default_lr_for, method_config_for
+from deltatune.methods import default_lr_for, lr_multipliers_for, method_config_for
 from deltatune.methods.base import MethodConfig, count_parameters
 from deltatune.training.packed_attention import packed_attention
 from deltatune.training.compiled import compiled_elementwise
@@ -130,7 +130,7 @@ def _setup(model: nn.Module, tokenizer: Any, config: RunConfig, method: MethodCo
         parallel.dist = dist
     lr = tc.lr or default_lr_for(method)  # train.lr, else what the method's options need
     stream, total_steps = training_stream(train_dataset, tc, collator, dist.world_size)
-    optimizer = build_optimizer(bare, lr, tc.weight_decay)
+    optimizer = build_optimizer(bare, lr, tc.weight_decay, lr_multipliers_for(method, tc))
     scheduler = build_scheduler(optimizer, tc.schedule, math.ceil(tc.warmup_ratio * total_steps),
                                 total_steps)
     progress = Progress()

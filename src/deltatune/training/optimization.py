@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,15 +31,22 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith("bias") or "norm" in name.lower()
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (frozen ones get no optimizer state)."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    lr_multiplier: Callable[[str, nn.Parameter], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen ones get no optimizer state).
+
+    `lr_multiplier` (from the method, e.g. LoRA+): each parameter's lr is lr x its factor; one
+    parameter group per (factor, decay or not), so the schedule scales every group alike."""
     params = trainable_parameters(model)
     if not params:
         raise DeltatuneError("nothing to train: no parameter requires grad (apply a method first)")
-    decay = [p for n, p in params if not _no_decay(n, p)]
-    no_decay = [p for n, p in params if _no_decay(n, p)]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in params:
+        factor = float(lr_multiplier(name, param)) if lr_multiplier is not None else 1.0
+        grouped.setdefault((factor, _no_decay(name, param)), []).append(param)
+    groups = [{"params": grouped[(factor, no_decay)], "lr": lr * factor,
+               "weight_decay": 0.0 if no_decay else weight_decay}
+              for factor, no_decay in sorted(grouped)]
     # The fused kernel updates every tensor in one pass (CPU and CUDA); foreach is the fallback.
     fused_ok = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for _, p in params)
     try:
