@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # built from parts so that this file does not match itself
-WORDS = re.compile("|".join([r"round [0-9]", r"issue [0-9]", r"\bh[0-9]{2}\b", "the " + "lead",
+WORDS = re.compile("|".join([r"\bround [0-9]", r"\bissue [0-9]", r"\bh[0-9]{2}\b", "the " + "lead",
                              "engine" + "ers"]).encode(), re.I)
 
 
