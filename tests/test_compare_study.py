@@ -143,8 +143,9 @@ def test_two_worker_processes_run_every_trial_exactly_once(tmp_path):
     config = config_for(tmp_path, "tiny", {"trials": 3, "steps": 8, "rows": 48, "heldout_rows": 32,
                                            "pruner": "none"}, seeds=[0, 1])
     first = _driver(tmp_path, config)
-    second = _driver(tmp_path, config, "--join")
+    second = _driver(tmp_path, config, "--join")  # at once: both may create the database's tables
     out_first, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out_first[-2000:]
     out_second, _ = second.communicate(timeout=300)
     assert first.returncode == 0, out_first[-2000:]
     assert second.returncode == 0, out_second[-2000:]

@@ -67,7 +67,8 @@ def _pruner(search: dict, steps: int):
     if search["pruner"] == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 2))
     if search["pruner"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+        # never on the first held-out report: a quarter of the steps in, scores are still noise
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=steps // 4 + 1)
     return optuna.pruners.NopPruner()
 
 

@@ -45,18 +45,35 @@ def open_storage(url: str):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     interval = int(os.environ.get(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S))
-    # SQLite: several processes write one file; wait for the lock instead of failing at once
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=interval,
-                              grace_period=2 * interval,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as exc:  # driver missing, host unreachable, not a database: one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    engine = {}
+    if url.startswith("sqlite"):
+        # several processes write one file: wait for its lock instead of failing at once
+        engine = {"connect_args": {"timeout": 120}}
+        database = make_url(url).database
+        if database and not Path(database).parent.is_dir():
+            raise DeltatuneError(f"compare.search.storage: cannot open {url!r}: the folder "
+                                 f"{Path(database).parent} does not exist")
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=interval,
+                                  grace_period=2 * interval,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        except DBAPIError:
+            # two workers creating the tables of a new database at once: one of them loses the
+            # race (the tables exist, or the file is locked); the next try finds them made
+            if attempt < 5:
+                time.sleep(1 + attempt)
+                continue
+            reason = "the database did not answer after 6 tries"
+        except Exception as exc:  # driver missing, host unreachable, not a database: one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DeltatuneError(f"compare.search.storage: cannot open {url!r}: {reason}") from None
 
 

@@ -117,8 +117,9 @@ const Chart = (() => {
     if (o.baseline && Number.isFinite(o.baseline.y) && o.baseline.y >= ymin && o.baseline.y <= ymax) {
       // the no-skill level (e.g. the majority class): a score on it is no result
       svg("line", { class: "baseline", x1: f.x0, x2: f.x1, y1: sy(o.baseline.y), y2: sy(o.baseline.y),
-        stroke: "#777", "stroke-dasharray": "4 4" }, f.root);
-      text(f.root, f.x1 - 4, sy(o.baseline.y) - 4, o.baseline.label, { class: "label", "text-anchor": "end" });
+        stroke: "#777", "stroke-dasharray": "4 4", "pointer-events": "none" }, f.root);
+      text(f.root, f.x1 - 4, sy(o.baseline.y) - 4, o.baseline.label,
+        { class: "label", "text-anchor": "end", "pointer-events": "none" });
     }
     const placed = [];  // label boxes so far: a label that would cover one moves down or up a line
     const labelAt = (x, y, label) => {
@@ -139,7 +140,7 @@ const Chart = (() => {
       const i = points.indexOf(p), color = COLORS[i % COLORS.length];
       const r = 6 + 22 * Math.sqrt((p.size || 0) / biggest);
       const dot = svg("circle", { class: p.hollow ? "point hollow" : "point", cx: sx(p.x), cy: sy(p.y), r,
-        fill: p.hollow ? "none" : color, stroke: color, "data-key": p.key }, f.root);
+        fill: p.hollow ? "none" : color, stroke: color, "data-key": p.key, "pointer-events": "all" }, f.root);
       text(f.root, sx(p.x) + r + 4, labelAt(sx(p.x) + r + 4, sy(p.y) + 4, p.label), p.label, { class: "label" });
       dot.addEventListener("mouseenter", () => {
         tip.textContent = "";
