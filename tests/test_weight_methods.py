@@ -278,3 +278,35 @@ def test_a_layer_takes_deltas_of_one_kind():
     with pytest.raises(dt.DeltatuneError, match="already carries another method's delta"):
         dt.apply(model, dt.OFTConfig(oft_block_size=16, target_modules=["q_proj"]), "oft")
     dt.apply(model, dt.OFTConfig(oft_block_size=16, target_modules=["v_proj"]), "oft")  # other layers: fine
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tiny_runs import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("q"))
+
+
+@pytest.mark.parametrize("method", list(OWN))
+def test_on_an_nf4_base_it_trains_and_merge_and_unload_gives_a_dense_model(method, llama_dir):
+    from deltatune.quantization import QuantizationConfig, is_quantized_linear
+
+    quantize = QuantizationConfig(type="nf4", compute_dtype="float32")
+    model, _ = dt.load_model(str(llama_dir), quantize=quantize)
+    dt.apply(model, OWN[method])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    ids = token_batch(batch=4, seq=12)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    expected = logits(model, ids)
+    plain = dt.merge_and_unload(model)
+    assert not any(is_quantized_linear(m) or isinstance(m, WeightLayer) for m in plain.modules())
+    assert (logits(plain, ids) - expected).abs().max().item() < 1e-4

@@ -67,6 +67,9 @@ LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # prefix 1.57 / 1.80, within 14%).
 RETENTION = {"full": 1.1, "lora": 2.3, "adapter": 2.2, "prompt": 2.0, "ptuning": 2.0,
              "prefix": 1.65}
+# OFT, BOFT, LoHa and LoKr wrap the same linear layers as LoRA and keep their inputs as it does:
+# LoRA's factor (the MiniLM demo run fitted 2.0-2.4 for them beside 2.55 for LoRA itself).
+RETENTION.update({name: RETENTION["lora"] for name in ("oft", "boft", "loha", "lokr")})
 DEFAULT_RETENTION = 1.6
 # The share of the held heap a training batch can reuse (allocator_fill), fitted to per-step
 # traces of the heap (benchmarks/memory/memory_trace.py; SmolLM2 LoRA 14 and 30 steps, QLoRA 14 steps:
