@@ -146,6 +146,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEF
     values = read_adapter_config(directory)
     method = method_for_peft_type(values["peft_type"], str(directory / CONFIG_NAME))
     tensors = read_tensors(directory / WEIGHTS_NAME)
+    if method.import_form is not None:  # e.g. a PiSSA file as the plain LoRA it is on this base
+        values, tensors = method.import_form(model, values, tensors)
     config = config_from_peft(method, values, directory / CONFIG_NAME)
     try:
         apply(model, config, name)
