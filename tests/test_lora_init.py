@@ -122,6 +122,23 @@ def test_rslora_conversion_keeps_the_scale(tmp_path):
     assert gap(dt.load_adapter(tiny_llama(), tmp_path / "a"), model) < 1e-5
 
 
+def test_saved_pissa_and_olora_adapters_share_a_base_and_mix_per_row(tmp_path):
+    """What `serve` does: several saved adapters on one unmodified base, one per batch row."""
+    for name, init in (("p", "pissa"), ("o", "olora"), ("l", "default")):
+        model = ours("llama", init)
+        train_a_little(model, seed=len(name) + ord(name))
+        dt.save_adapter(model, tmp_path / name)
+    shared = tiny_llama()
+    for name in ("p", "o", "l"):
+        dt.load_adapter(shared, tmp_path / name, name=name)
+    ids = token_batch(batch=4)
+    with torch.no_grad():
+        mixed = shared(input_ids=ids, adapter_names=["p", None, "o", "l"]).logits
+    for row, name in enumerate(["p", None, "o", "l"]):
+        alone = tiny_llama() if name is None else dt.load_adapter(tiny_llama(), tmp_path / name)
+        assert (mixed[row] - logits(alone, ids[row:row + 1])[0]).abs().max().item() < 1e-5, name
+
+
 # ------------------------------------------------------------------ PEFT both ways
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("init", ["pissa", "olora"])
