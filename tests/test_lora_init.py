@@ -97,11 +97,20 @@ def test_the_saved_adapter_on_the_unmodified_base_is_the_trained_model(family, i
     loaded = dt.load_adapter(FAMILIES[family](), tmp_path / "a")
     assert gap(loaded, model) < 1e-5
     assert gap(dt.merge_and_unload(loaded), model) < 1e-5
-    # the trainable form (what checkpoints keep) records the init and reloads by redoing it
+    # the trainable form (what checkpoints keep) records the init; loading it redoes the
+    # decomposition on the unmodified base and adds the converted pair: the base stays as it was
     dt.save_adapter(model, tmp_path / "t", trainable_form=True)
     saved = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
     assert (saved["r"], saved["init_lora_weights"]) == (4, init)
-    assert gap(dt.load_adapter(FAMILIES[family](), tmp_path / "t"), model) < 1e-5
+    fresh = FAMILIES[family]()
+    original = {k: v.clone() for k, v in fresh.state_dict().items()}
+    loaded = dt.load_adapter(fresh, tmp_path / "t")
+    assert gap(loaded, model) < 1e-5
+    assert dt.active_config(loaded)[1].r == 8
+    with dt.disable_adapters(loaded):
+        assert gap(loaded, FAMILIES[family]()) == 0.0
+    unwrapped = {k.replace(".base_layer", ""): v for k, v in loaded.state_dict().items() if ".deltas." not in k}
+    assert all(torch.equal(unwrapped[k], v) for k, v in original.items() if k in unwrapped)
 
 
 def test_rslora_conversion_keeps_the_scale(tmp_path):
@@ -111,6 +120,23 @@ def test_rslora_conversion_keeps_the_scale(tmp_path):
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["lora_alpha"] == pytest.approx(8 * 2 ** 0.5)
     assert gap(dt.load_adapter(tiny_llama(), tmp_path / "a"), model) < 1e-5
+
+
+def test_saved_pissa_and_olora_adapters_share_a_base_and_mix_per_row(tmp_path):
+    """What `serve` does: several saved adapters on one unmodified base, one per batch row."""
+    for name, init in (("p", "pissa"), ("o", "olora"), ("l", "default")):
+        model = ours("llama", init)
+        train_a_little(model, seed=len(name) + ord(name))
+        dt.save_adapter(model, tmp_path / name)
+    shared = tiny_llama()
+    for name in ("p", "o", "l"):
+        dt.load_adapter(shared, tmp_path / name, name=name)
+    ids = token_batch(batch=4)
+    with torch.no_grad():
+        mixed = shared(input_ids=ids, adapter_names=["p", None, "o", "l"]).logits
+    for row, name in enumerate(["p", None, "o", "l"]):
+        alone = tiny_llama() if name is None else dt.load_adapter(tiny_llama(), tmp_path / name)
+        assert (mixed[row] - logits(alone, ids[row:row + 1])[0]).abs().max().item() < 1e-5, name
 
 
 # ------------------------------------------------------------------ PEFT both ways

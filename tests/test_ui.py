@@ -115,6 +115,22 @@ def test_form_becomes_the_config_the_cli_would_read(site):
     assert values["output_dir"] == str(site["runs"] / "run1")
 
 
+def test_lora_init_and_loraplus_reach_the_config(site):
+    kind, values = config_from_form(form(site, init="pissa", loraplus_lr_ratio="16"), site["runs"])
+    assert values["method"]["init"] == "pissa" and values["train"]["loraplus_lr_ratio"] == 16
+    kind, values = config_from_form(form(site, kind="compare", methods=["lora", "prompt"], init="olora",
+                                         loraplus_lr_ratio="8"), site["runs"])
+    assert values["compare"]["per_method"]["lora"] == {"method": {"r": 4, "init": "olora"},
+                                                      "train": {"loraplus_lr_ratio": 8}}
+    assert "train" not in values["compare"]["per_method"].get("prompt", {})  # prompt would refuse it
+    kind, values = config_from_form(form(site, init="default"), site["runs"])
+    assert "init" not in values["method"]
+    jobs = Jobs(site["runs"])
+    with pytest.raises(FormError) as caught:  # validated as the CLI would: named field, one line
+        jobs.start(form(site, method="prompt", loraplus_lr_ratio="16"))
+    assert "applies to lora, dora only" in caught.value.errors["loraplus_lr_ratio"]
+
+
 def test_stop_interrupts_a_training_job(site):
     jobs = Jobs(site["runs"])
     job = jobs.start(form(site, name="long", max_steps="100000", eval_every="50"))

@@ -290,7 +290,9 @@ def loftq_init(files: list[Path]) -> list[str]:
         rows = [[k, f"{v['start_loss']:.4f}", f"{100 * v['start_vs_dense']:+.1f}%",
                  f"{v['last5_loss']:.4f}", f"{100 * v['last5_vs_dense']:+.1f}%", f"{v['init_s']:.1f}"]
                 for k, v in raw.items() if k != "settings"]
-        out += [caption([date], flags, "bf16 autocast", "python benchmarks/quality/loftq_init.py"), "",
+        rounds = max(v["loftq_iter"] for k, v in raw.items() if k != "settings")
+        command = "python benchmarks/quality/loftq_init.py" + (f" --iterations {rounds}" if rounds > 1 else "")
+        out += [caption([date], flags, "bf16 autocast", command), "",
                 *_table(["row", "loss at the start (last 5 steps' rows)", "vs dense", "training loss, last 5 steps",
                          "vs dense", "init s"], rows), ""]
     return out

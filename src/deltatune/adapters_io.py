@@ -51,8 +51,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
 
     A delta that changed its base (LoRA with init pissa/olora) is written as plain LoRA of twice
     the rank that loads on the unmodified base, as PEFT's `path_initial_model_for_weight_conversion`
-    converts it; `trainable_form=True` keeps it as it trains (rank r, its init recorded; loading
-    redoes the init on the unmodified base), which is what checkpoints resume from."""
+    converts it; `trainable_form=True` keeps it as it trains (rank r, its init recorded: what
+    checkpoints resume from; load_adapter converts it on the unmodified base)."""
     state = delta_state(model)
     name = name or active_config(model)[0]
     if name not in state.configs:
@@ -146,6 +146,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEF
     values = read_adapter_config(directory)
     method = method_for_peft_type(values["peft_type"], str(directory / CONFIG_NAME))
     tensors = read_tensors(directory / WEIGHTS_NAME)
+    if method.import_form is not None:  # e.g. a PiSSA file as the plain LoRA it is on this base
+        values, tensors = method.import_form(model, values, tensors)
     config = config_from_peft(method, values, directory / CONFIG_NAME)
     try:
         apply(model, config, name)

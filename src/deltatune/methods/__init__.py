@@ -71,6 +71,9 @@ class Method:
     # (model, name, PEFT-keyed tensors, adapter_config.json fields) -> the same, loadable on the
     # unmodified base. save_adapter applies it unless asked for the trainable form (checkpoints).
     export_form: Callable[[nn.Module, str, StateDict, dict], tuple[StateDict, dict]] | None = None
+    # Its inverse for loading: (model, adapter_config.json, tensors) -> the same, as the delta to
+    # add to this model's unmodified base (load_adapter calls it before applying).
+    import_form: Callable[[nn.Module, dict, StateDict], tuple[dict, StateDict]] | None = None
     # Per-parameter learning-rate multipliers the optimizer applies, from the run's train options
     # (LoRA+: B's lr a multiple of A's): (config, train section) -> ((name, parameter) -> factor),
     # or None for one lr. The trainer asks through `lr_multipliers_for`, knowing no method.

@@ -395,7 +395,8 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
                 from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora,
-                export_form=lora_init.converted_for_export, lr_multipliers=loraplus_multipliers,
+                export_form=lora_init.converted_for_export, import_form=lora_init.converted_on_load,
+                lr_multipliers=loraplus_multipliers,
                 train_options=("loraplus_lr_ratio",),
                 default_lr=1e-3,  # with alpha = 2r; SST-2/MiniLM all-linear r=8: 84.4% in one pass
                 variants={"dora": {"use_dora": True}},

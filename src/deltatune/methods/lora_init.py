@@ -14,8 +14,10 @@ PiSSA and OLoRA change the base weights. An adapter trained from them is only me
 residual base, so saving converts it the way PEFT's `path_initial_model_for_weight_conversion`
 does: W_res + s·B·A = W + s·(B·A - B0·A0) = W + s·[B | -B0]·[A ; A0], a plain LoRA of rank 2r
 (alpha doubled, so s is unchanged) that loads on the unmodified base in deltatune and PEFT.
-The trainable form (rank r, init recorded) is what checkpoints keep: loading it runs the same
-deterministic decomposition on the unmodified base again, as PEFT's loader does.
+The trainable form (rank r, init recorded) is what checkpoints keep (resuming redoes the init,
+then copies the tensors in). Loading such a file (or PEFT's plain save of one) reruns the same
+deterministic decomposition on the unmodified base to find B0, A0 and loads the converted pair,
+so a loaded adapter never changes its base.
 """
 from __future__ import annotations
 
@@ -180,12 +182,7 @@ def initialise(model: nn.Module, path: str, layer: nn.Module, delta: nn.Module, 
     else:
         weight = base.weight.T if layer.transposed else base.weight   # (out, in)
         weight32 = weight.detach().float()
-        if init == "olora":
-            lora_A, lora_B = olora_factors(weight32, config.r)
-        else:
-            niter = PISSA_NITER.fullmatch(init)
-            lora_A, lora_B = pissa_factors(weight32, config.r, config.scale,
-                                           int(niter.group(1)) if niter else None)
+        lora_A, lora_B = start_factors(weight32, config.r, config.scale, init)
         residual = weight32 - config.scale * (lora_B @ lora_A)
         with torch.no_grad():
             weight.copy_(residual.to(weight.dtype))
@@ -242,6 +239,46 @@ def init_from_peft(values: dict) -> dict:
         raise DeltatuneError(f"adapter_config.json: init_lora_weights {value!r} is not supported "
                              f"(one of true, gaussian, pissa, pissa_niter_N, olora, loftq)")
     return {"init": value}
+
+
+def start_factors(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) a PiSSA/OLoRA init starts from, for the (out, in) weight of the unmodified base."""
+    if init == "olora":
+        return olora_factors(weight, r)
+    niter = PISSA_NITER.fullmatch(init)
+    return pissa_factors(weight, r, scale, int(niter.group(1)) if niter else None)
+
+
+def converted_on_load(model: nn.Module, values: dict, tensors: dict) -> tuple[dict, dict]:
+    """A PiSSA/OLoRA file in its trainable form (PEFT's plain save, or our checkpoint) as the
+    plain LoRA of rank 2r it stands for on this unmodified base: loading then never changes the
+    base, so other adapters, `disable_adapters` and serving the bare base stay right."""
+    from deltatune.methods.base import PEFT_PREFIX
+
+    init = values.get("init_lora_weights")
+    if not (isinstance(init, str) and changes_base(init)):
+        return values, tensors
+    r, alpha = values["r"], values.get("lora_alpha", 8)
+    rslora = bool(values.get("use_rslora"))
+    scale = alpha / (math.sqrt(r) if rslora else r)
+    tensors = dict(tensors)
+    suffix = ".lora_A.weight"
+    for key in [k for k in tensors if k.endswith(suffix) and k.startswith(PEFT_PREFIX)]:
+        path = key[len(PEFT_PREFIX):-len(suffix)]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # the loader names the tensor that has no place in this model
+        base = getattr(module, "base_layer", module)
+        if getattr(base, "weight", None) is None or base.weight.ndim != 2:
+            continue
+        transposed = type(base).__name__ == "Conv1D"
+        weight = (base.weight.T if transposed else base.weight).detach().float()
+        initial_A, initial_B = start_factors(weight, r, scale, init)
+        b_key = key[:-len(suffix)] + ".lora_B.weight"
+        tensors[key], tensors[b_key] = converted_pair(tensors[key], tensors[b_key], initial_A, initial_B)
+    root_two = math.sqrt(2) if rslora else 2
+    return {**values, "r": 2 * r, "lora_alpha": alpha * root_two, "init_lora_weights": True}, tensors
 
 
 def converted_for_export(model: nn.Module, name: str, tensors: dict, peft_config: dict) -> tuple[dict, dict]:

@@ -26,21 +26,23 @@ from deltatune.errors import DeltatuneError
 UI_DIR = ".ui"  # configs and logs of launched jobs, inside the runs folder (hidden from the list)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # The options the form offers, per method (the rest keep the method's defaults).
-METHOD_OPTIONS = {"full": [], "lora": ["r", "alpha", "target_modules"], "adapter": ["bottleneck_size"],
+METHOD_OPTIONS = {"full": [], "lora": ["r", "alpha", "target_modules", "init"], "adapter": ["bottleneck_size"],
                   "prompt": ["num_virtual_tokens"], "ptuning": ["num_virtual_tokens"],
                   "prefix": ["num_virtual_tokens"],
                   "oft": ["target_modules"], "boft": ["target_modules"],
                   "loha": ["r", "alpha", "target_modules"], "lokr": ["r", "alpha", "target_modules"]}
 INTEGERS = ["r", "bottleneck_size", "num_virtual_tokens", "max_steps", "batch_size", "max_length",
             "max_train_rows", "eval_every"]
-NUMBERS = ["alpha", "epochs", "lr"]
+NUMBERS = ["alpha", "epochs", "lr", "loraplus_lr_ratio"]
+LORAPLUS_METHODS = ("lora", "dora")  # the form's LoRA+ ratio goes to these (train.loraplus_lr_ratio)
 # A config key (as validation errors name it) -> the form field it came from.
 FIELD_OF_KEY = {"model": "model", "task": "task", "output_dir": "name", "data.train": "train",
                 "data.eval": "eval", "data.format": "format", "data.max_length": "max_length",
                 "data.max_train_rows": "max_train_rows", "data.label_names": "label_names",
                 "num_labels": "label_names", "method.name": "method", "method": "method",
                 "compare.methods": "methods", "train.max_steps": "max_steps", "train.epochs": "epochs",
-                "train.batch_size": "batch_size", "train.lr": "lr", "train.eval_every": "eval_every"}
+                "train.batch_size": "batch_size", "train.lr": "lr", "train.eval_every": "eval_every",
+                "train.loraplus_lr_ratio": "loraplus_lr_ratio"}
 STOP_GRACE_S = 5.0
 
 
@@ -138,6 +140,8 @@ def config_from_form(form: dict, runs_root: Path, busy: set[str] = frozenset()) 
     options = {k: numbers.get(k) for k in ("r", "alpha", "bottleneck_size", "num_virtual_tokens")}
     modules = [m.strip() for m in str(form.get("target_modules") or "").split(",") if m.strip()]
     options["target_modules"] = modules or None
+    options["init"] = form.get("init") if form.get("init") not in (None, "", "default") else None
+    ratio = numbers["loraplus_lr_ratio"]
 
     def method_values(method: str) -> dict:
         return {k: options[k] for k in METHOD_OPTIONS.get(method, []) if options[k] is not None}
@@ -151,11 +155,16 @@ def config_from_form(form: dict, runs_root: Path, busy: set[str] = frozenset()) 
         if not methods:
             errors["methods"] = "tick at least one method to compare"
         values["method"] = {"name": (methods or ["lora"])[0]}
-        values["compare"] = {"methods": methods, "per_method": {
-            m: {"method": method_values(m)} for m in methods if method_values(m)}}
+        per_method = {m: {"method": method_values(m)} for m in methods if method_values(m)}
+        for m in methods:  # LoRA+ only where it applies: another method would refuse the key
+            if ratio and m in LORAPLUS_METHODS:
+                per_method.setdefault(m, {})["train"] = {"loraplus_lr_ratio": ratio}
+        values["compare"] = {"methods": methods, "per_method": per_method}
     else:
         method = form.get("method") or "lora"
         values["method"] = {"name": method, **method_values(method)}
+        if ratio:
+            train["loraplus_lr_ratio"] = ratio
     if errors:
         raise FormError(errors)
     return kind, values

@@ -10,6 +10,8 @@
     lr: "empty: the method's default",
     label_names: "comma-separated, label 0 first; shown in the playground",
     max_steps: "empty: run the epochs",
+    init: "pissa / olora: start from the weights' principal part",
+    loraplus_lr_ratio: "empty: one lr; LoRA+ suggests 16",
   };
 
   function field(name, label, input, cls) {
@@ -46,6 +48,7 @@
       const chosen = kind.value === "train" ? [method.value]
         : [...boxes.querySelectorAll("input:checked")].map((b) => b.value);
       for (const [name, owners] of [["r", ["lora"]], ["alpha", ["lora"]], ["target_modules", ["lora"]],
+        ["init", ["lora"]], ["loraplus_lr_ratio", ["lora", "dora"]],
         ["bottleneck_size", ["adapter"]], ["num_virtual_tokens", ["prompt", "ptuning", "prefix"]]]) {
         form.querySelector(`[data-field="${name}"]`).hidden = !owners.some((o) => chosen.includes(o));
       }
@@ -63,6 +66,8 @@
       field("r", "LoRA rank r", input({ placeholder: "8" })),
       field("alpha", "LoRA alpha", input({ placeholder: "16" })),
       field("target_modules", "LoRA target modules", input({ placeholder: "all-linear" })),
+      field("init", "LoRA init", select("init", ["default", "gaussian", "pissa", "olora"], "default")),
+      field("loraplus_lr_ratio", "LoRA+ ratio (B's lr / A's)", input({ placeholder: "off" })),
       field("bottleneck_size", "adapter bottleneck size", input({ placeholder: "hidden/16" })),
       field("num_virtual_tokens", "virtual tokens", input({ placeholder: "20" })),
       field("max_steps", "max steps", input({ placeholder: "" })),
