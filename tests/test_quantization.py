@@ -405,3 +405,25 @@ def test_combining_adapters_on_a_quantized_base(llama_dir):
     combined = logits(dt.set_adapter(model, "ab"), x)
     assert not torch.equal(combined, logits(dt.set_adapter(model, "a"), x))
     assert not torch.equal(combined, logits(dt.set_adapter(model, "b"), x))
+
+
+# ------------------------------------------------------------------ DoRA on a 4-bit base (QDoRA)
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dora_on_a_quantized_base_starts_at_the_base_and_trains(llama_dir, kind, one_thread):  # noqa: F811
+    # the magnitude is the norm of the dense weight the layer computes with, not of its codes
+    model, _ = dt.load_model(str(llama_dir), quantize=kind)
+    x = ids(seed=5, batch=2, seq=10)
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    dt.apply(model, dt.config_from_dict({"name": "dora"}))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, before, atol=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses

@@ -20,9 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.quantization.dense import dequantized_weight
+from deltatune.quantization.layers import is_quantized_linear
+
 
 def weight_out_in(base_layer: nn.Module, transposed: bool) -> torch.Tensor:
-    """The base weight as (out, in) (GPT-2's Conv1D stores (in, out))."""
+    """The base weight as (out, in) (GPT-2's Conv1D stores (in, out)). A quantized base gives the
+    dense weight it computes with: the magnitude is a norm of the weight, not of its codes."""
+    if is_quantized_linear(base_layer):
+        return dequantized_weight(base_layer)
     return base_layer.weight.T if transposed else base_layer.weight
 
 
