@@ -29,6 +29,8 @@ from deltatune.config.run import save_run_config
 from deltatune.errors import DeltatuneError
 from deltatune.compare.live import child_env, last_line, run_relayed
 from deltatune.compare.settings import check_row, read_compare_config, row_settings, split_row
+from deltatune.tracking import check_installed
+from deltatune.tracking.comparison import comparison_tracking
 
 def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
     """The full run config (as a dict) that trains method `name` in this comparison."""
@@ -111,6 +113,7 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     # are reused, stale ones refused unless --overwrite (compare.jobs). Anything else is not ours.
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not (out_dir / "jobs").is_dir():
         raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+    check_installed(config.train.report_to)  # a missing tracker fails before any planning
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(config, out_dir / "config.yaml")
     print(f"planning {', '.join(settings['methods'])} ...", flush=True)
@@ -118,5 +121,9 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     release_freed_memory()
     from deltatune.compare.fair import run_comparison  # search, seeds, sizes, reuse: compare/fair.py
 
-    return run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
-                          forgetting=forgetting, method_run_config=method_run_config)
+    # MLflow: one parent run, each child run under it; W&B: one group (tracking/comparison.py)
+    with comparison_tracking(config, out_dir) as tracking:
+        rows = run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
+                              forgetting=forgetting, method_run_config=method_run_config)
+        tracking.finish(rows)
+    return rows

@@ -1,0 +1,164 @@
+"""MLflow: one MLflow run per training run, through `mlflow.MlflowClient`.
+
+Where: MLFLOW_TRACKING_URI when set (any tracking server or store); else a SQLite database in
+the runs folder, `sqlite:///RUNS/mlflow.db` (RUNS: the folder holding output_dir), with the
+artifacts beside it in RUNS/mlartifacts/ — a real database, nothing to start; `mlflow ui
+--backend-store-uri sqlite:///RUNS/mlflow.db` shows it. The experiment is MLFLOW_EXPERIMENT_NAME,
+else "deltatune".
+
+What: the flattened config as params; every metrics.jsonl record as metrics at its step (loss,
+lr, grad_norm, tokens_per_s, peak_memory_mb, eval_*); summary.json's numbers as `summary.*`
+metrics; the final delta as the `adapter/` artifact and config.yaml, summary.json and
+metrics.jsonl at the artifact root; tags for method, base model, quantization and world size.
+
+Resume: the run id is kept in RUN_DIR/tracking.json, and `--resume` reopens that run. Steps
+the interrupted process had already sent (it trained past its last checkpoint) are not sent
+again, so each metric has one point per step. Under `deltatune compare` the run is a child of
+the comparison's parent run (PARENT_RUN_ENV, set by tracking/comparison.py).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from deltatune.tracking.base import (RECORD_FILES, Tracker, flatten, metric_key, numbers, read_ids,
+                                     write_ids)
+
+DATABASE = "mlflow.db"
+ARTIFACTS = "mlartifacts"
+DEFAULT_EXPERIMENT = "deltatune"
+PARENT_RUN_ENV = "DELTATUNE_MLFLOW_PARENT_RUN"   # a comparison's parent run id, for its children
+MAX_PARAMS_PER_CALL = 100                        # MLflow's log_batch limit
+UI_ADDRESS = "http://127.0.0.1:5000"             # where `mlflow ui` serves by default
+
+
+def tracking_uri(output_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI, else the SQLite database in the folder that holds `output_dir`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(output_dir).resolve().parent / DATABASE}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a SQLite database (MLflow would put them under the current directory);
+    a server or file store decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS).resolve().as_uri()
+    return None
+
+
+def experiment_id(client: Any, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    except MlflowException:  # another process created it meanwhile
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def client_for(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def run_link(ids: dict[str, Any]) -> str:
+    """The run's page in the MLflow UI: the server itself, or `mlflow ui`'s default address."""
+    uri = ids.get("tracking_uri", "")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}"
+
+
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_CALL):
+        client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_CALL])
+
+
+def log_numbers(client: Any, run_id: str, values: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    if values:
+        client.log_batch(run_id, metrics=[Metric(metric_key(k), v, now, step) for k, v in values.items()])
+
+
+def _tags(config: dict) -> dict[str, str]:
+    method = config.get("method") or {}
+    quantize = config.get("quantize")
+    tags = {"method": str(method.get("name", "")), "base_model": str(config.get("model", "")),
+            "quantization": str(quantize.get("type", quantize) if isinstance(quantize, dict) else quantize),
+            "world_size": os.environ.get("WORLD_SIZE", "1"), "task": str(config.get("task", "")),
+            "seed": str((config.get("train") or {}).get("seed", "")),
+            "train_rows": str((config.get("data") or {}).get("max_train_rows") or "all"),
+            "output_dir": str(config.get("output_dir", ""))}
+    return tags
+
+
+class MlflowRun(Tracker):
+    name = "mlflow"
+
+    def __init__(self) -> None:
+        self.client = None
+        self.run_id = ""
+        self.highest: dict[str, int] | None = None  # resumed: key -> last step already sent
+
+    def start(self, run_dir: Path, config: dict, resume: bool) -> None:
+        uri = tracking_uri(Path(config["output_dir"]))
+        self.client = client = client_for(uri)
+        known = read_ids(run_dir).get(self.name) if resume else None
+        if known and known.get("tracking_uri") == uri:
+            self.run_id, self.highest = known["run_id"], {}
+            client.update_run(self.run_id, status="RUNNING")
+            return
+        parent = os.environ.get(PARENT_RUN_ENV)
+        tags = _tags(config)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+            tags["comparison_job"] = Path(config["output_dir"]).name
+            experiment = client.get_run(parent).info.experiment_id
+        else:
+            experiment = experiment_id(client, uri)
+        run = client.create_run(experiment, run_name=Path(config["output_dir"]).name, tags=tags)
+        self.run_id = run.info.run_id
+        write_ids(run_dir, self.name, {"run_id": self.run_id, "experiment_id": experiment,
+                                       "tracking_uri": uri})
+        log_params(client, self.run_id, flatten(config))
+
+    def _already_sent(self, key: str, step: int) -> bool:
+        if self.highest is None:
+            return False
+        if key not in self.highest:
+            history = self.client.get_metric_history(self.run_id, metric_key(key))
+            self.highest[key] = max((m.step for m in history), default=-1)
+        return step <= self.highest[key]
+
+    def log_metrics(self, record: dict[str, Any], step: int) -> None:
+        values = {k: v for k, v in numbers(record).items() if not self._already_sent(k, step)}
+        log_numbers(self.client, self.run_id, values, step)
+
+    def finish(self, summary: dict[str, Any] | None, run_dir: Path | None, failed: bool) -> None:
+        if self.client is None:
+            return
+        if failed:
+            self.client.set_terminated(self.run_id, status="FAILED")
+            return
+        log_numbers(self.client, self.run_id,
+                    {f"summary.{k}": v for k, v in numbers(flatten(summary or {})).items()}, 0)
+        for path in sorted(Path(run_dir).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                self.client.log_artifact(self.run_id, str(path),
+                                         None if path.name in RECORD_FILES else "adapter")
+        self.client.set_terminated(self.run_id, status="FINISHED")
