@@ -16,13 +16,13 @@ from typing import Any
 from deltatune.tracking.base import RECORD_FILES, Tracker, flatten, numbers, read_ids, write_ids
 
 DEFAULT_PROJECT = "deltatune"
+MAX_TAG = 64  # W&B refuses longer tags
 
 
 def init(run_dir: Path, name: str, run_id: str | None, job_type: str, config: dict,
          tags: list[str]) -> Any:
     import wandb
 
-    run_id = run_id or wandb.util.generate_id()
     return wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, name=name,
                       id=run_id, resume="allow", job_type=job_type, config=config, tags=tags,
                       dir=os.environ.get("WANDB_DIR") or str(run_dir),
@@ -39,8 +39,10 @@ class WandbRun(Tracker):
     def start(self, run_dir: Path, config: dict, resume: bool) -> None:
         known = (read_ids(run_dir).get(self.name) or {}) if resume else {}
         method = str((config.get("method") or {}).get("name", ""))
+        base = Path(str(config.get("model", ""))).name  # a preset name, or a directory's name
+        tags = [t[:MAX_TAG] for t in (method, base) if t]
         self.run = init(run_dir, Path(config["output_dir"]).name, known.get("run_id"), "train",
-                        flatten(config), [t for t in (method, str(config.get("model", ""))) if t])
+                        flatten(config), tags)
         write_ids(run_dir, self.name, {"run_id": self.run.id, "project": self.run.project,
                                        "group": self.run.group or None})
 
