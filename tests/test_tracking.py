@@ -130,6 +130,8 @@ def test_killed_and_resumed_run_is_one_mlflow_run_with_every_step_once(stores):
 
 
 def test_compare_is_one_parent_run_with_a_child_per_method(stores):
+    from deltatune.ui.runs import comparison_detail
+
     model_dir = tiny_bert_dir(stores)
     config = classification_config(stores / "cfg", model_dir, max_steps=2, report_to=["mlflow"])
     values = yaml.safe_load(config.read_text())
@@ -151,6 +153,7 @@ def test_compare_is_one_parent_run_with_a_child_per_method(stores):
     assert expected and parent.data.metrics == expected
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "results.json", "results.csv", "tradeoffs.png"} <= names
+    assert comparison_detail(out.parent, "cmp")["tracking"]["mlflow"]["run_id"] == parent.info.run_id
     for child in children:  # each child's numbers are its run's own
         summary = json.loads((out / "runs" / child.data.tags["method"] / "summary.json").read_text())
         assert child.data.metrics["summary.trainable_params"] == summary["trainable_params"]
