@@ -248,3 +248,29 @@ def test_report_to_names_the_tracker_it_does_not_know(stores, capsys):
     assert main(["train", str(config), "train.report_to=[mlfow]"]) == 2
     err = capsys.readouterr().err
     assert "train.report_to: 'mlfow' is not a tracker" in err and "did you mean 'mlflow'" in err
+
+
+def test_tracker_failing_mid_run_warns_once_and_loses_nothing(stores, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    real = MlflowClient.log_batch
+    sent = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        if metrics:  # the server goes down after the first step's numbers
+            if sent:
+                raise ConnectionError("tracking server went away")
+            sent.append([m.step for m in metrics])
+        return real(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    model_dir = tiny_bert_dir(stores)
+    config = classification_config(stores / "cfg", model_dir, max_steps=4, save_every=2,
+                                   report_to=["mlflow"])
+    summary = train_from_config(str(config))
+    out = Path(summary["output_dir"])
+    assert summary["steps"] == 4 and [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+    assert sent and sent[0][0] == 1
+    err = capsys.readouterr().err
+    assert err.count("warning: mlflow stopped receiving this run") == 1
+    assert "tracking server went away" in err

@@ -25,7 +25,9 @@ class Tracker:
     """One destination for a run's numbers. Every method may raise: `Trackers` catches it.
 
     `start` opens (or, resuming, reopens) the tracker's run; `log_metrics` gets each
-    metrics.jsonl record; `finish` gets summary.json and the finished run directory."""
+    metrics.jsonl record (it should not wait on a network or a database: it runs between
+    optimizer steps); `flush` waits until they are sent; `finish` gets summary.json and the
+    finished run directory."""
 
     name = "tracker"
 
@@ -34,6 +36,10 @@ class Tracker:
 
     def log_metrics(self, record: dict[str, Any], step: int) -> None:
         pass
+
+    def flush(self) -> None:
+        """Everything logged so far has reached the tracker (called before each checkpoint, so a
+        resume never finds the tracker behind the checkpoint it continues from)."""
 
     def finish(self, summary: dict[str, Any] | None, run_dir: Path | None, failed: bool) -> None:
         pass
@@ -67,6 +73,9 @@ class Trackers:
 
     def log_metrics(self, record: dict[str, Any], step: int) -> None:
         self._each("log_metrics", record, step)
+
+    def flush(self) -> None:
+        self._each("flush")
 
     def finish(self, summary: dict[str, Any] | None, run_dir: Path | None, failed: bool = False) -> None:
         self._each("finish", summary, run_dir, failed)

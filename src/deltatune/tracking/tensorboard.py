@@ -34,6 +34,10 @@ class TensorBoard(Tracker):
             tag = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
             self.writer.add_scalar(tag, value, step)
 
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
     def finish(self, summary: dict[str, Any] | None, run_dir: Path | None, failed: bool) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -264,6 +264,7 @@ def _check_early_stopping(run: Run) -> None:
 def _checkpoint(run: Run) -> None:
     """checkpoints/step-N/ with every rank's RNG state (rank 0 writes; the others wait)."""
     dist = run.dist
+    run.log.flush()  # the trackers hold every step up to this checkpoint before it exists
     rng = [rng_from_bytes(b) for b in dist.gather(rng_to_bytes(capture_rng()))]
     state = {"progress": asdict(run.progress), "rng": rng}
     if run.parallel.sharded:

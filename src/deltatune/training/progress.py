@@ -48,6 +48,10 @@ class RunLog:
         self.file.flush()
         self.trackers.log_metrics(clean, record["step"])
 
+    def flush(self) -> None:
+        """The trackers catch up with metrics.jsonl (before a checkpoint is written)."""
+        self.trackers.flush()
+
     def advance(self, loss: float | None, tokens_per_s: float | None) -> None:
         if self.bar is None:
             return
