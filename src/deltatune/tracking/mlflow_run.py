@@ -34,6 +34,8 @@ DEFAULT_EXPERIMENT = "deltatune"
 PARENT_RUN_ENV = "DELTATUNE_MLFLOW_PARENT_RUN"   # a comparison's parent run id, for its children
 MAX_PARAMS_PER_CALL = 100                        # MLflow's log_batch limits
 MAX_METRICS_PER_CALL = 1000
+SEND_EVERY_S = 1.0                               # at most one request a second from a run
+_FLUSH = object()                                # in the send queue: send what is queued now
 UI_ADDRESS = "http://127.0.0.1:5000"             # where `mlflow ui` serves by default
 
 
@@ -104,9 +106,10 @@ def log_numbers(client: Any, run_id: str, values: dict[str, float], step: int) -
 
 
 class Sender:
-    """Sends metric batches from a background thread, in order, merging whatever queued up
-    meanwhile into one request: a synchronous write to the SQLite store takes ~25 ms, a tenth
-    of a small model's step. A failure is kept and raised by the next `put`, `flush` or `close`."""
+    """Sends metric batches from a background thread, in order, at most one request per
+    SEND_EVERY_S (whatever queued up meanwhile goes in one request): a write to the SQLite store
+    costs ~5 ms of CPU, which at every step of a small model would take a few percent of it. A
+    failure is kept and raised by the next `put`, `flush` or `close`, in the training thread."""
 
     def __init__(self, client: Any, run_id: str) -> None:
         self.client, self.run_id = client, run_id
@@ -124,6 +127,7 @@ class Sender:
         self.queue.put(metrics)
 
     def flush(self) -> None:
+        self.queue.put(_FLUSH)  # ends the current wait at once
         self.queue.join()
         self._raise()
 
@@ -132,21 +136,29 @@ class Sender:
         self.thread.join()
         self._raise()
 
+    def _collect(self, last_sent: float) -> list:
+        items = [self.queue.get()]
+        deadline = last_sent + SEND_EVERY_S
+        while not any(item is _FLUSH or item is None for item in items):
+            wait = deadline - time.monotonic()
+            try:
+                items.append(self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
     def _send(self) -> None:
+        last_sent = 0.0
         while True:
-            items = [self.queue.get()]
-            while True:
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            metrics = [m for item in items if item for m in item]
+            items = self._collect(last_sent)
+            metrics = [m for item in items if isinstance(item, list) for m in item]
             try:
                 for start in range(0, len(metrics) if self.error is None else 0, MAX_METRICS_PER_CALL):
                     self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
             except Exception as exc:  # noqa: BLE001 - raised in the training thread by the next call
                 self.error = exc
             finally:
+                last_sent = time.monotonic()
                 for _ in items:
                     self.queue.task_done()
             if any(item is None for item in items):
