@@ -9,7 +9,8 @@ wall time between two consecutive `on_step` calls, so it includes writing metric
 handing the record to the trackers; the first WARMUP steps of each run are not counted. The
 variants alternate, `off` first, round after round, so machine noise hits both alike; the
 first round only warms up (imports, the SQLite store's creation) and is not counted. Also
-measured directly: the time the training thread spends inside the trackers' `log_metrics`.
+measured directly, free of machine noise: the time the training thread spends inside the
+trackers' `log_metrics`, and the CPU time of MLflow's background sender thread per step.
 Printed and written as JSON: the median step of each variant, their ratio, the direct cost.
 """
 from __future__ import annotations
@@ -64,8 +65,22 @@ def main(argv: list[str] | None = None) -> None:
             in_trackers.append(time.perf_counter() - tick)
 
     base.Trackers.log_metrics = timed_log
+    from deltatune.tracking import mlflow_run
+
+    sender_cpu: list[float] = []  # CPU seconds of each run's background sender thread
+    real_send = mlflow_run.Sender._send
+
+    def timed_send(self):
+        start = time.thread_time()
+        try:
+            real_send(self)
+        finally:
+            sender_cpu.append(time.thread_time() - start)
+
+    mlflow_run.Sender._send = timed_send
     steps: dict[str, list[float]] = {name: [] for name in VARIANTS}
     direct: list[float] = []
+    sender_per_step: list[float] = []
     precision = None
     with tempfile.TemporaryDirectory(prefix="deltatune-tracking-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
@@ -78,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                 steps[name] += times
                 if name == "on":
                     direct += in_trackers[WARMUP + 1:]
+                    sender_per_step.append(sender_cpu[-1] / args.steps)
                 print(f"round {round_} {name}: median step {statistics.median(times) * 1000:.1f} ms "
                       f"over {len(times)} steps", flush=True)
     off, on = statistics.median(steps["off"]), statistics.median(steps["on"])
@@ -91,12 +107,16 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_on_off": on / off,
         "median_in_trackers_s": statistics.median(direct),
         "in_trackers_share_of_step": statistics.median(direct) / off,
+        "sender_cpu_s_per_step": statistics.median(sender_per_step),
+        "sender_cpu_share_of_step": statistics.median(sender_per_step) / off,
         "steps_s": steps,
     }
     print(f"CPU flags: {' '.join(cpu_flags())}; {precision}")
     print(f"median step: off {off * 1000:.1f} ms, on (MLflow, log_every 1) {on * 1000:.1f} ms, "
           f"ratio {on / off:.4f}; in the trackers: {statistics.median(direct) * 1000:.3f} ms per step "
-          f"({100 * statistics.median(direct) / off:.2f}% of a step)")
+          f"({100 * statistics.median(direct) / off:.2f}% of a step); background sender "
+          f"{statistics.median(sender_per_step) * 1000:.2f} ms CPU per step "
+          f"({100 * statistics.median(sender_per_step) / off:.2f}% of a step)")
     write_result(result, "training", "tracking-mlflow", args.out)
 
 

@@ -87,9 +87,8 @@ class ComparisonTracking:
         from deltatune.tracking.wandb_run import init
 
         known = read_ids(self.out_dir).get("wandb") or {}
-        os.environ.setdefault("WANDB_RUN_GROUP", group)
         self.wandb = init(self.out_dir, self.out_dir.name, known.get("run_id"), "comparison",
-                          flatten(self.config.to_dict()), ["comparison"])
+                          flatten(self.config.to_dict()), ["comparison"], group=group)
         write_ids(self.out_dir, "wandb", {"run_id": self.wandb.id, "project": self.wandb.project,
                                           "group": group})
 

@@ -20,11 +20,12 @@ MAX_TAG = 64  # W&B refuses longer tags
 
 
 def init(run_dir: Path, name: str, run_id: str | None, job_type: str, config: dict,
-         tags: list[str]) -> Any:
+         tags: list[str], group: str | None = None) -> Any:
     import wandb
 
     return wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, name=name,
                       id=run_id, resume="allow", job_type=job_type, config=config, tags=tags,
+                      group=group or os.environ.get("WANDB_RUN_GROUP") or None,
                       dir=os.environ.get("WANDB_DIR") or str(run_dir),
                       # console="off": the progress bar and messages stay ours, not wrapped
                       settings=wandb.Settings(console="off"))
