@@ -24,10 +24,12 @@ def test_two_processes_match_one_process(tmp_path):
                            grad_accum=2, eval_every=2, save_every=2)
     one = train_from_config(str(config), [f"output_dir={tmp_path / 'one'}"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "deltatune.cli", "train", str(config), f"output_dir={tmp_path / 'two'}"],
+         "-m", "deltatune.cli", "train", str(config), f"output_dir={tmp_path / 'two'}",
+         "train.report_to=[tensorboard, mlflow]"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -47,3 +49,10 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 1
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    # ... and one MLflow run, rank 0's, with every step once
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["world_size"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]

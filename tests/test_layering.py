@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("core", {"errors", "config", "hardware"}),                  # settings, machine facts
     ("base", {"models", "quantization", "data"}),                # a frozen base and its data
     ("deltas", {"methods", "deltas", "mixed", "combine", "export", "adapters_io"}),
-    ("training", {"training"}),
+    ("training", {"training", "tracking"}),                      # tracking: where a run's numbers go
     ("applications", {"compare", "serving", "ui"}),
     ("entry points", {"cli", "__init__"}),                       # `deltatune ...`, the public API
 ]

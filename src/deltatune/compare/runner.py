@@ -28,7 +28,10 @@ import yaml
 from deltatune.config.run import save_run_config
 from deltatune.errors import DeltatuneError
 from deltatune.compare.live import child_env, last_line, run_relayed
+from deltatune.compare.study import storage_url
 from deltatune.compare.settings import check_row, read_compare_config, row_settings, split_row
+from deltatune.tracking import check_installed
+from deltatune.tracking.comparison import comparison_tracking
 
 def method_run_config(config, settings: dict, name: str, out_dir: Path) -> dict:
     """The full run config (as a dict) that trains method `name` in this comparison."""
@@ -96,6 +99,12 @@ def forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]
     return results
 
 
+def _shown_url(url: str) -> str:
+    """A storage URL as the parent run may show it: any password masked."""
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def compare_from_config(config_path: str, overrides: list[str], methods: str | None = None,
                         overwrite: bool = False, join: bool = False) -> list[dict]:
     """`join`: a worker beside the comparison's own process (same config and storage): it runs
@@ -122,6 +131,7 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     if (not join and out_dir.exists() and any(out_dir.iterdir()) and not overwrite
             and not (out_dir / "jobs").is_dir() and not (out_dir / "study.db").exists()):
         raise DeltatuneError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+    check_installed(config.train.report_to)  # a missing tracker fails before any planning
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = {}
     if not join:
@@ -131,5 +141,13 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
         release_freed_memory()
     from deltatune.compare.fair import run_comparison  # search, seeds, sizes, reuse: compare/fair.py
 
-    return run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
-                          forgetting=forgetting, method_run_config=method_run_config, join=join)
+    # MLflow: one parent run naming the study, each child run under it; W&B: one group
+    # (tracking/comparison.py). A --join worker adds runs to the study, not a second parent.
+    if join:
+        return run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
+                              forgetting=forgetting, method_run_config=method_run_config, join=True)
+    with comparison_tracking(config, out_dir, study=_shown_url(storage_url(settings["search"], out_dir))) as tracking:
+        rows = run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
+                              forgetting=forgetting, method_run_config=method_run_config)
+        tracking.finish(rows)
+    return rows

@@ -38,6 +38,7 @@ METRICS = ("accuracy", "f1", "exact_match", "perplexity")
 METRICS_BY_TASK = {"classification": ("accuracy", "f1"), "causal-lm": ("perplexity", "exact_match")}
 ON_NAN = ("stop", "skip")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to (deltatune.tracking)
 DATA_ENV = "DELTATUNE_DATA"      # where ../shared/data lives on this machine, when set
 SHARED_DATA_PREFIX = "../shared/data"
 HUB_PREFIX = "hf:"               # data.train: hf:stanfordnlp/sst2 -> a datasets-library Hub name
@@ -125,6 +126,9 @@ class TrainConfig(ConfigSection):
     # (torch FSDP2, every transformer layer + the root); auto = ddp
     distributed: str = "auto"
     fsdp_cpu_offload: bool = False  # fsdp on GPUs: sharded parameters and AdamW live in CPU memory
+    # where the run's numbers also go: tensorboard | mlflow | wandb (a list), or none.
+    # mlflow: MLFLOW_TRACKING_URI, else sqlite:///RUNS/mlflow.db beside output_dir; wandb: WANDB_PROJECT, WANDB_MODE
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self) -> None:
         self.positive("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every")
@@ -141,6 +145,21 @@ class TrainConfig(ConfigSection):
             self.one_of("metric", METRICS)
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             self.fail("bf16", f"must be true, false or auto, got {self.bf16!r}")
+        self.report_to = self._trackers(self.report_to)
+
+    def _trackers(self, value: list[str] | str) -> list[str]:
+        names = [value] if isinstance(value, str) else list(value)
+        if names in (["none"], []):
+            return []
+        for name in names:
+            if name not in TRACKERS:
+                near = difflib.get_close_matches(str(name), TRACKERS, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                self.fail("report_to", f"{name!r} is not a tracker: expected a list of "
+                                       f"{' | '.join(TRACKERS)}, or none{hint}")
+        if len(set(names)) != len(names):
+            self.fail("report_to", f"names a tracker twice: {names!r}")
+        return names
 
 
 @dataclass

@@ -52,6 +52,7 @@ from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partia
                                         write_summary)
 from deltatune.training.sharding import build_parallel, describe
 from deltatune.training.state import Progress, Run, Window
+from deltatune.tracking import check_installed, open_trackers
 from deltatune.training.speed import hold_frozen_weights_in_bf16
 
 
@@ -95,8 +96,10 @@ def _train(run: Run, on_step: Callable[[int], None] | None) -> dict:
         final_metrics = _evaluate(run, final=True) if run.eval_dataset is not None else {}
         if verdict := did_not_learn(progress.evaluations):
             run.log.message(collapse_message(verdict))
-    finally:
-        run.log.close()
+    except BaseException:
+        run.log.close(failed=True)
+        raise
+    run.log.close()
     return _finish(run, final_metrics)
 
 
@@ -144,7 +147,9 @@ def _setup(model: nn.Module, tokenizer: Any, config: RunConfig, method: MethodCo
     elif dist.is_main:
         save_run_config(config, run_dir / "config.yaml")
 
-    log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main)
+    trackers = open_trackers(config, run_dir, resume=resume, start_step=progress.step,
+                             enabled=dist.is_main)
+    log = RunLog(run_dir, total_steps, progress.step, enabled=dist.is_main, trackers=trackers)
     if dist.is_main and (slow_bf16 := bf16_warning(tc.bf16, dist.device)):
         log.message(slow_bf16)
     for problem in damaged:
@@ -213,6 +218,7 @@ def _optimizer_step(run: Run) -> None:
                      "loss": window.loss / max(window.steps, 1), "lr": lr_now,
                      "grad_norm": float(grad_norm),
                      "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+                     "peak_memory_mb": round(peak_memory()[0] / 2**20, 1),
                      "elapsed_s": round(time.time() - run.started, 2)})
         run.window = Window()
 
@@ -258,6 +264,7 @@ def _check_early_stopping(run: Run) -> None:
 def _checkpoint(run: Run) -> None:
     """checkpoints/step-N/ with every rank's RNG state (rank 0 writes; the others wait)."""
     dist = run.dist
+    run.log.flush()  # the trackers hold every step up to this checkpoint before it exists
     rng = [rng_from_bytes(b) for b in dist.gather(rng_to_bytes(capture_rng()))]
     state = {"progress": asdict(run.progress), "rng": rng}
     if run.parallel.sharded:
@@ -281,6 +288,8 @@ def _finish(run: Run, final_metrics: dict[str, float]) -> dict:
     peaks = dist.gather(peak_memory()[0])  # each rank's own peak (rank 0's includes the save)
     if dist.enabled and dist.is_main:
         summary = rewrite_summary(run.run_dir, {**summary, "peak_memory_bytes_by_rank": peaks})
+    if dist.is_main:
+        run.log.finish(summary, run.run_dir)  # the trackers: summary and delta, then closed
     dist.barrier()
     finish_run_dir(run.run_dir, run.final_dir, dist)
     return dist.broadcast(summary)
@@ -322,6 +331,7 @@ def train_from_config(config_path: str, overrides: list[str] | tuple[str, ...] =
     started = time.time()
     config = load_run_config(config_path, list(overrides))  # YAML + overrides -> RunConfig
     method = method_config_for(config)  # `method:` -> LoraConfig, ...: the method's own checks
+    check_installed(config.train.report_to)  # a missing tracker fails now, not after loading
     # Fail before loading anything: a live run holding the directory, or the wrong flags.
     with run_dir_lock(Path(config.output_dir), int(os.environ.get("RANK", "0"))):
         check_output_dir(Path(config.output_dir), resume, overwrite)

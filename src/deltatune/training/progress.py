@@ -1,7 +1,9 @@
-"""What a run reports while it trains: metrics.jsonl, TensorBoard events and a progress bar.
+"""What a run reports while it trains: metrics.jsonl, the trackers of `train.report_to`
+(TensorBoard, MLflow, W&B: deltatune.tracking) and a progress bar.
 
 Only rank 0 writes (the others get a silent RunLog). On resume, records after the checkpoint's
-step are dropped from metrics.jsonl and TensorBoard, so the log reads like one uninterrupted run.
+step are dropped from metrics.jsonl (and the trackers do likewise), so the log reads like one
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -12,29 +14,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deltatune.tracking.base import Trackers
+
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 
 
 class RunLog:
     def __init__(self, run_dir: Path | None, total_steps: int, start_step: int = 0,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, trackers: Trackers | None = None) -> None:
         self.enabled = enabled and run_dir is not None
         self.bar = None
-        self.writer = None
+        self.trackers = trackers if trackers is not None and self.enabled else Trackers([])
         if not self.enabled:
             return
         self.path = Path(run_dir) / METRICS_FILE
         if start_step > 0:
             _truncate_after(self.path, start_step)
         self.file = open(self.path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR),
-                                        purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # tensorboard is a declared dependency; a stripped install still trains
-            self.writer = None
         from tqdm.auto import tqdm
 
         # disable=None: tqdm shows the bar on a terminal only; `compare`, whose children write
@@ -44,17 +40,17 @@ class RunLog:
                         file=sys.stderr, disable={"1": False, "0": True}.get(force))
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record ({"step": N, ...}) to metrics.jsonl and TensorBoard."""
+        """Append one record ({"step": N, ...}) to metrics.jsonl, then hand it to the trackers."""
         if not self.enabled:
             return
         clean = {k: _json_number(v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
-                                           else f"train/{key}", value, record["step"])
+        self.trackers.log_metrics(clean, record["step"])
+
+    def flush(self) -> None:
+        """The trackers catch up with metrics.jsonl (before a checkpoint is written)."""
+        self.trackers.flush()
 
     def advance(self, loss: float | None, tokens_per_s: float | None) -> None:
         if self.bar is None:
@@ -71,14 +67,22 @@ class RunLog:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the bar and metrics.jsonl; a failed run also closes its trackers (a finished
+        one closes them in `finish`, once summary.json and the delta are written)."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        self.file.close()
+            self.bar = None
+        if not self.file.closed:
+            self.file.close()
+        if failed:
+            self.trackers.finish(None, None, failed=True)
+
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
+        """The trackers get summary.json and the finished run directory, and are closed."""
+        self.trackers.finish(summary, Path(run_dir))
 
 
 def _json_number(value: Any) -> Any:

@@ -20,7 +20,8 @@ from deltatune.errors import DeltatuneError
 MB = 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
 # Inside a run directory these hold no other runs; not walked (a checkpoint has no summary.json).
-RUN_INTERNALS = {"checkpoints", "best", "tensorboard", "configs"}
+# (wandb, mlartifacts: a tracker's copies, whose summary.json is not another run)
+RUN_INTERNALS = {"checkpoints", "best", "tensorboard", "configs", "wandb", "mlartifacts", "mlruns"}
 # A partial run whose metrics.jsonl changed this recently is taken to be training.
 LIVE_SECONDS = 120
 
@@ -164,6 +165,21 @@ def read_metrics(files: Path, since: int = 0) -> list[dict]:
     return records
 
 
+def tracking(directory: Path) -> dict[str, dict]:
+    """The tracker runs of a run or comparison (its tracking.json), with a link to the MLflow
+    run's page; {} when it reported to no tracker that keeps runs."""
+    from deltatune.tracking.base import read_ids
+    from deltatune.tracking.mlflow_run import run_link
+
+    ids = read_ids(directory)
+    found = {}
+    if isinstance(ids.get("mlflow"), dict) and {"run_id", "experiment_id"} <= ids["mlflow"].keys():
+        found["mlflow"] = {**ids["mlflow"], "url": run_link(ids["mlflow"])}
+    if isinstance(ids.get("wandb"), dict):
+        found["wandb"] = ids["wandb"]
+    return found
+
+
 def checkpoints(files: Path) -> list[dict]:
     found = []
     for path in sorted((files / "checkpoints").glob("step-*")):
@@ -193,7 +209,8 @@ def run_detail(root: Path, run_id: str, since: int = 0) -> dict[str, Any]:
         config_text = ""
     return {"id": run_id, "state": state, "row": run_row(Path(root).resolve(), final),
             "config": config_text, "summary": _read_json(files / "summary.json") if state == "finished" else None,
-            "metrics": records, "next": since + len(records), "checkpoints": checkpoints(files)}
+            "metrics": records, "next": since + len(records), "checkpoints": checkpoints(files),
+            "tracking": tracking(files)}
 
 
 def comparison_row(root: Path, directory: Path) -> dict[str, Any]:
@@ -243,4 +260,4 @@ def comparison_detail(root: Path, comparison_id: str) -> dict[str, Any]:
     for row in rows:
         row["run"] = f"{head['id']}/runs/{row['method']}"
     return {**head, "rows": rows, "reading": text, "progress": progress,
-            "data": (config.get("data") or {}).get("train")}
+            "data": (config.get("data") or {}).get("train"), "tracking": tracking(directory)}

@@ -76,6 +76,14 @@ const DT = (() => {
     return node;
   }
 
+  // A run's or comparison's MLflow run (from its tracking.json): a link to it, or null.
+  function trackerLink(tracking) {
+    const run = tracking && tracking.mlflow;
+    if (!run) return null;
+    return el("a", { href: run.url, target: "_blank", rel: "noopener", class: "tracker-link",
+      title: `MLflow run ${run.run_id} in ${run.tracking_uri}` }, "MLflow run");
+  }
+
   const fmt = {
     num: (v, d = 0) => (v === null || v === undefined || Number.isNaN(v)) ? "—"
       : Number(v).toLocaleString("en-US", { minimumFractionDigits: d, maximumFractionDigits: d }),
@@ -144,6 +152,6 @@ const DT = (() => {
     route();
   }
 
-  return { pages, api, stream, el, fmt, badge, markdown, every, notice, link, start,
+  return { pages, api, stream, el, fmt, badge, markdown, every, notice, link, start, trackerLink,
            get pollMs() { return pollMs; }, options: null };
 })();

@@ -78,7 +78,8 @@
       last = key;
       head.textContent = "";
       head.append(el("h1", {}, `Comparison ${data.id}`), badge(data.state),
-        el("span", { class: "muted" }, `${data.base} · ${data.task} · ${data.data || ""}`));
+        el("span", { class: "muted" }, `${data.base} · ${data.task} · ${data.data || ""}`),
+        DT.trackerLink(data.tracking) || "");
       progress.textContent = "";
       for (const [method, s] of Object.entries(data.progress)) progress.append(el("span", {}, `${method} `, badge(s)));
       const rows = data.rows.filter((r) => !r.error);

@@ -86,6 +86,7 @@
       if (data.row && data.row.comparison) {
         head.append(el("a", { href: link("compare", data.row.comparison) }, `comparison ${data.row.comparison}`));
       }
+      head.append(DT.trackerLink(data.tracking) || "");
       const r = data.row || {};
       stats.textContent = "";
       stats.append(stat("method", r.method_label || "—"), stat(r.metric || "score", fmt.score(r)),
