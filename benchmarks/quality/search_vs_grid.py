@@ -105,7 +105,7 @@ def workers(args: argparse.Namespace) -> None:
         overrides = [f"compare.methods=[{args.method}]", "compare.workers=1", f"compare.search={spec}",
                      f"output_dir={out}", "compare.seeds=[0]"]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // count)), "PYTHONPATH": str(ROOT / "src")}
-        command = [sys.executable, "-m", "deltatune", "compare", str(config), *overrides]
+        command = [sys.executable, "-m", "deltatune.cli", "compare", str(config), *overrides]
         tick = time.time()
         processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)]
         if count == 2:
@@ -113,6 +113,8 @@ def workers(args: argparse.Namespace) -> None:
             processes.append(subprocess.Popen(command + ["--join"], env=env, stdout=subprocess.DEVNULL))
         codes = [p.wait() for p in processes]
         times[count] = time.time() - tick
+        if any(codes):
+            raise SystemExit(f"{count} worker(s): exit codes {codes}; nothing written")
         print(f"{count} worker(s): {times[count]:.0f} s (exit {codes})", flush=True)
     write_result({"name": "study-workers", "machine": describe(), "cpu_flags": cpu_flags(),
                   "command": "python benchmarks/quality/search_vs_grid.py workers " + " ".join(sys.argv[2:]),
