@@ -64,9 +64,16 @@ class Method:
     default_lr: float = 5e-4
     # Named presets of this method's options, chosen like methods: {"dora": {"use_dora": True}}.
     variants: dict[str, dict] = field(default_factory=dict)
+    # Training-time hooks, for methods that act during training beyond the gradient step
+    # (AdaLoRA): a term added to each optimizer step's loss (None: nothing to add) ...
+    training_loss: Callable[[nn.Module, str], torch.Tensor | None] | None = None
+    # ... and a call after each optimizer step, gradients still there: (model, adapter, step
+    # (1-based), the run's total steps).
+    after_step: Callable[[nn.Module, str, int, int], None] | None = None
 
 
-_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3")
+_METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3",
+                   "vera", "adalora", "ln_tuning", "bitfit")
 
 
 def load_methods(module_names: Iterable[str]) -> dict[str, Method]:
