@@ -11,8 +11,10 @@ from deltatune.config.run import RunConfig, load_run_config, resolve_data_path
 from deltatune.errors import DeltatuneError
 from deltatune.methods import REGISTRY, method_config_for, method_names
 
-# The default list: every method once. Variants (dora, prefix-lstm) are picked by name.
-ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3"]
+# The default list: every method once. Variants (dora, prefix-lstm) are picked by name, and so
+# is bitfit: most decoders (Llama, Qwen, SmolLM2) have no biases for it to train.
+ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3", "vera", "adalora",
+               "ln-tuning"]
 SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length",
             "search", "seeds", "data_sizes", "workers"}
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"

@@ -106,7 +106,7 @@ class VeraDelta(nn.Module):
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
 
     def sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's A (r, in) and B (out, r): the leading columns / rows of the shared pair."""
+        """This layer's A (r, in) and B (out, r): the first in columns / out rows of the shared pair."""
         return (self.projections.vera_A[:, :self.in_features],
                 self.projections.vera_B[:self.out_features, :])
 

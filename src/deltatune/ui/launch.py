@@ -28,7 +28,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # The options the form offers, per method (the rest keep the method's defaults).
 METHOD_OPTIONS = {"full": [], "lora": ["r", "alpha", "target_modules"], "adapter": ["bottleneck_size"],
                   "prompt": ["num_virtual_tokens"], "ptuning": ["num_virtual_tokens"],
-                  "prefix": ["num_virtual_tokens"]}
+                  "prefix": ["num_virtual_tokens"], "vera": ["r", "target_modules"],
+                  "adalora": ["alpha", "target_modules"], "ln-tuning": [], "bitfit": []}
 INTEGERS = ["r", "bottleneck_size", "num_virtual_tokens", "max_steps", "batch_size", "max_length",
             "max_train_rows", "eval_every"]
 NUMBERS = ["alpha", "epochs", "lr"]
