@@ -198,3 +198,37 @@ def test_bad_options_are_one_line_naming_the_field():
         dt.apply(tiny_llama(), dt.LNTuningConfig(target_modules=["q_proj_nothing"]))
     with pytest.raises(dt.DeltatuneError, match="unknown option.*'init_r'"):
         dt.config_from_dict({"name": "adalora", "init_rank": 4})
+
+
+@pytest.mark.parametrize("config", [dt.VeraConfig(r=16, target_modules=["q_proj", "down_proj"]),
+                                    dt.AdaLoraConfig(init_r=4, target_r=2),
+                                    dt.LNTuningConfig()], ids=["vera", "adalora", "ln-tuning"])
+def test_deltatune_merge_writes_a_plain_model_with_the_adapters_logits(config, tmp_path):
+    """`deltatune merge` (load, merge, unload, save): transformers alone reloads the directory
+    and computes the adapted model's logits."""
+    from byte_tokenizer import tiny_chat_llama
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+
+    model, tokenizer = tiny_chat_llama()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    dt.apply(model, config)
+    perturb(model)
+    dt.save_adapter(model, tmp_path / "adapter")
+    ids = token_batch(3, 7)
+    expected = logits(model.eval(), ids)
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(reloaded, ids) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("config", [dt.VeraConfig(r=16), dt.AdaLoraConfig(), dt.LNTuningConfig(),
+                                    dt.BitFitConfig()], ids=["vera", "adalora", "ln-tuning", "bitfit"])
+def test_rows_of_one_batch_cannot_mix_these_adapters_and_say_so(config):
+    model = dt.apply(tiny_gpt2(), config)
+    with pytest.raises(dt.DeltatuneError, match="cannot vary per batch row"):
+        with dt.mixed_adapters(model, ["default", None]):
+            pass
