@@ -1,6 +1,5 @@
-"""`deltatune serve` with VeRA, AdaLoRA and LN-tuning adapters beside the base: they cannot mix
-rows of one batch, so each adapter's requests run in batches of their own, and every reply is
-exactly the library's own greedy text."""
+"""`deltatune serve` with VeRA, AdaLoRA and LN-tuning adapters beside the base: concurrent
+requests for all of them share batches, and every reply is exactly the library's own greedy text."""
 from __future__ import annotations
 
 import copy

@@ -26,6 +26,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (DeltaLayer, MethodConfig, delta_layers, module_names_hint,
                                     peft_key_map, set_parent)
 from deltatune.methods.lora import _is_conv1d, _matches, _named, in_out_features, short_targets
+from deltatune.methods.row_updates import mixed_rows
 
 
 def _is_int(value, minimum: int) -> bool:
@@ -156,9 +157,13 @@ class AdaLoraLayer(DeltaLayer):
         super().__init__(base_layer)
         self.merged: str | None = None
         self.transposed = _is_conv1d(base_layer)
+        self.row_adapters: tuple[str | None, ...] | None = None  # see deltatune.mixed
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return mixed_rows(self, x, out, lambda delta, rows_x, rows_out: rows_out + delta(
+                rows_x if torch.is_autocast_enabled(x.device.type) else rows_x.to(delta.lora_A.dtype)))
         delta = self.active_delta()
         if delta is None or self.merged == self.active:
             return out

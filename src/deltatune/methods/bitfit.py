@@ -27,6 +27,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, set_parent
 from deltatune.methods.lora import _named
+from deltatune.methods.row_updates import mixed_rows
 
 
 @dataclass
@@ -65,9 +66,13 @@ class BiasLayer(DeltaLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.merged: str | None = None
+        self.row_adapters: tuple[str | None, ...] | None = None  # see deltatune.mixed
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)
+        if self.row_adapters is not None:
+            return mixed_rows(self, args[0], out,
+                              lambda delta, rows_x, rows_out: rows_out + delta.bias_delta.to(out.dtype))
         delta = self.active_delta()
         if delta is None or self.merged == self.active:
             return out

@@ -18,6 +18,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
 from deltatune.methods.lora import _named, short_targets
+from deltatune.methods.row_updates import mixed_rows
 
 
 def _check_names(config: MethodConfig, field_name: str) -> None:
@@ -74,8 +75,12 @@ class LNTuningLayer(DeltaLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.merged: str | None = None
+        self.row_adapters: tuple[str | None, ...] | None = None  # see deltatune.mixed
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_adapters is not None:  # a norm acts on each token alone: rows can differ
+            out = self.base_layer(*args, **kwargs)
+            return mixed_rows(self, args[0], out, lambda delta, rows_x, rows_out: delta(rows_x, *args[1:], **kwargs))
         delta = self.active_delta()
         if delta is None or self.merged == self.active:
             return self.base_layer(*args, **kwargs)
