@@ -159,3 +159,32 @@ def test_the_penalty_is_zero_for_orthonormal_factors_and_off_at_weight_zero():
     off = dt.apply(tiny_llama(), dt.AdaLoraConfig(orth_reg_weight=0.0))
     assert training_loss_term(off) is None
     assert training_loss_term(dt.apply(tiny_llama(), dt.LoraConfig())) is None  # other methods: none
+
+
+def test_a_checkpoint_saved_after_pruning_restores_into_the_full_rank_run(tmp_path):
+    """save_every writes the adapter (pruned, as PEFT saves it); resuming loads it back into the
+    run's full-rank layers at the same slots, with the same logits and the same pattern."""
+    from deltatune.training.checkpoints import restore_delta
+
+    model = dt.apply(tiny_llama(), dt.AdaLoraConfig(init_r=4, target_r=1, total_step=4,
+                                                    target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    ids = token_batch()
+    for step in range(1, 3):  # mid-schedule: pruned, not yet at the target
+        model(input_ids=ids, labels=ids).loss.backward()
+        after_optimizer_step(model, step, 4)
+        model.zero_grad()
+    assert 4 < sum(kept_counts(model)) < 16
+    expected = model(input_ids=ids).logits.detach()
+    dt.save_adapter(model, tmp_path / "adapter")
+    resumed = dt.apply(tiny_llama(), dt.AdaLoraConfig(init_r=4, target_r=1, total_step=4,
+                                                      target_modules=["q_proj", "v_proj"]))
+    restore_delta(resumed, tmp_path / "adapter")
+    assert kept_counts(resumed) == kept_counts(model)
+    assert [d.pattern() for _, d in adalora_deltas(resumed, "default")] == \
+        [d.pattern() for _, d in adalora_deltas(model, "default")]
+    assert (resumed(input_ids=ids).logits - expected).abs().max().item() < 1e-6

@@ -254,3 +254,22 @@ def test_rows_of_one_batch_mix_these_adapters(family, configs):
                 with dt.disable_adapters(model):
                     assert (model(input_ids=ids[i:i + 1]).logits - alone).abs().max() > 1e-3, name
         torch.testing.assert_close(mixed[i:i + 1], alone, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", [dt.VeraConfig(r=16), dt.AdaLoraConfig(init_r=4, target_r=2),
+                                    dt.LNTuningConfig(), dt.BitFitConfig()],
+                         ids=["vera", "adalora", "ln-tuning", "bitfit"])
+def test_detached_adapters_attach_again_unchanged(config):
+    """The serving pool unloads an idle adapter with its modules kept and puts it back later."""
+    from deltatune.deltas import attach_adapter, detach_adapter
+
+    model = dt.apply(tiny_gpt2(), config, "y")  # keeps the layers wrapped while "x" is away
+    model = dt.apply(model, config, "x").eval()
+    perturb(model)
+    ids = token_batch()
+    expected = logits(model, ids)
+    detached = detach_adapter(model, "x")
+    assert detached is not None and dt.adapter_names(model) == ["y"]
+    assert attach_adapter(model, detached)
+    dt.set_adapter(model, "x")
+    assert torch.equal(logits(model, ids), expected)

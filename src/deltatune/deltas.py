@@ -183,7 +183,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 # Methods whose whole state sits in DeltaLayer deltas (and modules_to_save copies), so taking
 # those modules out and putting them back is a complete unload / reload.
-DETACHABLE_METHODS = ("lora", "ia3")
+DETACHABLE_METHODS = ("lora", "ia3", "vera", "adalora", "ln-tuning", "bitfit")
 
 
 @dataclasses.dataclass

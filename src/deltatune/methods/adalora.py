@@ -16,8 +16,10 @@ and in PEFT) at the pruned ranks. Mergeable like LoRA.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -263,6 +265,36 @@ def adalora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def adalora_load_state_dict(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load a file into the live deltas. A file pruned below the live ranks (a run's checkpoint,
+    saved mid-schedule, resumed into full-rank layers) goes back into its slots by the
+    rank_pattern saved beside it; the pruned triplets come back as E = 0, as pruning left them."""
+    from deltatune.methods import default_load_state_dict
+
+    live = peft_key_map(model, name)
+    if all(tuple(tensors[k].shape) == tuple(v.shape) for k, v in live.items() if k in tensors):
+        return default_load_state_dict(model, name, tensors, source)
+    config_path = Path(source).with_name("adapter_config.json")
+    pattern = json.loads(config_path.read_text()).get("rank_pattern") if config_path.is_file() else None
+    if not pattern:
+        return default_load_state_dict(model, name, tensors, source)  # names the mismatch
+    tensors = dict(tensors)
+    for path, delta in adalora_deltas(model, name):
+        keep = pattern.get(f"{path}.lora_E", [True] * delta.init_r)
+        rows = [j for j, slot in enumerate(delta.slots) if keep[slot]]
+        prefix = f"{PREFIX}{path}"
+        if f"{prefix}.lora_E" not in tensors or tensors[f"{prefix}.lora_E"].shape[0] != len(rows):
+            continue  # let the default loader name what is wrong
+        index = torch.tensor(rows, dtype=torch.long)
+        for key, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+            full = getattr(delta, key).detach().clone().cpu()
+            if key == "lora_E":
+                full.zero_()
+            tensors[f"{prefix}.{key}"] = full.index_copy(dim, index, tensors[f"{prefix}.{key}"].to(full.dtype))
+        delta.kept = torch.tensor([bool(keep[slot]) for slot in delta.slots])
+    default_load_state_dict(model, name, tensors, source)
+
+
 def rank_pattern(model: nn.Module, name: str) -> dict[str, list[bool]] | None:
     """PEFT's rank_pattern for the file, or None while no layer has lost a triplet."""
     pattern = {f"{path}.lora_E": delta.pattern() for path, delta in adalora_deltas(model, name)}
@@ -309,6 +341,7 @@ from deltatune.methods import adalora_budget  # noqa: E402  (the step hooks)
 
 METHOD = Method(name="adalora", config=AdaLoraConfig, apply=apply_adalora, to_peft=adalora_to_peft,
                 from_peft=adalora_from_peft, state_dict=adalora_state_dict,
+                load_state_dict=adalora_load_state_dict,
                 merge=merge_adalora, unmerge=unmerge_adalora,
                 training_loss=adalora_budget.orthogonality_penalty,
                 after_step=adalora_budget.allocate,
