@@ -15,7 +15,9 @@ import deltatune as dt
 from deltatune.methods import method_names
 
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
-CASES = [(m, f) for m in sorted(method_names()) for f in FAMILIES]
+# A method that has nothing to train on a family says so in one line instead (see the last test).
+NOT_APPLICABLE = {("bitfit", "llama"): "has no bias terms"}
+CASES = [(m, f) for m in sorted(method_names()) for f in FAMILIES if (m, f) not in NOT_APPLICABLE]
 
 
 def outputs(model, ids):
@@ -77,3 +79,9 @@ def test_disable_gives_the_base_and_merge_is_exact_or_refused(method, family):
         assert (outputs(model, ids) - unmerged).abs().max().item() < 1e-5
         dt.unmerge(model)
     assert (outputs(model, ids) - unmerged).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("method,family", sorted(NOT_APPLICABLE))
+def test_a_method_with_nothing_to_train_says_why(method, family):
+    with pytest.raises(dt.DeltatuneError, match=NOT_APPLICABLE[(method, family)]):
+        adapted(method, family)

@@ -7,18 +7,22 @@ from deltatune.errors import DeltatuneError
 from deltatune.export import save_merged
 from deltatune.methods import REGISTRY as METHODS
 from deltatune.methods import config_from_dict, get_method
+from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.adapter import AdapterConfig
+from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.base import count_parameters
 from deltatune.methods.boft import BOFTConfig
 from deltatune.methods.full import FullConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.loha import LoHaConfig
 from deltatune.methods.lokr import LoKrConfig
+from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.oft import OFTConfig
 from deltatune.methods.prefix import PrefixConfig
 from deltatune.methods.prompt import PromptTuningConfig
 from deltatune.methods.ptuning import PTuningConfig
+from deltatune.methods.vera import VeraConfig
 from deltatune.mixed import mixed_adapters
 from deltatune.models import PRESETS, architecture_of, load_model
 from deltatune.quantization import QuantizationConfig
@@ -31,5 +35,6 @@ __all__ = [
     "combine_adapters", "mixed_adapters", "save_merged",
     "PrefixConfig", "PromptTuningConfig", "PTuningConfig", "IA3Config", "QuantizationConfig",
     "OFTConfig", "BOFTConfig", "LoHaConfig", "LoKrConfig",
+    "VeraConfig", "AdaLoraConfig", "LNTuningConfig", "BitFitConfig",
 ]
 __version__ = "0.1.0"

@@ -96,6 +96,27 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def training_loss_term(model: nn.Module) -> "torch.Tensor | None":
+    """What the active delta's method adds to each training step's loss (AdaLoRA's
+    orthogonality penalty), or None; the trainer adds it without knowing the method."""
+    state = delta_state(model)
+    if state.active is None or state.active not in state.configs:
+        return None
+    hook = get_method(state.configs[state.active].method).training_loss
+    return hook(model, state.active) if hook is not None else None
+
+
+def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Let the active delta's method act after optimizer step `step` (1-based) of
+    `total_steps`, its gradients still there (AdaLoRA prunes ranks here)."""
+    state = delta_state(model)
+    if state.active is None or state.active not in state.configs:
+        return
+    hook = get_method(state.configs[state.active].method).after_step
+    if hook is not None:
+        hook(model, state.active, step, total_steps)
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active delta and remove every wrapper: a plain transformers model again.
 
@@ -162,7 +183,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 # Methods whose whole state sits in DeltaLayer deltas (and modules_to_save copies), so taking
 # those modules out and putting them back is a complete unload / reload.
-DETACHABLE_METHODS = ("lora", "ia3", "oft", "boft", "loha", "lokr")
+DETACHABLE_METHODS = ("lora", "ia3", "oft", "boft", "loha", "lokr", "vera", "adalora", "ln-tuning",
+                      "bitfit")
 
 
 @dataclasses.dataclass

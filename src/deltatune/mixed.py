@@ -8,10 +8,11 @@ PEFT's spelling does the same thing through the same code: every model that carr
 takes `model(input_ids, adapter_names=[...])` and `model.generate(..., adapter_names=[...])`,
 which run that one call inside `mixed_adapters` (see `install_adapter_names`).
 
-LoRA (DoRA included), (IA)³, OFT, BOFT, LoHa and LoKr can do this: their change is a per-row
-function of the layer's input and base output (a low-rank update; DoRA's row factor, computed
-from weights alone; a scaling vector; a rotation of the input; a dense update), so rows of one
-batch can take different paths through the same frozen weights.
+LoRA (DoRA included), (IA)³, OFT, BOFT, LoHa, LoKr, VeRA, AdaLoRA, BitFit and LayerNorm tuning can
+do this: their change is a per-row function of the layer's input and base output (a low-rank
+update; DoRA's row factor, computed from weights alone; a scaling vector; a rotation of the input;
+a dense update; a bias offset; a norm applied to each token alone), so rows of one batch can take
+different paths through the same frozen weights.
 Prompt methods change the
 sequence itself (virtual tokens / prefixes) and adapters insert modules on every row alike, so
 they raise a one-line error. A LoRA adapter that trains whole modules (modules_to_save, e.g. a
@@ -30,7 +31,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.base import ModuleCopy, cached_delta_layers, delta_state, disabled
 from deltatune.methods.lora_rows import row_groups
 
-MIXABLE_METHODS = ("lora", "ia3", "oft", "boft", "loha", "lokr")
+MIXABLE_METHODS = ("lora", "ia3", "oft", "boft", "loha", "lokr", "vera", "adalora", "bitfit", "ln-tuning")
 
 
 def check_mixable(model: nn.Module, names: Sequence[str | None],
@@ -50,8 +51,8 @@ def check_mixable(model: nn.Module, names: Sequence[str | None],
         if method not in MIXABLE_METHODS:
             raise DeltatuneError(
                 f"{what}: adapter {name!r} uses method {method!r}, which cannot vary per "
-                f"batch row (only LoRA, DoRA, (IA)³, OFT, BOFT, LoHa and LoKr can); run its rows as a "
-                f"separate batch with set_adapter")
+                f"batch row (only LoRA, DoRA, (IA)³, OFT, BOFT, LoHa, LoKr, VeRA, AdaLoRA, BitFit and LN "
+                f"tuning can); run its rows as a separate batch with set_adapter")
     return tuple(names)
 
 
@@ -91,7 +92,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     try:
         with disabled(model, layers):  # base everywhere, except where a row names its adapter
             for _, layer in layers:
-                if hasattr(layer, "row_adapters"):  # LoraLayer, IA3Layer: split by row themselves
+                if hasattr(layer, "row_adapters"):  # LoraLayer, IA3Layer, ...: split by row themselves
                     layer.row_adapters = row_adapters
                 elif isinstance(layer, ModuleCopy):
                     hooks.append(layer.register_forward_hook(_per_row_module_copy(row_adapters)))

@@ -11,10 +11,12 @@ from deltatune.config.run import RunConfig, load_run_config, resolve_data_path
 from deltatune.errors import DeltatuneError
 from deltatune.methods import REGISTRY, method_config_for, method_names
 
-# The default list: one of each family. Variants (dora, prefix-lstm) and the alternative
+# The default list: one of each family. Variants (dora, prefix-lstm), the alternative
 # parametrisations of a family already listed (boft, loha, lokr: below LoRA and OFT on the MiniLM
-# demo at their defaults, docs/methods) are picked by name.
-ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3", "oft"]
+# demo at their defaults, docs/methods) and bitfit (most decoders — Llama, Qwen, SmolLM2 — have no
+# biases for it to train) are picked by name.
+ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3", "oft", "vera",
+               "adalora", "ln-tuning"]
 SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length",
             "search", "seeds", "data_sizes", "workers"}
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"

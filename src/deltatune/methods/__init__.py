@@ -79,13 +79,19 @@ class Method:
     # or None for one lr. The trainer asks through `lr_multipliers_for`, knowing no method.
     lr_multipliers: Callable[[MethodConfig, object], Callable[[str, nn.Parameter], float] | None] | None = None
     train_options: tuple[str, ...] = ()  # method-specific train.* keys it reads (METHOD_TRAIN_OPTIONS)
+    # Training-time hooks, for methods that act during training beyond the gradient step
+    # (AdaLoRA): a term added to each optimizer step's loss (None: nothing to add) ...
+    training_loss: Callable[[nn.Module, str], torch.Tensor | None] | None = None
+    # ... and a call after each optimizer step, gradients still there: (model, adapter, step
+    # (1-based), the run's total steps).
+    after_step: Callable[[nn.Module, str, int, int], None] | None = None
 
 
 # train.* keys that only some methods understand; set for another method they are an error
 METHOD_TRAIN_OPTIONS = ("loraplus_lr_ratio",)
 
 _METHOD_MODULES = ("full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3",
-                   "oft", "boft", "loha", "lokr")
+                   "oft", "boft", "loha", "lokr", "vera", "adalora", "ln_tuning", "bitfit")
 
 
 def load_methods(module_names: Iterable[str]) -> dict[str, Method]:

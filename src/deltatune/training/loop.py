@@ -29,7 +29,7 @@ from torch import nn
 from deltatune.training.checkpoints import (capture_rng, load_latest_checkpoint, restore_rng, rng_from_bytes,
                          rng_to_bytes, save_checkpoint, save_sharded_checkpoint)
 from deltatune.config.run import RunConfig, load_run_config, save_run_config
-from deltatune.deltas import active_config
+from deltatune.deltas import active_config, after_optimizer_step, training_loss_term
 from deltatune.training.batching import batch_tokens, training_collator, training_stream
 from deltatune.training.distributed import (Distributed, peer_failures, ranks_in_sync,
                                             setup_distributed, teardown_distributed)
@@ -186,7 +186,10 @@ def _optimizer_step(run: Run) -> None:
         with sync, attention, fused:
             with autocast:
                 loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model)
-            (loss * (dist.world_size / max(targets, 1.0))).backward()
+            scaled = loss * (dist.world_size / max(targets, 1.0))
+            if last and (extra := training_loss_term(run.model)) is not None:
+                scaled = scaled + extra  # a method's own term (AdaLoRA), once a step, not logged
+            scaled.backward()
         step_loss += loss.detach().double().cpu()
     step_loss = float(dist.all_reduce_sum(step_loss)) / max(targets, 1.0)
     # With max_grad_norm None the norm is still measured (logged, and checked for nan).
@@ -195,6 +198,7 @@ def _optimizer_step(run: Run) -> None:
     lr_now = run.scheduler.get_last_lr()[0]
     if finite:
         run.optimizer.step()
+        after_optimizer_step(run.model, progress.step + 1, run.total_steps)  # gradients still there
     elif tc.on_nan == "stop":
         raise DeltatuneError(f"step {progress.step + 1}: the loss is {step_loss} (grad norm "
                              f"{float(grad_norm)}); "

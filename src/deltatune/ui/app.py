@@ -37,6 +37,7 @@ def options(root: Path) -> dict[str, Any]:
     and data files found under ../shared/data (or $DELTATUNE_DATA)."""
     import os
 
+    from deltatune.compare.settings import ALL_METHODS
     from deltatune.config.run import DATA_ENV, FORMATS_BY_TASK, SHARED_DATA_PREFIX
     from deltatune.methods import REGISTRY
     from deltatune.models import PRESETS
@@ -45,6 +46,8 @@ def options(root: Path) -> dict[str, Any]:
     files = sorted(str(p) for p in data_root.glob("*/*.jsonl"))[:200] if data_root.is_dir() else []
     return {"presets": PRESETS, "formats": FORMATS_BY_TASK,
             "methods": {m: METHOD_OPTIONS.get(m, []) for m in REGISTRY},
+            # ticked when comparing: compare's own default list, less full fine-tuning
+            "compare_defaults": [m for m in ALL_METHODS if m in REGISTRY and m != "full"],
             "data_files": files, "runs_root": str(root)}
 
 

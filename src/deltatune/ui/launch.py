@@ -30,7 +30,9 @@ METHOD_OPTIONS = {"full": [], "lora": ["r", "alpha", "target_modules", "init"], 
                   "prompt": ["num_virtual_tokens"], "ptuning": ["num_virtual_tokens"],
                   "prefix": ["num_virtual_tokens"],
                   "oft": ["target_modules"], "boft": ["target_modules"],
-                  "loha": ["r", "alpha", "target_modules"], "lokr": ["r", "alpha", "target_modules"]}
+                  "loha": ["r", "alpha", "target_modules"], "lokr": ["r", "alpha", "target_modules"],
+                  "vera": ["r", "target_modules"], "adalora": ["alpha", "target_modules"],
+                  "ln-tuning": [], "bitfit": []}
 INTEGERS = ["r", "bottleneck_size", "num_virtual_tokens", "max_steps", "batch_size", "max_length",
             "max_train_rows", "eval_every"]
 NUMBERS = ["alpha", "epochs", "lr", "loraplus_lr_ratio"]

@@ -39,7 +39,7 @@
     const kind = select("kind", ["train", "compare"], "train");
     const method = select("method", methods, "lora");
     const boxes = el("div", { class: "methods" }, methods.map((m) => el("label", {},
-      el("input", { type: "checkbox", name: "methods", value: m, checked: m !== "full" }), ` ${m}`)));
+      el("input", { type: "checkbox", name: "methods", value: m, checked: options.compare_defaults.includes(m) }), ` ${m}`)));
     const methodField = field("method", "method", method);
     const methodsField = field("methods", "methods to compare", boxes, "span2");
     const sync = () => {
@@ -47,9 +47,12 @@
       methodsField.hidden = kind.value !== "compare";
       const chosen = kind.value === "train" ? [method.value]
         : [...boxes.querySelectorAll("input:checked")].map((b) => b.value);
-      for (const [name, owners] of [["r", ["lora"]], ["alpha", ["lora"]], ["target_modules", ["lora"]],
-        ["init", ["lora"]], ["loraplus_lr_ratio", ["lora", "dora"]],
-        ["bottleneck_size", ["adapter"]], ["num_virtual_tokens", ["prompt", "ptuning", "prefix"]]]) {
+      for (const name of ["r", "alpha", "target_modules", "init", "bottleneck_size", "num_virtual_tokens"]) {
+        const owners = methods.filter((m) => (options.methods[m] || []).includes(name));  // METHOD_OPTIONS
+        form.querySelector(`[data-field="${name}"]`).hidden = !owners.some((o) => chosen.includes(o));
+      }
+      {  // LoRA+ is a train option of LoRA and DoRA (LORAPLUS_METHODS)
+        const name = "loraplus_lr_ratio", owners = ["lora", "dora"];
         form.querySelector(`[data-field="${name}"]`).hidden = !owners.some((o) => chosen.includes(o));
       }
     };
@@ -63,9 +66,9 @@
       field("format", "data format", format),
       field("label_names", "label names (optional)", input({ placeholder: "negative, positive" })),
       methodField, methodsField,
-      field("r", "LoRA rank r", input({ placeholder: "8" })),
-      field("alpha", "LoRA alpha", input({ placeholder: "16" })),
-      field("target_modules", "LoRA target modules", input({ placeholder: "all-linear" })),
+      field("r", "rank r (LoRA, LoHa, LoKr, VeRA)", input({ placeholder: "LoRA 8, VeRA 256" })),
+      field("alpha", "alpha (LoRA, LoHa, LoKr, AdaLoRA)", input({ placeholder: "LoRA 16, AdaLoRA 24" })),
+      field("target_modules", "target modules", input({ placeholder: "all-linear" })),
       field("init", "LoRA init", select("init", ["default", "gaussian", "pissa", "olora"], "default")),
       field("loraplus_lr_ratio", "LoRA+ ratio (B's lr / A's)", input({ placeholder: "off" })),
       field("bottleneck_size", "adapter bottleneck size", input({ placeholder: "hidden/16" })),
