@@ -347,4 +347,5 @@ METHOD = Method(name="adalora", config=AdaLoraConfig, apply=apply_adalora, to_pe
                 after_step=adalora_budget.allocate,
                 # MiniLM/SST-2 demo budget (8,000 rows, one epoch): lr 1e-3 54.1% (E starts at 0
                 # and A, B at N(0, 0.02): the update grows slowly), 1e-2 82.8%
-                default_lr=1e-2)
+                default_lr=1e-2,
+                search_space={"init_r": [12, 16], "target_r": [4, 8]})

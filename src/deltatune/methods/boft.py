@@ -190,4 +190,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="boft", config=BOFTConfig, apply=apply_boft, to_peft=boft_to_peft,
                 from_peft=boft_from_peft, merge=merge_weight_layers, unmerge=unmerge_weight_layers,
-                default_lr=1e-3)
+                default_lr=1e-3,
+                search_space={"boft_block_size": [4, 8, 16]})

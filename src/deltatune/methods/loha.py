@@ -86,4 +86,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="loha", config=LoHaConfig, apply=apply_loha, to_peft=loha_to_peft,
                 from_peft=loha_from_peft, merge=merge_weight_layers, unmerge=unmerge_weight_layers,
-                default_lr=1e-3)
+                default_lr=1e-3,
+                search_space={"r": [4, 8, 16], "alpha": (4, 32, "log")})

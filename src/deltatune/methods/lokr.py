@@ -137,4 +137,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="lokr", config=LoKrConfig, apply=apply_lokr, to_peft=lokr_to_peft,
                 from_peft=lokr_from_peft, merge=merge_weight_layers, unmerge=unmerge_weight_layers,
-                default_lr=1e-3)
+                default_lr=1e-3,
+                search_space={"r": [4, 8, 16], "alpha": (4, 32, "log")})

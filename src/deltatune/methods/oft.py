@@ -208,4 +208,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 
 METHOD = Method(name="oft", config=OFTConfig, apply=apply_oft, to_peft=oft_to_peft,
                 from_peft=oft_from_peft, merge=merge_weight_layers, unmerge=unmerge_weight_layers,
-                default_lr=1e-3)
+                default_lr=1e-3,
+                search_space={"oft_block_size": [16, 32, 64]})

@@ -293,4 +293,5 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 METHOD = Method(name="vera", config=VeraConfig, apply=apply_vera, to_peft=vera_to_peft,
                 from_peft=vera_from_peft, state_dict=vera_state_dict,
                 load_state_dict=vera_load_state_dict, merge=merge_vera, unmerge=unmerge_vera,
-                default_lr=1e-2)
+                default_lr=1e-2,
+                search_space={"r": [128, 256, 512]})
