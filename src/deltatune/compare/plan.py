@@ -156,10 +156,12 @@ def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: b
 
 
 def saved_bytes_by_kind(model: nn.Module, task: str, batch: dict, packed: bool,
-                        bf16: bool) -> tuple[int, int]:
+                        bf16: bool, train: Any = None) -> tuple[int, int]:
     """(bytes autograd saves for backward, bytes of the inputs that bitsandbytes' 8-bit layers
-    keep beside them) after one training forward + loss of `batch`; a storage counts once."""
-    from deltatune.training.losses import batch_loss
+    keep beside them) after one training forward + loss of `batch`; a storage counts once.
+    `train`: the run's levers that route a step (tiled feed-forward blocks, the loss's chunk)."""
+    from deltatune.training.levers import step_levers
+    from deltatune.training.losses import CHUNK_ROWS, batch_loss
     from deltatune.training.packed_attention import packed_attention
 
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -185,10 +187,12 @@ def saved_bytes_by_kind(model: nn.Module, task: str, batch: dict, packed: bool,
              if type(m).__name__ == "Linear8bitLt" and is_quantized_linear(m)]
     model.train()
     attention = packed_attention(model) if packed else contextlib.nullcontext()
+    levers = step_levers(model, train) if train is not None else contextlib.nullcontext()
+    chunk = getattr(train, "loss_chunk_tokens", CHUNK_ROWS)
     try:
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = batch_loss(model, task, batch)
+                levers, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = batch_loss(model, task, batch, chunk_rows=chunk)
         del loss  # frees the graph and everything it saved
     finally:
         for hook in hooks:
@@ -196,14 +200,33 @@ def saved_bytes_by_kind(model: nn.Module, task: str, batch: dict, packed: bool,
     return sum(saved.values()), sum(n for ptr, n in inputs.items() if ptr not in saved)
 
 
-def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
-    """The chunk of LM-head logits alive while the loss runs (causal LM only)."""
+def logit_bytes(model: nn.Module, task: str, batch: dict, chunk_rows: int | None = None) -> int:
+    """The chunk of LM-head logits alive while the loss runs (causal LM only); chunk_rows:
+    train.loss_chunk_tokens (0: every labelled row at once)."""
     from deltatune.training.losses import CHUNK_ROWS, IGNORE_INDEX
 
     if task != "causal-lm":
         return 0
     labelled = int((batch["labels"] != IGNORE_INDEX).sum())
-    return min(labelled, CHUNK_ROWS) * getattr(model.config, "vocab_size", 0) * 4 * LOGIT_COPIES
+    chunk = CHUNK_ROWS if chunk_rows is None else chunk_rows or labelled
+    return min(labelled, chunk) * getattr(model.config, "vocab_size", 0) * 4 * LOGIT_COPIES
+
+
+def activation_terms(adapted: nn.Module, task: str, batch: dict, train: Any, packed: bool,
+                     bf16: bool) -> tuple[int, int, int]:
+    """(saved for backward, inputs 8-bit layers keep, the loss's logits chunk) of one training
+    step on `batch`, under the run's levers. With gradient checkpointing only each layer's input
+    is kept (2 bytes a value with checkpoint_bf16, none on the device when offloaded), and one
+    layer's activations exist again in backward."""
+    saved, kept_inputs = saved_bytes_by_kind(adapted, task, batch, packed, bf16, train)
+    if getattr(train, "gradient_checkpointing", False):
+        layers = max(1, len(transformer_layers(adapted)))
+        tokens = int(batch["input_ids"].numel())
+        width = 2 if getattr(train, "checkpoint_bf16", False) else 4
+        if getattr(train, "checkpoint_offload", False):
+            width = 0
+        saved = saved // layers + layers * tokens * adapted.config.hidden_size * width
+    return saved, kept_inputs, logit_bytes(adapted, task, batch, getattr(train, "loss_chunk_tokens", None))
 
 
 # ------------------------------------------------------------------------------------- per method
@@ -214,11 +237,13 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     world_size > 1: what each process holds under `distributed` (ddp | fsdp)."""
     from deltatune.training.optimization import resolve_bf16
     from deltatune.training.batching import training_collator, training_stream
+    from deltatune.training.levers import set_attention
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
     row = method_values.get("name", config.method)  # a variant ("dora") gets its own row
     adapted = apply(copy.deepcopy(model), config)
+    set_attention(adapted, getattr(train, "attention", "auto"))  # before the collator: it asks
     trainable, total = count_parameters(adapted)
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
@@ -227,12 +252,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    saved, kept_inputs = saved_bytes_by_kind(adapted, task, batch, collator.packing, bf16)
-    if train.gradient_checkpointing:
-        # only each layer's input is kept, and one layer's activations exist again in backward
-        layers = max(1, len(transformer_layers(adapted)))
-        saved = saved // layers + layers * tokens * adapted.config.hidden_size * 4
-    logits = logit_bytes(adapted, task, batch)
+    saved, kept_inputs, logits = activation_terms(adapted, task, batch, train, collator.packing, bf16)
     activations = saved + kept_inputs + logits
     # The heap keeps up to RETENTION[method] times the saved activations, as far as this run's
     # batch sequence ratchets it (allocator_fill). The logits chunk (200 MB for a 49k vocabulary)
@@ -246,10 +266,8 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
     gradients = 4 * trainable
     optimizer = 8 * trainable
-    # the delta's own tensors are new memory on top of the loaded base
-    delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
-    peak = (baseline_bytes + delta_weights + gradients + optimizer
-            + retention * saved + kept_inputs + logits + RUNTIME_ALLOWANCE_BYTES)
+    peak = (fixed_bytes(model, adapted, config.method, baseline_bytes)
+            + retention * saved + kept_inputs + logits)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
@@ -266,6 +284,15 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         plan = per_process(plan, adapted, base, world_size, distributed, bf16, blended,
                            RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
+
+
+def fixed_bytes(model: nn.Module, adapted: nn.Module, method: str, baseline_bytes: int) -> int:
+    """What a method's training holds whatever the batch: the process with the base loaded,
+    the delta's own weights (new memory on top of the base), gradients (4 B) and AdamW's two
+    fp32 moments (8 B) per trainable parameter, and the runtime allowance."""
+    trainable, total = count_parameters(adapted)
+    delta_weights = 0 if method == "full" else 4 * (total - count_parameters(model)[1])
+    return baseline_bytes + delta_weights + 12 * trainable + RUNTIME_ALLOWANCE_BYTES
 
 
 def _delta_file_bytes(adapted: nn.Module, method) -> int:
@@ -375,7 +402,7 @@ def format_plans(plans: list[MethodPlan]) -> str:
 
 
 def plan_from_config(config_path: str, overrides: list[str], methods: str | None = None,
-                     world_size: int = 1, distributed: str = "ddp") -> list[dict]:
+                     world_size: int = 1, distributed: str = "ddp", as_json: bool = False) -> list[dict]:
     from deltatune.compare.settings import read_compare_config
     from deltatune.errors import DeltatuneError
 
@@ -384,6 +411,12 @@ def plan_from_config(config_path: str, overrides: list[str], methods: str | None
     run_config, settings = read_compare_config(config_path, overrides)
     names = methods.split(",") if methods else settings["methods"]
     plans = plan_methods(run_config, names, settings["per_method"], world_size, distributed)
+    if as_json:
+        import json
+
+        for p in plans:
+            print(json.dumps({**asdict(p), "peak_mb": round(p.predicted_peak_bytes / 2**20, 1)}))
+        return [asdict(p) for p in plans]
     if world_size > 1:
         print(f"per process, {world_size} processes, {distributed} (batch_size is the global batch):")
     print(format_plans(plans))
