@@ -7,6 +7,8 @@
     python benchmarks/memory/long_context.py longest MODEL_DIR --tool deltatune --lo 1024 --hi 16384
                                  [--cap-gb 20]
     python benchmarks/memory/long_context.py plan MODEL_DIR --lengths 1024,2048,4096 [--cap-gb 20]
+    python benchmarks/memory/long_context.py mfu MODEL_DIR --length 2048 --result SWEEP.json
+                                 [--profiled POINT.log]
 
 MODEL_DIR is a random-initialised Llama made by `qlora.py make-llama1b DIR` (Llama-3.2-1B's
 shape) or `qlora.py make-llama8b DIR` then `qlora.py save-quantized DIR --quantize nf4 --dtype bf16`
@@ -272,9 +274,34 @@ def plan(args) -> dict:
     return data
 
 
+def mfu(args) -> dict:
+    """Model-FLOPs utilisation of the points at --length in a sweep's result (`--result`), and of
+    a profiled point's JSON line (`--profiled`, its profile table kept): model FLOPs of the step
+    (projections, LoRA, attention, the LM head; not checkpointing's recomputation) over the
+    second step's time, against this machine's measured bf16 matmul peak."""
+    from transformers import AutoConfig
+
+    from common.flops import Shape, example_flops, measured_peak
+
+    shape = Shape.of(AutoConfig.from_pretrained(args.model))
+    flops = example_flops(shape, args.length, args.length - 1, "lora", lora_rank=S.RANK,
+                          lora_targets=S.LORA_TARGETS)
+    peak = measured_peak(True)
+    points = [p for p in json.loads(Path(args.result).read_text())["points"] if p.get("length") == args.length]
+    if args.profiled:
+        points.append({**json.loads(Path(args.profiled).read_text().strip().splitlines()[-1]),
+                       "profiled": True})
+    rows = [{"tool": p["tool"], "profiled": p.get("profiled", False), "step_s": p["step_s"][-1],
+             "model_tflop": flops / 1e12, "mfu": flops / p["step_s"][-1] / (peak["peak_gflops"] * 1e9),
+             "profile": p.get("profile")} for p in points]
+    data = {"command": "mfu", "model": args.model, "length": args.length, "peak": peak, "rows": rows}
+    _write(args, args.name + "-mfu", data)
+    return {k: v for k, v in data.items() if k != "rows"} | {"mfu": [(r["tool"], r["mfu"]) for r in rows]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["point", "sweep", "longest", "plan"])
+    parser.add_argument("command", choices=["point", "sweep", "longest", "plan", "mfu"])
     parser.add_argument("model")
     parser.add_argument("--tool", default="deltatune", choices=TOOLS)
     parser.add_argument("--tools", default="deltatune,peft")
@@ -291,8 +318,10 @@ def main() -> None:
     parser.add_argument("--name", default="long-context-llama1b-lora-bf16")
     parser.add_argument("--train", nargs="*", type=lambda kv: (kv.split("=")[0], json.loads(kv.split("=")[1])),
                         help="deltatune train keys, e.g. mlp_tile_tokens=2048")
+    parser.add_argument("--result", help="mfu: a sweep's raw result")
+    parser.add_argument("--profiled", help="mfu: the JSON line of a `point --profile` run")
     args = parser.parse_args()
-    result = {"point": point, "sweep": sweep, "longest": longest, "plan": plan}[args.command](args)
+    result = {"point": point, "sweep": sweep, "longest": longest, "plan": plan, "mfu": mfu}[args.command](args)
     print(json.dumps(result), flush=True)
 
 
