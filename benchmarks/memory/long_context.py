@@ -171,7 +171,8 @@ def point(args) -> dict:
               "load_peak_rss_gb": LOAD_PEAK[0] / 2**30,
               "overall_peak_rss_gb": S.peak_rss_gb(),
               "step_s": steps, "tokens_per_s": args.length / statistics.mean(measured),
-              "losses": losses, "load_s": loaded - started, "threads": torch.get_num_threads()}
+              "losses": losses, "load_s": loaded - started, "threads": torch.get_num_threads(),
+              "train": dict(args.train or [])}
     if profile is not None:
         result["profile"] = profile
     return result
