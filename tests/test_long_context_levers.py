@@ -186,3 +186,32 @@ def test_lever_settings_are_validated():
     with pytest.raises(DeltatuneError, match="train.checkpoint_offload: needs a CUDA device"):
         prepare_levers(tiny_llama(), settings(gradient_checkpointing=True, checkpoint_offload=True),
                        torch.device("cpu"))
+
+
+def test_the_trainer_applies_the_levers_and_trains_the_same_run(tmp_path, monkeypatch):
+    """Through train_from_config: a run with every CPU lever on logs the losses of the run
+    without them, step for step (padding-free rows on the tiny chat Llama)."""
+    import json
+
+    from deltatune.training import tiled_mlp
+    from deltatune.training.loop import train_from_config
+    from tiny_runs import causal_config, tiny_llama_dir
+
+    tiles = []
+    plain_tiled = tiled_mlp.tiled
+    monkeypatch.setattr(tiled_mlp, "tiled", lambda *args: (tiles.append(1), plain_tiled(*args))[1])
+    config = causal_config(tmp_path, tiny_llama_dir(tmp_path), rows=16)
+    losses, tiled_calls = {}, {}
+    for name, overrides in {"off": ["train.loss_chunk_tokens=0"],
+                            "on": ["train.loss_chunk_tokens=7", "train.mlp_tile_tokens=8",
+                                   "train.gradient_checkpointing=true"]}.items():
+        out = tmp_path / "runs" / name
+        train_from_config(str(config), [f"output_dir={out}", "train.max_steps=3", "data.eval=null",
+                                        *overrides])
+        log = (out / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [r["loss"] for r in map(json.loads, log) if "loss" in r]
+        tiled_calls[name] = len(tiles)
+        tiles.clear()
+    assert tiled_calls["off"] == 0 and tiled_calls["on"] > 0  # the trainer routed the blocks
+    assert len(losses["on"]) == 3
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-5, abs=1e-6)
