@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/gpu/gpu_check.py --cpu-dry-run           # same plumbing, tiny model, CPU
 
 Runs, each as its own process with a time limit (a failure is recorded and the rest still run):
-  1. bf16 LoRA SFT of SmolLM2-135M on one GPU, padding-free attention on vs off (tokens/s, loss)
+  1. bf16 LoRA SFT of SmolLM2-135M on one GPU, padding-free attention on vs off (tokens/s, loss),
+     and with gradient checkpointing, its layer inputs on the GPU vs offloaded to pinned CPU memory
   2. QLoRA (4-bit base) if bitsandbytes imports and this build has a quantization key
   3. full fine-tuning of SmolLM2-135M over all visible GPUs, DDP then FSDP (torchrun; tokens/s of
      the whole job, peak GPU memory of rank 0, final loss)
@@ -164,6 +165,15 @@ def main() -> None:
     for padding_free in ("true", "false"):
         checks.train(f"lora bf16 padding_free={padding_free}", lora_cfg,
                      [*common, f"train.padding_free={padding_free}"], 1, 120)
+    # 1b. gradient checkpointing with the layer inputs offloaded to pinned CPU memory: the same
+    # losses as checkpointing on the device, less GPU memory (train.checkpoint_offload)
+    if not dry:
+        for offload in ("false", "true"):
+            checks.train(f"lora checkpointing offload={offload}", lora_cfg,
+                         [*common, "train.gradient_checkpointing=true",
+                          f"train.checkpoint_offload={offload}"], 1, 120)
+    else:
+        checks.results.append({"check": "lora checkpointing offload", "status": "skipped: CUDA only"})
     # 2. QLoRA where it has landed
     key = quantization_key()
     try:

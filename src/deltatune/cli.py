@@ -108,10 +108,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from deltatune.compare.max_length import max_length_from_config
     from deltatune.compare.plan import plan_from_config
 
+    if args.max_length is not None:
+        if args.max_length != "auto":
+            raise DeltatuneError(f"--max-length: only auto is planned, got {args.max_length!r}")
+        max_length_from_config(args.config, args.overrides, args.methods, args.memory or "auto",
+                               args.json)
+        return
+    if args.memory is not None:
+        raise DeltatuneError("--memory: goes with --max-length auto (the longest length within it)")
     plan_from_config(args.config, args.overrides, methods=args.methods,
-                     world_size=args.world_size, distributed=args.distributed)
+                     world_size=args.world_size, distributed=args.distributed, as_json=args.json)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -201,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
                            help="with --world-size above 1: ddp, each process holding the whole model, "
                                 "or fsdp, weights, gradients and optimizer state sharded across processes")
+            p.add_argument("--max-length", default=None, metavar="auto",
+                           help="auto: the longest sequence (one row, batch 1) that trains one step "
+                                "of each method within --memory")
+            p.add_argument("--memory", default=None,
+                           help="with --max-length auto: the budget, e.g. 20GB (GB = 2^30 bytes), "
+                                "or auto: what the machine has available now (default)")
+            p.add_argument("--json", action="store_true", help="one JSON object per method on stdout")
         p.set_defaults(func=func)
 
     p = sub.add_parser("merge", help="fold an adapter into the base and export a plain model")

@@ -35,10 +35,10 @@ not guessed: the interpreter, torch, the weights), what training adds on top:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,10 +50,10 @@ from deltatune.config.run import RunConfig, TrainConfig
 from deltatune.deltas import apply
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.base import count_parameters
-from deltatune.models import release_freed_memory, transformer_layers
-from deltatune.quantization import is_quantized_linear
+from deltatune.compare.activations import (LOGIT_COPIES, activation_terms, logit_bytes,  # noqa: F401
+                                           saved_bytes_by_kind, saved_for_backward_bytes)
+from deltatune.models import release_freed_memory
 
-LOGIT_COPIES = 3  # a chunk's logits, its log-sum-exp pass and softmax - onehot
 # Peak RSS above the other terms, per byte of saved activations, once glibc's heap has ratcheted
 # to its limit (see allocator_fill): glibc keeps blocks freed by earlier steps (with
 # MALLOC_MMAP_THRESHOLD_=65536 a forward grew RSS by exactly the counted bytes). Fitted per method
@@ -155,63 +155,6 @@ def heaviest_batch(dataset: Any, train: TrainConfig, collator: Any,
     return collator([dataset[i] for i in stream.rows(heaviest)])
 
 
-def saved_for_backward_bytes(model: nn.Module, task: str, batch: dict, packed: bool,
-                             bf16: bool) -> int:
-    """Bytes autograd keeps for backward after one training forward + loss of `batch`."""
-    return sum(saved_bytes_by_kind(model, task, batch, packed, bf16))
-
-
-def saved_bytes_by_kind(model: nn.Module, task: str, batch: dict, packed: bool,
-                        bf16: bool) -> tuple[int, int]:
-    """(bytes autograd saves for backward, bytes of the inputs that bitsandbytes' 8-bit layers
-    keep beside them) after one training forward + loss of `batch`; a storage counts once."""
-    from deltatune.training.losses import batch_loss
-    from deltatune.training.packed_attention import packed_attention
-
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-    inputs: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor, into: dict[int, int] = saved) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            into[storage.data_ptr()] = storage.nbytes()
-        # Detached: the graph then holds the memory (so no later tensor reuses an address
-        # counted here) without a tensor that points back into the graph, a cycle Python's
-        # garbage collector cannot see (it kept every planned method's activations alive).
-        return tensor.detach()
-
-    def input_kept(module: nn.Module, args: tuple) -> None:
-        if torch.is_grad_enabled() and args[0].requires_grad:  # else autograd keeps no node
-            keep(args[0], inputs)
-
-    # bitsandbytes' 8-bit layers train on CPU through MatMul8bitFp, which keeps its input as an
-    # attribute of the autograd context (`ctx.A`), out of saved_tensors_hooks' sight
-    hooks = [m.register_forward_pre_hook(input_kept) for m in model.modules()
-             if type(m).__name__ == "Linear8bitLt" and is_quantized_linear(m)]
-    model.train()
-    attention = packed_attention(model) if packed else contextlib.nullcontext()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), attention, \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = batch_loss(model, task, batch)
-        del loss  # frees the graph and everything it saved
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(saved.values()), sum(n for ptr, n in inputs.items() if ptr not in saved)
-
-
-def logit_bytes(model: nn.Module, task: str, batch: dict) -> int:
-    """The chunk of LM-head logits alive while the loss runs (causal LM only)."""
-    from deltatune.training.losses import CHUNK_ROWS, IGNORE_INDEX
-
-    if task != "causal-lm":
-        return 0
-    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
-    return min(labelled, CHUNK_ROWS) * getattr(model.config, "vocab_size", 0) * 4 * LOGIT_COPIES
-
-
 # ------------------------------------------------------------------------------------- per method
 def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_id: int | None,
                 run_config: RunConfig, train: TrainConfig, baseline_bytes: int, world_size: int = 1,
@@ -220,11 +163,13 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     world_size > 1: what each process holds under `distributed` (ddp | fsdp)."""
     from deltatune.training.optimization import resolve_bf16
     from deltatune.training.batching import training_collator, training_stream
+    from deltatune.training.levers import set_attention
 
     config = config_from_dict(method_values)
     method = get_method(config.method)
     row = method_values.get("name", config.method)  # a variant ("dora") gets its own row
     adapted = apply(copy.deepcopy(model), config)
+    set_attention(adapted, getattr(train, "attention", "auto"))  # before the collator: it asks
     trainable, total = count_parameters(adapted)
     task = run_config.task
     collator = training_collator(adapted, pad_token_id or 0, task, run_config.data, train)
@@ -233,12 +178,7 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    saved, kept_inputs = saved_bytes_by_kind(adapted, task, batch, collator.packing, bf16)
-    if train.gradient_checkpointing:
-        # only each layer's input is kept, and one layer's activations exist again in backward
-        layers = max(1, len(transformer_layers(adapted)))
-        saved = saved // layers + layers * tokens * adapted.config.hidden_size * 4
-    logits = logit_bytes(adapted, task, batch)
+    saved, kept_inputs, logits = activation_terms(adapted, task, batch, train, collator.packing, bf16)
     activations = saved + kept_inputs + logits
     # The heap keeps up to RETENTION[method] times the saved activations, as far as this run's
     # batch sequence ratchets it (allocator_fill). The logits chunk (200 MB for a 49k vocabulary)
@@ -252,10 +192,8 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
     gradients = 4 * trainable
     optimizer = 8 * trainable
-    # the delta's own tensors are new memory on top of the loaded base
-    delta_weights = 0 if config.method == "full" else 4 * (total - count_parameters(model)[1])
-    peak = (baseline_bytes + delta_weights + gradients + optimizer
-            + retention * saved + kept_inputs + logits + RUNTIME_ALLOWANCE_BYTES)
+    peak = (fixed_bytes(model, adapted, config.method, baseline_bytes)
+            + retention * saved + kept_inputs + logits)
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
@@ -272,6 +210,15 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         plan = per_process(plan, adapted, base, world_size, distributed, bf16, blended,
                            RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
+
+
+def fixed_bytes(model: nn.Module, adapted: nn.Module, method: str, baseline_bytes: int) -> int:
+    """What a method's training holds whatever the batch: the process with the base loaded,
+    the delta's own weights (new memory on top of the base), gradients (4 B) and AdamW's two
+    fp32 moments (8 B) per trainable parameter, and the runtime allowance."""
+    trainable, total = count_parameters(adapted)
+    delta_weights = 0 if method == "full" else 4 * (total - count_parameters(model)[1])
+    return baseline_bytes + delta_weights + 12 * trainable + RUNTIME_ALLOWANCE_BYTES
 
 
 def _delta_file_bytes(adapted: nn.Module, method) -> int:
@@ -384,7 +331,7 @@ def format_plans(plans: list[MethodPlan]) -> str:
 
 
 def plan_from_config(config_path: str, overrides: list[str], methods: str | None = None,
-                     world_size: int = 1, distributed: str = "ddp") -> list[dict]:
+                     world_size: int = 1, distributed: str = "ddp", as_json: bool = False) -> list[dict]:
     from deltatune.compare.settings import read_compare_config
     from deltatune.errors import DeltatuneError
 
@@ -413,8 +360,15 @@ def plan_from_config(config_path: str, overrides: list[str], methods: str | None
         print(f"search: {sum(trials_for(search, row) for row in names)} trials "
               f"({', '.join(f'{row} {trials_for(search, row)}' for row in names)}); memory below is "
               f"for each method's heaviest searched configuration"
-              + (f" ({'; '.join(picked)})" if picked else ""))
+              + (f" ({'; '.join(picked)})" if picked else ""),
+              file=sys.stderr if as_json else sys.stdout)  # --json: stdout is the JSON alone
     plans = plan_methods(run_config, names, per_method, world_size, distributed)
+    if as_json:
+        import json
+
+        for p in plans:
+            print(json.dumps({**asdict(p), "peak_mb": round(p.predicted_peak_bytes / 2**20, 1)}))
+        return [asdict(p) for p in plans]
     if world_size > 1:
         print(f"per process, {world_size} processes, {distributed} (batch_size is the global batch):")
     print(format_plans(plans))

@@ -39,6 +39,7 @@ METRICS_BY_TASK = {"classification": ("accuracy", "f1"), "causal-lm": ("perplexi
 ON_NAN = ("stop", "skip")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to (deltatune.tracking)
+ATTENTION = ("auto", "sdpa", "eager")  # train.attention (training/levers.py)
 DATA_ENV = "DELTATUNE_DATA"      # where ../shared/data lives on this machine, when set
 SHARED_DATA_PREFIX = "../shared/data"
 HUB_PREFIX = "hf:"               # data.train: hf:stanfordnlp/sst2 -> a datasets-library Hub name
@@ -106,6 +107,12 @@ class TrainConfig(ConfigSection):
     bf16: bool | str = "auto"       # auto: where bf16 matmuls measure faster (`deltatune inspect --hardware`)
     frozen_bf16: bool = True        # under bf16, frozen linear weights stored in bf16 (same products, less memory)
     gradient_checkpointing: bool = False
+    # Long sequences (docs/guides/long-context.md); each gives the same loss and gradients:
+    checkpoint_bf16: bool = False     # with gradient_checkpointing: each layer's input kept in bf16
+    checkpoint_offload: bool = False  # with gradient_checkpointing, CUDA: layer inputs in pinned CPU memory
+    loss_chunk_tokens: int = 1024     # labelled positions whose LM-head logits exist at once; 0: all
+    mlp_tile_tokens: int = 0          # feed-forward blocks in tiles of this many positions, recomputed in backward; 0: off
+    attention: str = "auto"           # auto (as loaded: sdpa where the model has it) | sdpa | eager
     # torch.compile of the norms and SwiGLU MLPs of Llama-family decoders (training/compiled.py):
     # fused elementwise loops; one compilation (~tens of seconds, once per process) serves every
     # token count. Results differ from eager by rounding only.
@@ -143,6 +150,15 @@ class TrainConfig(ConfigSection):
         self.one_of("distributed", DISTRIBUTED)
         if self.metric is not None:
             self.one_of("metric", METRICS)
+        for key in ("loss_chunk_tokens", "mlp_tile_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                self.fail(key, f"must be a whole number >= 0 (0: off), got {value!r}")
+        self.one_of("attention", ATTENTION)
+        for key in ("checkpoint_bf16", "checkpoint_offload"):
+            if getattr(self, key) and not self.gradient_checkpointing:
+                self.fail(key, "needs train.gradient_checkpointing: true (it sets how the "
+                               "checkpointed layer inputs are kept)")
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             self.fail("bf16", f"must be true, false or auto, got {self.bf16!r}")
         self.report_to = self._trackers(self.report_to)

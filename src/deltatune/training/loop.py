@@ -42,9 +42,9 @@ from deltatune.methods import default_lr_for, lr_multipliers_for, method_config_
 from deltatune.methods.base import MethodConfig, count_parameters
 from deltatune.training.packed_attention import packed_attention
 from deltatune.training.compiled import compiled_elementwise
-from deltatune.training.optimization import (build_optimizer, build_scheduler,
-                           enable_gradient_checkpointing, resolve_bf16, set_seed,
-                           trainable_parameters)
+from deltatune.training.levers import prepare_levers, step_levers
+from deltatune.training.optimization import (build_optimizer, build_scheduler, resolve_bf16,
+                                             set_seed, trainable_parameters)
 from deltatune.hardware import bf16_warning
 from deltatune.training.progress import RunLog
 from deltatune.training.run_dir import (check_output_dir, finish_run_dir, partial_dir, peak_memory,
@@ -122,8 +122,7 @@ def _setup(model: nn.Module, tokenizer: Any, config: RunConfig, method: MethodCo
     collator = training_collator(model, tokenizer.pad_token_id, task, config.data, tc)
 
     bare = model.to(dist.device)
-    if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(bare)
+    prepare_levers(bare, tc, dist.device)  # attention, gradient checkpointing (training/levers.py)
     bf16 = dist.broadcast(resolve_bf16(tc.bf16, dist.device))  # ranks agree even if probes differ
     # Before the optimizer: under fsdp it must see the sharded parameters.
     parallel = build_parallel(bare, dist, getattr(tc, "distributed", "auto"), bf16=bf16,
@@ -183,9 +182,10 @@ def _optimizer_step(run: Run) -> None:
         # Backward too: gradient checkpointing re-runs the attention there.
         attention = packed_attention(run.model) if run.collator.packing else contextlib.nullcontext()
         fused = compiled_elementwise(run.model) if tc.compile else contextlib.nullcontext()
-        with sync, attention, fused:
+        with sync, attention, fused, step_levers(run.model, tc):
             with autocast:
-                loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model)
+                loss = batch_loss(run.parallel.forward, task, batch, head_owner=run.model,
+                                  chunk_rows=tc.loss_chunk_tokens)
             scaled = loss * (dist.world_size / max(targets, 1.0))
             if last and (extra := training_loss_term(run.model)) is not None:
                 scaled = scaled + extra  # a method's own term (AdaLoRA), once a step, not logged

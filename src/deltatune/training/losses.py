@@ -5,6 +5,8 @@ Causal LM: the LM head of a 49k-vocabulary model turns (batch, seq, hidden) into
 build them: `lm_head_input` swallows the head's input during the forward pass (the model returns
 empty logits), then `causal_lm_loss` applies the head only at positions that carry a label, in
 chunks of rows, computing each chunk's gradients on the spot so no chunk's logits are kept.
+`train.loss_chunk_tokens` sets the chunk (0: every labelled row in one chunk, as a plain
+cross-entropy over the whole sequence's logits would hold them).
 """
 from __future__ import annotations
 
@@ -131,6 +133,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
 
     hidden: (batch, seq', hidden) with seq' >= seq; extra leading positions (virtual tokens that
     prompt methods prepend) carry no labels and are dropped. labels: (batch, seq).
+    chunk_rows: labelled rows whose logits exist at once; 0: all of them in one chunk.
     """
     hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]
     targets = labels[:, 1:]                          # (batch, seq - 1)
@@ -138,7 +141,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     rows = hidden[:, :-1][keep]                      # (n_targets, hidden)
     if rows.shape[0] == 0:
         return hidden.sum() * 0.0                    # keeps the graph (and DDP) happy
-    return linear_cross_entropy(rows, head, targets[keep], chunk_rows)
+    return linear_cross_entropy(rows, head, targets[keep], chunk_rows or rows.shape[0])
 
 
 def count_targets(task: str, labels: torch.Tensor) -> int:
@@ -149,8 +152,9 @@ def count_targets(task: str, labels: torch.Tensor) -> int:
 
 
 def batch_loss(model: nn.Module, task: str, batch: dict[str, torch.Tensor],
-               head_owner: nn.Module | None = None) -> torch.Tensor:
-    """Summed loss of one batch. `model` may be a DDP wrapper; `head_owner` is the bare model."""
+               head_owner: nn.Module | None = None, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Summed loss of one batch. `model` may be a DDP wrapper; `head_owner` is the bare model.
+    chunk_rows: see causal_lm_loss (classification heads give one row per example: no chunks)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if task == "classification":
@@ -159,4 +163,4 @@ def batch_loss(model: nn.Module, task: str, batch: dict[str, torch.Tensor],
     bare = head_owner if head_owner is not None else model
     with lm_head_input(bare) as captured:
         model(**inputs, use_cache=False)
-    return causal_lm_loss(captured.hidden, labels, bare.get_output_embeddings())
+    return causal_lm_loss(captured.hidden, labels, bare.get_output_embeddings(), chunk_rows)
