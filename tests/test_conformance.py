@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from conftest import NOT_APPLICABLE, randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 import deltatune as dt
 from deltatune.methods import method_names
 
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
-# A method that has nothing to train on a family says so in one line instead (see the last test).
-NOT_APPLICABLE = {("bitfit", "llama"): "has no bias terms"}
 CASES = [(m, f) for m in sorted(method_names()) for f in FAMILIES if (m, f) not in NOT_APPLICABLE]
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from conftest import NOT_APPLICABLE, randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 import deltatune as dt
 from deltatune.compare.plan import saved_for_backward_bytes
@@ -35,7 +35,8 @@ LEVERS = {
 }
 CAUSAL_ONLY = {"loss_chunk_tokens"}  # a classification head scores one row per example
 CASES = [(lever, method, family) for lever in LEVERS for method in sorted(method_names())
-         for family in FAMILIES if not (lever in CAUSAL_ONLY and FAMILIES[family][1] != "causal-lm")]
+         for family in FAMILIES if not (lever in CAUSAL_ONLY and FAMILIES[family][1] != "causal-lm")
+         and (method, family) not in NOT_APPLICABLE]
 
 
 def settings(**values) -> SimpleNamespace:

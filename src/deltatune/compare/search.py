@@ -131,10 +131,9 @@ def read_search(value: Any, methods: list[str], method_options: dict[str, dict] 
             if not isinstance(own, dict):
                 raise DeltatuneError(f"compare.search.per_method.{name}: expected a mapping, got {own!r}")
         from deltatune.compare.space import searchable
-        from deltatune.compare.settings import split_row
 
-        for key in shared:
-            if not any(key in searchable(split_row(name)[0]) for name in methods):
+        for key in shared:  # a row is METHOD or METHOD@QUANTIZE (settings.split_row)
+            if not any(key in searchable(name.partition("@")[0]) for name in methods):
                 raise DeltatuneError(f"compare.search.space.{key}: no method in this comparison has a "
                                      f"parameter {key!r}")
         for name in methods:
@@ -145,9 +144,7 @@ def read_search(value: Any, methods: list[str], method_options: dict[str, dict] 
 
 
 def _options(options: dict[str, dict], row: str) -> dict:
-    from deltatune.compare.settings import split_row
-
-    return options.get(row) or {"name": split_row(row)[0]}
+    return options.get(row) or {"name": row.partition("@")[0]}
 
 
 def _default_lr(options: dict[str, dict], row: str) -> float:

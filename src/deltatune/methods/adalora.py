@@ -339,12 +339,20 @@ def adalora_from_peft(values: dict) -> AdaLoraConfig:
 from deltatune.methods import Method  # noqa: E402  (the registry imports this module)
 from deltatune.methods import adalora_budget  # noqa: E402  (the step hooks)
 
+
+def _allocate(model: nn.Module, name: str, step: int, total_steps: int) -> None:
+    adalora_budget.allocate(model, name, step, total_steps, [d for _, d in adalora_deltas(model, name)])
+
+
+def _orthogonality_penalty(model: nn.Module, name: str) -> torch.Tensor | None:
+    return adalora_budget.orthogonality_penalty(model, name, [d for _, d in adalora_deltas(model, name)])
+
+
 METHOD = Method(name="adalora", config=AdaLoraConfig, apply=apply_adalora, to_peft=adalora_to_peft,
                 from_peft=adalora_from_peft, state_dict=adalora_state_dict,
                 load_state_dict=adalora_load_state_dict,
                 merge=merge_adalora, unmerge=unmerge_adalora,
-                training_loss=adalora_budget.orthogonality_penalty,
-                after_step=adalora_budget.allocate,
+                training_loss=_orthogonality_penalty, after_step=_allocate,
                 # MiniLM/SST-2 demo budget (8,000 rows, one epoch): lr 1e-3 54.1% (E starts at 0
                 # and A, B at N(0, 0.02): the update grows slowly), 1e-2 82.8%
                 default_lr=1e-2,

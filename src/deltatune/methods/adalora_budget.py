@@ -79,18 +79,15 @@ def _mask_again(deltas: list[nn.Module]) -> None:
             delta.lora_E.masked_fill_(~delta.kept.view(-1, 1).to(delta.lora_E.device), 0.0)
 
 
-def allocate(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    """After optimizer step `step` (1-based) of `total_steps`: update the importance scores and
-    prune to the step's budget (the gradients of that step must still be there)."""
-    from deltatune.methods.adalora import adalora_deltas
-
+def allocate(model: nn.Module, name: str, step: int, total_steps: int, deltas: list[nn.Module]) -> None:
+    """After optimizer step `step` (1-based) of `total_steps`: update the importance scores of
+    adapter `name`'s `deltas` and prune to the step's budget (that step's gradients still there)."""
     state = delta_state(model)
     config = state.configs[name]
     if config.total_step is None:  # the run's steps: checked (and written to the file) now
         config.check_schedule(total_steps, "the run's optimizer steps")
         config = state.configs[name] = dataclasses.replace(config, total_step=total_steps)
     total = config.total_step
-    deltas = [delta for _, delta in adalora_deltas(model, name)]
     initial = sum(len(d.slots) for d in deltas)
     target = config.target_r * len(deltas)
     if step < total - config.tfinal:
@@ -107,15 +104,13 @@ def allocate(model: nn.Module, name: str, step: int, total_steps: int) -> None:
         _mask_again(deltas)
 
 
-def orthogonality_penalty(model: nn.Module, name: str) -> torch.Tensor | None:
+def orthogonality_penalty(model: nn.Module, name: str, deltas: list[nn.Module]) -> torch.Tensor | None:
     """orth_reg_weight × the mean over A and B matrices of ‖AAᵀ - I‖_F and ‖BᵀB - I‖_F."""
-    from deltatune.methods.adalora import adalora_deltas
-
     weight = delta_state(model).configs[name].orth_reg_weight
     if weight == 0:
         return None
     terms = []
-    for _, delta in adalora_deltas(model, name):
+    for delta in deltas:
         for gram in (delta.lora_A @ delta.lora_A.T, delta.lora_B.T @ delta.lora_B):
             eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
             terms.append(torch.linalg.matrix_norm(gram - eye))

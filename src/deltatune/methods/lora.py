@@ -385,8 +385,7 @@ def loraplus_multipliers(config: LoraConfig, train) -> "Callable[[str, nn.Parame
     """LoRA+ (Hayou et al. 2024): B learns `train.loraplus_lr_ratio` times faster than A. As
     PEFT's create_loraplus_optimizer groups them, every vector (DoRA's magnitude, biases) goes
     with B."""
-    ratio = getattr(train, "loraplus_lr_ratio", None)
-    if ratio is None:
+    if (ratio := getattr(train, "loraplus_lr_ratio", None)) is None:
         return None
     return lambda name, param: ratio if ".lora_B." in name or param.ndim == 1 else 1.0
 
@@ -396,8 +395,6 @@ from deltatune.methods import Method  # noqa: E402  (the registry imports this m
 METHOD = Method(name="lora", config=LoraConfig, apply=apply_lora, to_peft=lora_to_peft,
                 from_peft=lora_from_peft, merge=merge_lora, unmerge=unmerge_lora,
                 export_form=lora_init.converted_for_export, import_form=lora_init.converted_on_load,
-                lr_multipliers=loraplus_multipliers,
-                train_options=("loraplus_lr_ratio",),
+                lr_multipliers=loraplus_multipliers, train_options=("loraplus_lr_ratio",),
                 default_lr=1e-3,  # with alpha = 2r; SST-2/MiniLM all-linear r=8: 84.4% in one pass
-                variants={"dora": {"use_dora": True}},
-                search_space={"r": [4, 8, 16, 32], "alpha": (4, 64, "log")})
+                variants={"dora": {"use_dora": True}}, search_space={"r": [4, 8, 16, 32], "alpha": (4, 64, "log")})
