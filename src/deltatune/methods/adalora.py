@@ -28,7 +28,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (DeltaLayer, MethodConfig, delta_layers, module_names_hint,
                                     peft_key_map, set_parent)
 from deltatune.methods.lora import _is_conv1d, _matches, _named, in_out_features, short_targets
-from deltatune.methods.row_updates import mixed_rows
+from deltatune.methods.row_updates import AdditiveLinearLayer
 
 
 def _is_int(value, minimum: int) -> bool:
@@ -152,45 +152,10 @@ class AdaLoraDelta(nn.Module):
         return [i in alive for i in range(self.init_r)]
 
 
-class AdaLoraLayer(DeltaLayer):
+class AdaLoraLayer(AdditiveLinearLayer):
     """A linear layer (nn.Linear or GPT-2's Conv1D) with named AdaLoRA deltas."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.merged: str | None = None
-        self.transposed = _is_conv1d(base_layer)
-        self.row_adapters: tuple[str | None, ...] | None = None  # see deltatune.mixed
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return mixed_rows(self, x, out, lambda delta, rows_x, rows_out: rows_out + delta(
-                rows_x if torch.is_autocast_enabled(x.device.type) else rows_x.to(delta.lora_A.dtype)))
-        delta = self.active_delta()
-        if delta is None or self.merged == self.active:
-            return out
-        ada_x = x if torch.is_autocast_enabled(x.device.type) else x.to(delta.lora_A.dtype)
-        return out + delta(ada_x).to(out.dtype)
-
-    def _delta_weight(self, name: str) -> torch.Tensor:
-        delta = self.deltas[name].delta_weight()
-        return delta.T if self.transposed else delta
-
-    def merge(self) -> None:
-        if self.active is None or self.merged is not None:
-            return
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.data += self._delta_weight(self.active).to(weight.dtype)
-        self.merged = self.active
-
-    def unmerge(self) -> None:
-        if self.merged is None:
-            return
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.data -= self._delta_weight(self.merged).to(weight.dtype)
-        self.merged = None
+    PARAMETER = "lora_A"  # outside autocast the input is cast to the delta's dtype
 
 
 # ------------------------------------------------------------------ apply, merge

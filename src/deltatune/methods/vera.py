@@ -24,7 +24,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (DeltaLayer, MethodConfig, delta_layers, module_names_hint,
                                     peft_key_map, set_parent)
 from deltatune.methods.lora import _is_conv1d, _matches, in_out_features, short_targets
-from deltatune.methods.row_updates import mixed_rows
+from deltatune.methods.row_updates import AdditiveLinearLayer
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -124,45 +124,10 @@ class VeraDelta(nn.Module):
         return (self.vera_lambda_b.unsqueeze(1) * vera_B) @ (self.vera_lambda_d.unsqueeze(1) * vera_A)
 
 
-class VeraLayer(DeltaLayer):
+class VeraLayer(AdditiveLinearLayer):
     """A linear layer (nn.Linear or GPT-2's Conv1D) with named VeRA deltas."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.merged: str | None = None
-        self.transposed = _is_conv1d(base_layer)  # Conv1D stores (in, out)
-        self.row_adapters: tuple[str | None, ...] | None = None  # see deltatune.mixed
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return mixed_rows(self, x, out, lambda delta, rows_x, rows_out: rows_out + delta(
-                rows_x if torch.is_autocast_enabled(x.device.type) else rows_x.to(delta.vera_lambda_b.dtype)))
-        delta = self.active_delta()
-        if delta is None or self.merged == self.active:
-            return out
-        vera_x = x if torch.is_autocast_enabled(x.device.type) else x.to(delta.vera_lambda_b.dtype)
-        return out + delta(vera_x).to(out.dtype)
-
-    def _delta_weight(self, name: str) -> torch.Tensor:
-        delta = self.deltas[name].delta_weight()
-        return delta.T if self.transposed else delta
-
-    def merge(self) -> None:
-        if self.active is None or self.merged is not None:
-            return
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.data += self._delta_weight(self.active).to(weight.dtype)
-        self.merged = self.active
-
-    def unmerge(self) -> None:
-        if self.merged is None:
-            return
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.data -= self._delta_weight(self.merged).to(weight.dtype)
-        self.merged = None
+    PARAMETER = "vera_lambda_b"  # outside autocast the input is cast to the delta's dtype
 
 
 # ------------------------------------------------------------------ targeting and apply
