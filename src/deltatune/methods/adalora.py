@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import (DeltaLayer, MethodConfig, delta_layers, module_names_hint,
+from deltatune.methods.base import (merge_functions, DeltaLayer, MethodConfig, delta_layers, module_names_hint,
                                     peft_key_map, set_parent)
 from deltatune.methods.lora import _is_conv1d, _matches, _named, in_out_features, short_targets
 from deltatune.methods.row_updates import AdditiveLinearLayer
@@ -205,14 +205,7 @@ def adalora_layers(model: nn.Module) -> list[AdaLoraLayer]:
     return [layer for _, layer in delta_layers(model) if isinstance(layer, AdaLoraLayer)]
 
 
-def merge_adalora(model: nn.Module) -> None:
-    for layer in adalora_layers(model):
-        layer.merge()
-
-
-def unmerge_adalora(model: nn.Module) -> None:
-    for layer in adalora_layers(model):
-        layer.unmerge()
+merge_adalora, unmerge_adalora = merge_functions(AdaLoraLayer)
 
 
 # ------------------------------------------------------------------ the file

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -113,6 +113,20 @@ def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
     for path, module in model.named_modules():
         if isinstance(module, DeltaLayer):
             yield path, module
+
+
+def merge_functions(layer_type: type) -> tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]:
+    """A method's merge and unmerge: fold / unfold the active delta of every `layer_type` layer."""
+    def merge(model: nn.Module) -> None:
+        for _, layer in delta_layers(model):
+            if isinstance(layer, layer_type):
+                layer.merge()
+
+    def unmerge(model: nn.Module) -> None:
+        for _, layer in delta_layers(model):
+            if isinstance(layer, layer_type):
+                layer.unmerge()
+    return merge, unmerge
 
 
 _swaps = 0  # modules swapped by set_parent so far (any model): a cached layer list is stale after one

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, set_parent
+from deltatune.methods.base import merge_functions, DeltaLayer, MethodConfig, delta_layers, set_parent
 from deltatune.methods.lora import _named
 from deltatune.methods.row_updates import mixed_rows
 
@@ -154,14 +154,7 @@ def bias_layers(model: nn.Module) -> list[BiasLayer]:
     return [layer for _, layer in delta_layers(model) if isinstance(layer, BiasLayer)]
 
 
-def merge_bitfit(model: nn.Module) -> None:
-    for layer in bias_layers(model):
-        layer.merge()
-
-
-def unmerge_bitfit(model: nn.Module) -> None:
-    for layer in bias_layers(model):
-        layer.unmerge()
+merge_bitfit, unmerge_bitfit = merge_functions(BiasLayer)
 
 
 def bitfit_to_peft(config: BitFitConfig, model: nn.Module, name: str) -> dict:

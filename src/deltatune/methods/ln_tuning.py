@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
+from deltatune.methods.base import merge_functions, DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
 from deltatune.methods.lora import _named, short_targets
 from deltatune.methods.row_updates import mixed_rows
 
@@ -141,14 +141,7 @@ def ln_tuning_layers(model: nn.Module) -> list[LNTuningLayer]:
     return [layer for _, layer in delta_layers(model) if isinstance(layer, LNTuningLayer)]
 
 
-def merge_ln_tuning(model: nn.Module) -> None:
-    for layer in ln_tuning_layers(model):
-        layer.merge()
-
-
-def unmerge_ln_tuning(model: nn.Module) -> None:
-    for layer in ln_tuning_layers(model):
-        layer.unmerge()
+merge_ln_tuning, unmerge_ln_tuning = merge_functions(LNTuningLayer)
 
 
 def ln_tuning_to_peft(config: LNTuningConfig, model: nn.Module, name: str) -> dict:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import (DeltaLayer, MethodConfig, delta_layers, module_names_hint,
+from deltatune.methods.base import (merge_functions, DeltaLayer, MethodConfig, delta_layers, module_names_hint,
                                     peft_key_map, set_parent)
 from deltatune.methods.lora import _is_conv1d, _matches, in_out_features, short_targets
 from deltatune.methods.row_updates import AdditiveLinearLayer
@@ -174,14 +174,7 @@ def vera_layers(model: nn.Module) -> list[VeraLayer]:
     return [layer for _, layer in delta_layers(model) if isinstance(layer, VeraLayer)]
 
 
-def merge_vera(model: nn.Module) -> None:
-    for layer in vera_layers(model):
-        layer.merge()
-
-
-def unmerge_vera(model: nn.Module) -> None:
-    for layer in vera_layers(model):
-        layer.unmerge()
+merge_vera, unmerge_vera = merge_functions(VeraLayer)
 
 
 def adapter_projections(model: nn.Module, name: str) -> VeraProjections:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
+from deltatune.methods.base import merge_functions, DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
 from deltatune.methods.lora import in_out_features, short_targets
 from deltatune.methods.lora_rows import row_groups
 
@@ -225,14 +225,7 @@ def weight_layers(model: nn.Module) -> list[WeightLayer]:
     return [layer for _, layer in delta_layers(model) if isinstance(layer, WeightLayer)]
 
 
-def merge_weight_layers(model: nn.Module) -> None:
-    for layer in weight_layers(model):
-        layer.merge()
-
-
-def unmerge_weight_layers(model: nn.Module) -> None:
-    for layer in weight_layers(model):
-        layer.unmerge()
+merge_weight_layers, unmerge_weight_layers = merge_functions(WeightLayer)
 
 
 def peft_targets(config: TargetedConfig, model: nn.Module, name: str) -> dict:
