@@ -30,7 +30,7 @@ $(STAMP): requirements.lock requirements-presets.lock pyproject.toml
 
 test: setup
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
-	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest tests --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: setup
 	$(VENV)/bin/deltatune compare examples/demo-compare-minilm.yaml --overwrite
