@@ -333,9 +333,57 @@ def examples_seeds(files: list[Path]) -> list[str]:
     return out
 
 
+def method_comparison(files: list[Path]) -> list[str]:
+    """quality/weight_methods.py: compare's own rows, one table per comparison; step times as
+    measured in that comparison (a loaded machine moves them: method-step-time has the ratios)."""
+    if not files:
+        return ["No result file yet: run `python benchmarks/quality/weight_methods.py`, then `make report`.", ""]
+    out: list[str] = []
+    for path in files:
+        data = json.loads(path.read_text())
+        date, _ = _meta(path)
+        rows = data["rows"]
+        forgetting = any(r.get("forgetting") is not None for r in rows)
+        table = []
+        for r in rows:
+            plan = r.get("planned_peak_mb")
+            cells = [r["method"], _pct(r["score"]) + ("" if r.get("learned", True) else " (did not learn)"),
+                     f"{r['trainable_params']:,}", f"{r['time_per_step_s']:.2f}",
+                     f"{r['peak_memory_mb']:.0f}",
+                     "-" if plan is None else f"{plan:.0f} ({r['plan_error_percent']:+.1f}%)",
+                     f"{r['saved_mb']:.2f}"]
+            if forgetting:
+                f = r.get("forgetting")
+                cells.append("-" if f is None else f"{f:+.3f}")
+            table.append(cells)
+        head = ["method", "score", "trainable", "s/step (that run)", "peak RSS MB", "planned MB (error)", "file MB"]
+        out += [caption([date], _flags(data.get("cpu_flags"), path), data["precision"], data["command"]), "",
+                *_table(head + (["forgetting (Δ ppl)"] if forgetting else []), table), ""]
+    return out
+
+
+def method_step_time(files: list[Path]) -> list[str]:
+    """training/method_step_time.py: every method's step beside LoRA's, alternated in one process."""
+    if not files:
+        return ["No result file yet: run `python benchmarks/training/method_step_time.py`, then `make report`.", ""]
+    out: list[str] = []
+    for path in files:
+        data = json.loads(path.read_text())
+        date, _ = _meta(path)
+        rows = [[r["method"], f"{r['trainable_params']:,}", f"{r['median_step_s']:.3f}",
+                 f"{min(r['step_times_s']):.3f}-{max(r['step_times_s']):.3f}", f"{r['vs_lora']:.2f}×"]
+                for r in data["rows"]]
+        out += [f"{data['model']}, batch {data['batch']} × {data['seq']} tokens, "
+                f"{len(data['rows'][0]['step_times_s'])} timed steps per method after {data['warmup']} of warm-up:", "",
+                caption([date], _flags(data.get("cpu_flags"), path), data["precision"], data["command"]), "",
+                *_table(["method", "trainable", "median s/step", "range", "vs LoRA (median of per-round ratios)"], rows), ""]
+    return out
+
+
 RENDERERS = {"sft-bench": sft_bench, "scaling": scaling, "levers": levers, "fsdp": fsdp,
              "serve-load": serve_load, "mixed-step": mixed_step, "nf4-gap": nf4_gap,
-             "loftq-init": loftq_init,
+             "loftq-init": loftq_init, "method-comparison": method_comparison,
+             "method-step-time": method_step_time,
              "examples-seeds": examples_seeds}
 
 

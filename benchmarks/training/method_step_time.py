@@ -5,8 +5,9 @@
 
 Every method gets its own copy of the same pretrained model, wrapped at the method's defaults
 (`dt.config_from_dict({"name": m})`), its own AdamW, and the same random batches. The copies take
-turns step by step in one process, so whatever else loads the machine hits them alike and the
-ratios stay meaningful when the absolute times do not. A step is the trainer's: the loss through
+turns step by step in one process, so whatever else loads the machine hits them alike; the ratio
+to LoRA is the median over rounds of (this method's step / LoRA's step in the same round), which
+keeps a burst of load that lasts a few rounds out of the ratio even when it moves the medians. A step is the trainer's: the loss through
 `training.losses.batch_loss` (chunked for decoders) under bf16 autocast when the CPU has native
 bf16, the method's own loss term and after-step hook (AdaLoRA), backward, AdamW. Medians over
 the steps after the warm-up are written, with the machine, to
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", help="a preset: minilm (classification) or a decoder")
     parser.add_argument("--methods", default=METHODS, help="comma-separated; lora is added as the reference")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per method, after the warm-up")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per method, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -97,13 +98,14 @@ def main(argv: list[str] | None = None) -> None:
             seconds = variant.step(task, batch, bf16)
             if i >= args.warmup:
                 variant.times.append(seconds)
-    reference = statistics.median(variants["lora"].times)
+    reference = variants["lora"].times
     rows = []
     for name, variant in variants.items():
         median = statistics.median(variant.times)
+        ratio = statistics.median(t / r for t, r in zip(variant.times, reference))
         rows.append({"method": name, "trainable_params": variant.trainable, "median_step_s": round(median, 4),
-                     "vs_lora": round(median / reference, 3), "step_times_s": [round(t, 4) for t in variant.times]})
-        print(f"{name:10s} {variant.trainable:>11,d} params  {median:7.3f} s/step  {median / reference:5.2f}x LoRA")
+                     "vs_lora": round(ratio, 3), "step_times_s": [round(t, 4) for t in variant.times]})
+        print(f"{name:10s} {variant.trainable:>11,d} params  {median:7.3f} s/step  {ratio:5.2f}x LoRA")
     machine.write_result({
         "machine": machine.describe(), "cpu_flags": machine.cpu_flags(),
         "precision": "bf16 autocast" if bf16 else "fp32", "model": args.model, "task": task,
