@@ -78,8 +78,12 @@ def fingerprint(path: str | Path) -> str:
             handle.seek(info.st_size - SAMPLE)
             digest.update(handle.read(SAMPLE))
             found = "sha256-ends:" + digest.hexdigest()
-    with _fingerprint_lock:
-        _fingerprints[memo] = found
+    # A file written within the last seconds may change again within the same mtime tick (coarse
+    # on some filesystems) at the same size: not remembered, hashed again next time (as git does
+    # for "racily clean" files).
+    if time.time() - info.st_mtime > 2:
+        with _fingerprint_lock:
+            _fingerprints[memo] = found
     return found
 
 
