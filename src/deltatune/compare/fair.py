@@ -4,7 +4,12 @@ Stages (each a queue of `deltatune train` children in an Optuna study, compare/s
 1. search (compare.search): trials per method on a held-out slice of the training file;
 2. final runs: every method x seed (x data size) at its best trial's settings (reused when
    finished earlier with the same settings);
-3. forgetting of every final run (causal LMs), rows per seed -> mean ± std, curves, verdicts.
+3. for generation (causal LM, exact_match) the untrained base's score, the no-skill level every
+   final run is judged against (compare/base_score.py); forgetting of every final run (causal
+   LMs); the memory plan again at each method's chosen configuration; rows per seed -> mean ± std,
+   curves, verdicts.
+The study's records name paths inside the output directory relative to it (jobs.portable), so a
+--join worker may keep the output directory at another path, on another machine.
 `deltatune compare CONFIG --join` runs stages 1 and 2 only, beside the process that plans them.
 The runner passes in its own run_method / forgetting / method_run_config, so this module depends
 on none of the runner's internals (and there is no import circle).
