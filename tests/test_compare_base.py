@@ -62,6 +62,14 @@ def test_a_run_not_above_the_untrained_base_did_not_learn_and_the_base_is_scored
     assert "level with" not in report and "did not learn: lora" in report
     assert "Best task score: **full**" in report
     assert scored == [str(tmp_path / "dev.jsonl")]
+    # the web page's rows before results.json is written judge the runs against the base as well
+    from deltatune.ui.runs import comparison_detail
+
+    (out / "results.json").rename(out / "results.kept")
+    live = {r["method"]: r for r in comparison_detail(tmp_path, "cmp")["rows"]}
+    assert live["lora"]["learned"] is False and live["full"]["learned"] is True
+    assert live["lora"]["no_skill_kind"] == "untrained base"
+    (out / "results.kept").rename(out / "results.json")
     # again: the final runs and the base score are reused, nothing is scored twice
     capsys.readouterr()
     assert main(["compare", str(config)]) == 0
