@@ -110,3 +110,15 @@ def test_records_name_output_dir_paths_relative_to_it(tmp_path):
 @pytest.mark.parametrize("missing", ["hf:glue/sst2", "/nonexistent/file.jsonl"])
 def test_files_that_are_not_on_disk_have_no_stamp(missing):
     assert jobs._stamp(missing) is None
+
+
+def test_an_older_key_with_a_relative_output_dir_is_reused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = (tmp_path / "cmp").resolve()
+    job = _job(tmp_path, out)
+    _finish(job, out)
+    key_path = out / "jobs" / "lora" / "key.json"
+    old = json.loads(key_path.read_text())
+    old["config"]["output_dir"] = "cmp/runs/lora"  # the config's relative output_dir, as recorded then
+    key_path.write_text(json.dumps(old))
+    assert finished_state(job, out) == ("reuse", "")

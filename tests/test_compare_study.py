@@ -368,3 +368,23 @@ def test_the_plan_column_plans_the_configuration_the_search_chose(tmp_path, monk
     fixed = [p.weights_bytes + p.gradient_bytes + p.optimizer_bytes for p in (before["lora"], after["lora"])]
     assert (fixed[1] < fixed[0]) if chosen == 2 else (fixed[1] > fixed[0])
     assert after["lora"].trainable_params != before["lora"].trainable_params
+
+
+def test_a_study_keyed_by_absolute_paths_is_continued_not_refused(fake):
+    """A study made before its records were path-independent (its key held absolute paths) has
+    the same settings: a rerun continues it, runs nothing again, and updates its key."""
+    from deltatune.compare.jobs import local
+
+    config = config_for(fake, "tiny", {"trials": 2, "steps": 4, "rows": 48, "heldout_rows": 32, "pruner": "none"},
+                        methods=("lora",))
+    assert main(["compare", str(config)]) == 0
+    out = fake / "cmp"
+    study = optuna.load_study(study_name="deltatune:cmp/search/lora", storage=f"sqlite:///{out / 'study.db'}")
+    key = study.user_attrs["key"]
+    assert key["config"]["data"]["train"] == "{output_dir}/search/fit.jsonl"
+    study.set_user_attr("key", local(key, out))  # as the older version wrote it
+    runs = (fake / "executions.log").read_text().count("start search-")
+    assert main(["compare", str(config)]) == 0
+    assert (fake / "executions.log").read_text().count("start search-") == runs
+    assert optuna.load_study(study_name="deltatune:cmp/search/lora",
+                             storage=f"sqlite:///{out / 'study.db'}").user_attrs["key"] == key

@@ -48,14 +48,19 @@ def _search_key(row: str, search: dict, base: dict, seed: int, out_dir: Path) ->
     """What a study's trials depend on: a rerun with the same key continues the study. Paths in
     the output directory are written relative to it, and the data files by their content, so a
     --join worker whose output_dir is another path (another machine) finds the same key."""
-    from deltatune.compare.jobs import fingerprint, portable
+    import hashlib
+
+    from deltatune.compare.jobs import portable
+
+    def digest(path: str) -> str:  # the search's own small slices, whole
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     base = {**base, "output_dir": None}
     return portable({"row": row, "space": search["spaces"].get(row), "grid": search["grids"].get(row),
                      "trials": trials_for(search, row), "steps": search["steps"], "rows": search["rows"],
                      "heldout_rows": search["heldout_rows"], "pruner": search["pruner"], "seed": seed,
-                     "config": base, "fit": fingerprint(base["data"]["train"]),
-                     "heldout": fingerprint(base["data"]["eval"])}, out_dir)
+                     "config": base, "fit": digest(base["data"]["train"]),
+                     "heldout": digest(base["data"]["eval"])}, out_dir)
 
 
 def _final_key(jobs: dict[tuple, Job], out_dir: Path) -> dict:
@@ -114,7 +119,8 @@ def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool,
         else:
             entries = ([(params, {}) for params in search["grids"][row]] if row in search["grids"]
                        else [({}, {}) for _ in range(search["trials"])])
-            studies.prepare(storage, name, key, entries, direction, overwrite)
+            # older versions keyed the study by absolute paths: the same settings, continued
+            studies.prepare(storage, name, key, entries, direction, overwrite, older_key=local(key, out_dir))
         contexts[row] = (name, values, expected_steps(base, search["rows"]))
 
     def run_trial(row: str, study, trial_id: int) -> None:

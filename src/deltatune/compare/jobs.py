@@ -148,6 +148,16 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str:
     return f"{where or 'value'}: {old!r} then, {new!r} now"
 
 
+def _older_paths(record: dict) -> dict:
+    """An older key.json named the run's directory as the config gave it, maybe relative to the
+    working directory: made absolute, so that `portable` writes it relative to the output dir."""
+    config = record.get("config") if isinstance(record, dict) else None
+    if isinstance(config, dict) and isinstance(config.get("output_dir"), str) and \
+            not Path(config["output_dir"]).is_absolute() and not config["output_dir"].startswith(OUTPUT_DIR):
+        record = {**record, "config": {**config, "output_dir": str(Path(config["output_dir"]).resolve())}}
+    return record
+
+
 def finished_state(job: Job, out_dir: Path) -> tuple[str, str]:
     """("fresh" | "reuse" | "stale", why) for a job in an existing comparison directory."""
     run_dir = Path(job.values["output_dir"])
@@ -156,7 +166,7 @@ def finished_state(job: Job, out_dir: Path) -> tuple[str, str]:
         return "fresh", ""
     if not key_path.exists():
         return "stale", "finished, but not by this comparison (no key.json)"
-    old = portable(json.loads(key_path.read_text()), out_dir)  # an older record held absolute paths
+    old = portable(_older_paths(json.loads(key_path.read_text())), out_dir)
     new = job_key(job, out_dir)
     if old == new:
         return "reuse", ""

@@ -125,7 +125,7 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
         from deltatune.compare.study import open_storage
 
         open_storage(settings["search"]["storage"])
-    out_dir = Path(config.output_dir)
+    out_dir = Path(config.output_dir).resolve()  # absolute: records name paths relative to it (jobs.portable)
     # An earlier comparison here (it has jobs/) is continued: finished runs with the same settings
     # are reused, stale ones refused unless --overwrite (compare.jobs). Anything else is not ours.
     if (not join and out_dir.exists() and any(out_dir.iterdir()) and not overwrite
