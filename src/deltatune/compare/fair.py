@@ -325,6 +325,8 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     failed = {m: "every trial diverged or failed in the search (" + "; ".join(
         f"trial {c['number']}: {c.get('why', c['status'])}" for c in searched[m]["candidates"]) + ")"
         for m in methods if search and searched[m]["best"] is None}
+    if replan is not None and not join:  # before the runs: the process as clean as at the first plan
+        plans = {**plans, **replan(_chosen_configurations(config, settings, params, failed, plans))}
     jobs = final_jobs(config, settings, out_dir, {m: p for m, p in params.items() if m not in failed},
                       method_run_config)
     name, work = _final_queue(storage, out_dir, jobs, settings, join, overwrite, run_method)
@@ -339,8 +341,6 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     if base_score.applies(config):  # generation: the untrained base is the no-skill level
         base = base_score.score_base(config, out_dir)
         summaries = {key: base_score.judge(summary, base) for key, summary in summaries.items()}
-    if replan is not None:
-        plans = {**plans, **replan(_chosen_configurations(config, settings, params, failed, plans))}
     forgot = None
     if config.task == "causal-lm":
         forgot = forgetting(config, settings, {jobs[k].id: s for k, s in summaries.items()})

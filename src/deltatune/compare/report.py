@@ -111,9 +111,9 @@ def reading(rows: list[dict], task: str) -> str:
     base = next((r for r in ok if r.get("base_score") is not None), None)
     if base is not None:
         lines.append(f"- Untrained base: {base['metric']} {base['base_score']:.2%} on {base['base_examples']} "
-                     f"eval rows, the no-skill level; a run counts as learned only above "
-                     f"{base['base_score'] + base['base_margin']:.2%} (one standard error, at least one row, "
-                     "above it).")
+                     f"eval rows, the no-skill level; a run counts as learned only when it scores above "
+                     f"{base['base_score'] + base['base_margin']:.2%} (the base plus one standard error on "
+                     "these rows, and at least one row).")
     for r in rows:
         if "error" in r:
             lines.append(f"- **{r['method']}** failed: {r['error']}")
