@@ -82,6 +82,8 @@ def test_two_method_study_on_the_tiny_model_reports_trials_and_reads_them_back(t
                                 f"search-lora-t{trial.number}.yaml").read_text())
         assert child["method"]["alpha"] == 8 and child["method"]["r"] == trial.params["r"]
     assert all(1e-3 <= t.params["lr"] <= 1e-2 for t in trials_of(out, "full"))
+    for name in ("full", "lora"):  # planned at the configuration the final run trained with
+        assert rows[name]["planned_trainable_params"] == rows[name]["trainable_params"]
     report = (out / "report.md").read_text()
     assert "## Search" in report and "## Search trials" in report and (out / "search.png").stat().st_size > 10_000
     assert "optuna-dashboard sqlite:///" in report
@@ -161,6 +163,32 @@ def test_two_worker_processes_run_every_trial_exactly_once(tmp_path):
     out = tmp_path / "cmp"
     assert _study_done(out, ("full", "lora"))
     assert (out / "report.md").exists()
+
+
+def test_a_worker_with_another_output_dir_path_shares_the_study(tmp_path):
+    """One storage, two output directories at different paths (another machine's mount): the join
+    worker finds the same studies, both run trials, and the coordinator resolves the worker's runs
+    against its own output directory."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    config = config_for(tmp_path, "tiny", {"trials": 3, "steps": 8, "rows": 48, "heldout_rows": 32,
+                                           "pruner": "none", "storage": storage}, seeds=[0, 1])
+    here, there = tmp_path / "here" / "cmp", tmp_path / "there" / "cmp"
+    first = _driver(tmp_path, config, f"output_dir={here}")
+    second = _driver(tmp_path, config, f"output_dir={there}", "--join")
+    out_first, _ = first.communicate(timeout=300)
+    out_second, _ = second.communicate(timeout=300)
+    assert first.returncode == 0, out_first[-2000:]
+    assert second.returncode == 0, out_second[-2000:]
+    log = [line.split() for line in (tmp_path / "executions.log").read_text().splitlines()]
+    started = Counter(job for kind, job, _ in log if kind == "start")
+    assert set(started.values()) == {1} and len(started) == 6 + 4  # every trial and final run once
+    assert len({pid for _, _, pid in log}) == 2  # both workers took work
+    final = optuna.load_study(study_name="deltatune:cmp/final", storage=storage)
+    dirs = {t.user_attrs["job"]: t.user_attrs["summary"]["output_dir"] for t in final.get_trials()}
+    assert dirs == {job: f"{{output_dir}}/runs/{job}" for job in ("full-s0", "full-s1", "lora-s0", "lora-s1")}
+    assert str(there) not in json.dumps([t.user_attrs for t in final.get_trials()])
+    rows = json.loads((here / "results.json").read_text())
+    assert [r["seeds"] for r in rows] == [2, 2] and (here / "report.md").exists()
 
 
 def test_a_killed_worker_trial_is_retried_never_lost_or_doubled(tmp_path):
@@ -304,3 +332,59 @@ def test_edge_of_range_only_when_the_edge_scored_best():
     # an edge tied on score with an inner point, and not better by loss: no remark
     level = [trial(0, 1e-4, 0.60, 0.70), trial(1, 1e-3, 0.80, 0.50), trial(2, 1e-2, 0.80, 0.55)]
     assert edge_remark("lora", {"chosen": level[2], "candidates": level}, {}) is None
+
+
+def test_the_plan_column_plans_the_configuration_the_search_chose(tmp_path, monkeypatch):
+    """Planned before the search at the defaults (r=8), then again at the chosen r: the table's
+    plan MB and trainable count are the chosen configuration's."""
+    import deltatune.compare.plan as plan
+    import deltatune.compare.runner as runner
+    from study_driver import fake_run_method
+
+    monkeypatch.setenv("DELTATUNE_HEARTBEAT_S", "1")
+    monkeypatch.setattr(runner, "run_method", fake_run_method(tmp_path))
+    calls = []
+    real = plan.plan_methods
+
+    def recorded(config, methods, per_method=None, *args):
+        plans = real(config, methods, per_method, *args)
+        calls.append(({m: (per_method or {}).get(m) for m in methods}, {p.method: p for p in plans}))
+        return plans
+
+    monkeypatch.setattr(plan, "plan_methods", recorded)
+    model = tiny_bert_dir(tmp_path / "model")
+    config = config_for(tmp_path, str(model), {"trials": 4, "steps": 4, "rows": 48, "heldout_rows": 32,
+                                               "pruner": "none", "per_method": {"lora": {"r": [2, 64]}}},
+                        methods=("lora",))
+    assert main(["compare", str(config)]) == 0
+    [row] = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    chosen = row["chosen_params"]["r"]
+    assert chosen in (2, 64)
+    (defaults, before), (configured, after) = calls
+    assert defaults == {"lora": None} and configured["lora"]["method"]["r"] == chosen
+    assert row["planned_peak_mb"] == after["lora"].predicted_peak_bytes / 2**20
+    assert row["planned_trainable_params"] == after["lora"].trainable_params
+    # the delta's weights, gradients and optimizer state scale with r: 8 -> 2 shrinks them, 8 -> 64 grows them
+    fixed = [p.weights_bytes + p.gradient_bytes + p.optimizer_bytes for p in (before["lora"], after["lora"])]
+    assert (fixed[1] < fixed[0]) if chosen == 2 else (fixed[1] > fixed[0])
+    assert after["lora"].trainable_params != before["lora"].trainable_params
+
+
+def test_a_study_keyed_by_absolute_paths_is_continued_not_refused(fake):
+    """A study made before its records were path-independent (its key held absolute paths) has
+    the same settings: a rerun continues it, runs nothing again, and updates its key."""
+    from deltatune.compare.jobs import local
+
+    config = config_for(fake, "tiny", {"trials": 2, "steps": 4, "rows": 48, "heldout_rows": 32, "pruner": "none"},
+                        methods=("lora",))
+    assert main(["compare", str(config)]) == 0
+    out = fake / "cmp"
+    study = optuna.load_study(study_name="deltatune:cmp/search/lora", storage=f"sqlite:///{out / 'study.db'}")
+    key = study.user_attrs["key"]
+    assert key["config"]["data"]["train"] == "{output_dir}/search/fit.jsonl"
+    study.set_user_attr("key", local(key, out))  # as the older version wrote it
+    runs = (fake / "executions.log").read_text().count("start search-")
+    assert main(["compare", str(config)]) == 0
+    assert (fake / "executions.log").read_text().count("start search-") == runs
+    assert optuna.load_study(study_name="deltatune:cmp/search/lora",
+                             storage=f"sqlite:///{out / 'study.db'}").user_attrs["key"] == key

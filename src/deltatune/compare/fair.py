@@ -4,7 +4,12 @@ Stages (each a queue of `deltatune train` children in an Optuna study, compare/s
 1. search (compare.search): trials per method on a held-out slice of the training file;
 2. final runs: every method x seed (x data size) at its best trial's settings (reused when
    finished earlier with the same settings);
-3. forgetting of every final run (causal LMs), rows per seed -> mean ± std, curves, verdicts.
+3. for generation (causal LM, exact_match) the untrained base's score, the no-skill level every
+   final run is judged against (compare/base_score.py); forgetting of every final run (causal
+   LMs); the memory plan again at each method's chosen configuration; rows per seed -> mean ± std,
+   curves, verdicts.
+The study's records name paths inside the output directory relative to it (jobs.portable), so a
+--join worker may keep the output directory at another path, on another machine.
 `deltatune compare CONFIG --join` runs stages 1 and 2 only, beside the process that plans them.
 The runner passes in its own run_method / forgetting / method_run_config, so this module depends
 on none of the runner's internals (and there is no import circle).
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from deltatune.compare import study as studies
-from deltatune.compare.jobs import Job, check_stale, expected_steps, progress_for, run_job
+from deltatune.compare.jobs import Job, check_stale, expected_steps, local, portable, progress_for, run_job
 from deltatune.compare.repeats import aggregate, curve_table, plot_curves
 from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import (LOWER_IS_BETTER, choose, indistinct, judge, split_training,
@@ -39,18 +44,39 @@ def _budget_line(config: RunConfig, settings: dict, search: dict | None, n_final
     return "; ".join(parts) + f"; {settings['workers']} worker(s) here"
 
 
-def _search_key(row: str, search: dict, base: dict, seed: int) -> dict:
-    """What a study's trials depend on: a rerun with the same key continues the study."""
+def _search_key(row: str, search: dict, base: dict, seed: int, out_dir: Path) -> dict:
+    """What a study's trials depend on: a rerun with the same key continues the study. Paths in
+    the output directory are written relative to it, and the data files by their content, so a
+    --join worker whose output_dir is another path (another machine) finds the same key."""
     import hashlib
 
-    def digest(path: str) -> str:  # content, not mtime: a worker on another machine has its own copy
+    from deltatune.compare.jobs import portable
+
+    def digest(path: str) -> str:  # the search's own small slices, whole
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     base = {**base, "output_dir": None}
-    return {"row": row, "space": search["spaces"].get(row), "grid": search["grids"].get(row),
-            "trials": trials_for(search, row), "steps": search["steps"], "rows": search["rows"],
-            "heldout_rows": search["heldout_rows"], "pruner": search["pruner"], "seed": seed,
-            "config": base, "fit": digest(base["data"]["train"]), "heldout": digest(base["data"]["eval"])}
+    return portable({"row": row, "space": search["spaces"].get(row), "grid": search["grids"].get(row),
+                     "trials": trials_for(search, row), "steps": search["steps"], "rows": search["rows"],
+                     "heldout_rows": search["heldout_rows"], "pruner": search["pruner"], "seed": seed,
+                     "config": base, "fit": digest(base["data"]["train"]),
+                     "heldout": digest(base["data"]["eval"])}, out_dir)
+
+
+def _final_key(jobs: dict[tuple, Job], out_dir: Path) -> dict:
+    """The final study's key: every job's run config, path-independent as _search_key's (the
+    training and eval files by their content fingerprint, not their path)."""
+    from deltatune.compare.jobs import fingerprint, portable
+
+    key = {}
+    for job in jobs.values():
+        values = json.loads(json.dumps(job.values, default=str))
+        for field in ("train", "eval"):
+            path = values["data"].get(field)
+            if path and not str(path).startswith("hf:") and Path(path).exists():
+                values["data"][field] = fingerprint(path)
+        key[job.id] = values
+    return portable({"jobs": key}, out_dir)
 
 
 def _sampler(search: dict, row: str, seed: int, number: int):
@@ -86,14 +112,15 @@ def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool,
         values = method_run_config(config, settings, row, out_dir)
         values["train"]["seed"] = seed
         base = trial_values(values, {}, fit, heldout, search, out_dir / "runs" / "search")
-        key = _search_key(row, search, base, seed)
+        key = _search_key(row, search, base, seed, out_dir)
         name = f"{studies.study_prefix(out_dir)}/search/{row}"
         if join:
             studies.wait_for(storage, name, key)
         else:
             entries = ([(params, {}) for params in search["grids"][row]] if row in search["grids"]
                        else [({}, {}) for _ in range(search["trials"])])
-            studies.prepare(storage, name, key, entries, direction, overwrite)
+            # older versions keyed the study by absolute paths: the same settings, continued
+            studies.prepare(storage, name, key, entries, direction, overwrite, older_key=local(key, out_dir))
         contexts[row] = (name, values, expected_steps(base, search["rows"]))
 
     def run_trial(row: str, study, trial_id: int) -> None:
@@ -206,7 +233,7 @@ def _final_queue(storage, out_dir: Path, jobs: dict[tuple, Job], settings: dict,
 
     name = f"{studies.study_prefix(out_dir)}/final"
     by_id = {job.id: job for job in jobs.values()}
-    key = {"jobs": {job.id: {**job.values} for job in jobs.values()}}
+    key = _final_key(jobs, out_dir)
     if join:
         studies.wait_for(storage, name, key)
     else:
@@ -219,7 +246,9 @@ def _final_queue(storage, out_dir: Path, jobs: dict[tuple, Job], settings: dict,
         trial = study._storage.get_trial(trial_id)
         summary = run_job(by_id[trial.user_attrs["job"]], out_dir, run_method, progress, "final")
         study._storage.set_trial_user_attr(trial_id, "worker", studies.worker_name())
-        study._storage.set_trial_user_attr(trial_id, "summary", json.loads(json.dumps(summary, default=str)))
+        # paths inside the output dir relative to it: the coordinator resolves them against its own
+        study._storage.set_trial_user_attr(trial_id, "summary",
+                                           portable(json.loads(json.dumps(summary, default=str)), out_dir))
         score = (summary.get("final_eval") or {}).get(summary.get("metric") or "")
         if "error" in summary or score is None:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -232,19 +261,39 @@ def _final_queue(storage, out_dir: Path, jobs: dict[tuple, Job], settings: dict,
     return name, work
 
 
-def _summaries(storage, name: str) -> dict[str, dict]:
-    """Each final run's summary, from the study (a run may have trained on another machine)."""
+def _summaries(storage, name: str, out_dir: Path) -> dict[str, dict]:
+    """Each final run's summary, from the study (a run may have trained on another machine, into
+    its own path of the output directory): its paths resolved against this process's out_dir."""
     study = studies.load(storage, name)
     found = {}
     for trial in study.get_trials(deepcopy=False):
         if "summary" in trial.user_attrs:
-            found[trial.user_attrs["job"]] = trial.user_attrs["summary"]
+            found[trial.user_attrs["job"]] = local(trial.user_attrs["summary"], out_dir)
     return found
+
+
+def _chosen_configurations(config: RunConfig, settings: dict, params: dict[str, dict],
+                            failed: dict, plans: dict) -> dict[str, dict]:
+    """{row: per_method settings with its chosen parameters} for the rows whose search chose a
+    method option (r, num_virtual_tokens, bottleneck ...), which their final runs train with."""
+    from deltatune.compare.settings import row_settings
+
+    chosen = {}
+    for row, values in params.items():
+        options = {k: v for k, v in (values or {}).items() if k != "lr"}  # the lr costs no memory
+        if not options or row in failed or row not in plans:
+            continue
+        own = row_settings(settings["per_method"], row)
+        chosen[row] = {**own, "method": {**own.get("method", {}), **options}}
+    return chosen
 
 
 def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path, overwrite: bool,
                    run_method: Callable, forgetting: Callable, method_run_config: Callable,
-                   join: bool = False) -> list[dict]:
+                   join: bool = False, replan: Callable | None = None) -> list[dict]:
+    """`plans`: each row's memory plan of its default configuration; `replan(per_method)` plans
+    rows again with the settings their search chose (the plan MB column is what the final runs
+    ran with, not the defaults)."""
     search = settings["search"]
     methods, seeds = settings["methods"], settings["seeds"]
     n_final = len(methods) * len(seeds) * (1 + len([s for s in settings["data_sizes"]
@@ -276,6 +325,8 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     failed = {m: "every trial diverged or failed in the search (" + "; ".join(
         f"trial {c['number']}: {c.get('why', c['status'])}" for c in searched[m]["candidates"]) + ")"
         for m in methods if search and searched[m]["best"] is None}
+    if replan is not None and not join:  # before the runs: the process as clean as at the first plan
+        plans = {**plans, **replan(_chosen_configurations(config, settings, params, failed, plans))}
     jobs = final_jobs(config, settings, out_dir, {m: p for m, p in params.items() if m not in failed},
                       method_run_config)
     name, work = _final_queue(storage, out_dir, jobs, settings, join, overwrite, run_method)
@@ -283,8 +334,13 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     if join:
         print(f"--join: ran {ran} final runs here; the comparison's own process writes the report", flush=True)
         return []
-    done = _summaries(storage, name)
+    done = _summaries(storage, name, out_dir)
     summaries = {key: done.get(job.id, {"error": "not run"}) for key, job in jobs.items()}
+    from deltatune.compare import base_score
+
+    if base_score.applies(config):  # generation: the untrained base is the no-skill level
+        base = base_score.score_base(config, out_dir)
+        summaries = {key: base_score.judge(summary, base) for key, summary in summaries.items()}
     forgot = None
     if config.task == "causal-lm":
         forgot = forgetting(config, settings, {jobs[k].id: s for k, s in summaries.items()})

@@ -3,15 +3,21 @@
 A job is one `deltatune train` child (a final run of one method, seed and data size; the
 workers of compare/study.py take them from the study's queue). Its run directory is
 `OUT/runs/JOB_ID`; the run trains into a partial directory and renames it at the end, so a `summary.json` there means the run finished. Beside it the comparison
-keeps `OUT/jobs/JOB_ID/key.json`: the exact run config and the training/eval files' size and
-modification time, written only after the run finished. Running the comparison again:
+keeps `OUT/jobs/JOB_ID/key.json`: the exact run config (paths inside OUT written relative to
+it, so the record holds wherever OUT is mounted) and the training/eval files' size and content
+fingerprint (`fingerprint`), written only after the run finished. Running the comparison again:
 - a finished run whose key matches is reused (an interrupted comparison continues where it stopped);
 - a finished run whose key differs is stale: refused with the first differing key, or rerun with
   --overwrite — never silently reused;
 - an unfinished run is started again.
+Touching or re-copying an identical data file keeps its runs; changing one byte makes them stale.
+A key.json of an older deltatune recorded the files' modification time instead of a fingerprint:
+it is still reused when the file's path, size and modification time are all unchanged (the file
+cannot have changed since that run), and stale with a message saying why otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +30,7 @@ from typing import Any, Callable
 from deltatune.errors import DeltatuneError
 
 SUMMARY = "summary.json"
+OUTPUT_DIR = "{output_dir}"  # stands for the output directory in records (see portable)
 
 
 @dataclass
@@ -42,16 +49,95 @@ def expected_steps(values: dict, rows: int | None) -> int:
     return max(1, math.ceil(per_epoch * float(train["epochs"])))
 
 
+# Files up to this size are hashed whole (SST-2's 4 MB train file: a few ms). A larger file is
+# fingerprinted by its size plus a hash of its first and last MiB: an edit in the middle of a big
+# file that keeps its size goes unnoticed, the price of not reading gigabytes for every job.
+WHOLE_FILE_LIMIT = 64 * 1024 * 1024
+SAMPLE = 1024 * 1024
+_fingerprints: dict[tuple, str] = {}  # (path, size, mtime_ns) -> fingerprint: hashed once per process
+_fingerprint_lock = threading.Lock()
+
+
+def fingerprint(path: str | Path) -> str:
+    """A hash of the file's content ("sha256:..."), or of its size and first and last MiB for a
+    file over WHOLE_FILE_LIMIT ("sha256-ends:...")."""
+    info = Path(path).stat()
+    memo = (str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+    with _fingerprint_lock:
+        if memo in _fingerprints:
+            return _fingerprints[memo]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if info.st_size <= WHOLE_FILE_LIMIT:
+            for block in iter(lambda: handle.read(SAMPLE), b""):
+                digest.update(block)
+            found = "sha256:" + digest.hexdigest()
+        else:
+            digest.update(str(info.st_size).encode())
+            digest.update(handle.read(SAMPLE))
+            handle.seek(info.st_size - SAMPLE)
+            digest.update(handle.read(SAMPLE))
+            found = "sha256-ends:" + digest.hexdigest()
+    # A file written within the last seconds may change again within the same mtime tick (coarse
+    # on some filesystems) at the same size: not remembered, hashed again next time (as git does
+    # for "racily clean" files).
+    if time.time() - info.st_mtime > 2:
+        with _fingerprint_lock:
+            _fingerprints[memo] = found
+    return found
+
+
 def _stamp(path: str | None) -> dict | None:
     if not path or str(path).startswith("hf:") or not Path(path).exists():
         return None
-    info = Path(path).stat()
-    return {"path": str(path), "bytes": info.st_size, "mtime": info.st_mtime}
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "fingerprint": fingerprint(path)}
 
 
-def job_key(job: Job) -> dict:
+def portable(value: Any, out_dir: Path) -> Any:
+    """`value` with every path inside `out_dir` written as "{output_dir}/REL": a record that holds
+    wherever the output directory is (another machine may mount it elsewhere)."""
+    root = str(Path(out_dir).resolve())
+    if isinstance(value, dict):
+        return {k: portable(v, out_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out_dir) for v in value]
+    if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
+        return OUTPUT_DIR + value[len(root):]
+    return value
+
+
+def local(value: Any, out_dir: Path) -> Any:
+    """The reverse of `portable`, against this process's own output directory."""
+    if isinstance(value, dict):
+        return {k: local(v, out_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [local(v, out_dir) for v in value]
+    if isinstance(value, str) and (value == OUTPUT_DIR or value.startswith(OUTPUT_DIR + "/")):
+        return str(Path(out_dir).resolve()) + value[len(OUTPUT_DIR):]
+    return value
+
+
+def job_key(job: Job, out_dir: Path) -> dict:
     data = job.values["data"]
-    return {"config": job.values, "train_file": _stamp(data.get("train")), "eval_file": _stamp(data.get("eval"))}
+    key = {"config": job.values, "train_file": _stamp(data.get("train")), "eval_file": _stamp(data.get("eval"))}
+    return portable(json.loads(json.dumps(key, default=str)), out_dir)
+
+
+def _older_record(old: dict, new: dict) -> str | None:
+    """For a key.json that stamped files by modification time: None when everything else matches
+    and each file's path, size and mtime are unchanged since (so its content is too), else why not."""
+    upgraded = dict(old)
+    for name in ("train_file", "eval_file"):
+        stamp, now = old.get(name), new.get(name)
+        if isinstance(stamp, dict) and "mtime" in stamp:
+            path = stamp.get("path")
+            info = Path(path).stat() if path and Path(path).exists() else None
+            if (info is None or now is None or now.get("path") != path or info.st_size != stamp.get("bytes")
+                    or info.st_mtime != stamp["mtime"]):
+                return (f"{name}: recorded by an older deltatune by its modification time, which has "
+                        "changed since (content fingerprints are recorded from now on)")
+            upgraded[name] = now
+    return None if upgraded == new else _first_difference(upgraded, new)
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> str:
@@ -62,6 +148,16 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str:
     return f"{where or 'value'}: {old!r} then, {new!r} now"
 
 
+def _older_paths(record: dict) -> dict:
+    """An older key.json named the run's directory as the config gave it, maybe relative to the
+    working directory: made absolute, so that `portable` writes it relative to the output dir."""
+    config = record.get("config") if isinstance(record, dict) else None
+    if isinstance(config, dict) and isinstance(config.get("output_dir"), str) and \
+            not Path(config["output_dir"]).is_absolute() and not config["output_dir"].startswith(OUTPUT_DIR):
+        record = {**record, "config": {**config, "output_dir": str(Path(config["output_dir"]).resolve())}}
+    return record
+
+
 def finished_state(job: Job, out_dir: Path) -> tuple[str, str]:
     """("fresh" | "reuse" | "stale", why) for a job in an existing comparison directory."""
     run_dir = Path(job.values["output_dir"])
@@ -70,10 +166,13 @@ def finished_state(job: Job, out_dir: Path) -> tuple[str, str]:
         return "fresh", ""
     if not key_path.exists():
         return "stale", "finished, but not by this comparison (no key.json)"
-    old = json.loads(key_path.read_text())
-    new = json.loads(json.dumps(job_key(job), default=str))
+    old = portable(_older_paths(json.loads(key_path.read_text())), out_dir)
+    new = job_key(job, out_dir)
     if old == new:
         return "reuse", ""
+    if any(isinstance(old.get(k), dict) and "mtime" in old[k] for k in ("train_file", "eval_file")):
+        why = _older_record(old, new)
+        return ("reuse", "") if why is None else ("stale", why)
     return "stale", _first_difference(old, new)
 
 
@@ -132,7 +231,7 @@ def run_job(job: Job, out_dir: Path, run_method: Callable[..., dict], progress: 
     outcome = f"failed: {summary['error']}" if "error" in summary else "done"
     print(f"[{stage}] {job.label}: {outcome} after {time.time() - tick:.0f} s", flush=True)
     if "error" not in summary:
-        key = json.dumps(job_key(job), default=str, indent=1)
+        key = json.dumps(job_key(job, out_dir), indent=1)
         tmp = out_dir / "jobs" / job.id / f"key.json.tmp-{os.getpid()}-{threading.get_ident()}"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(key)

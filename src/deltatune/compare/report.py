@@ -52,8 +52,15 @@ def build_rows(config: RunConfig, runs: dict[str, dict], plans: dict, forgot: di
                 learned=summary.get("learned"),
                 not_learned_why=(summary.get("did_not_learn") or {}).get("reason"),
                 no_skill=(summary.get("final_eval") or {}).get("majority_share"))
-        if plan is not None:
+            if row["no_skill"] is not None:
+                row["no_skill_kind"] = "majority class"
+            base = summary.get("base_score")  # generation: the untrained base (compare/base_score.py)
+            if base:
+                row.update(no_skill=base["score"], no_skill_kind=base["kind"], base_score=base["score"],
+                           base_margin=base["margin"], base_examples=base["examples"])
+        if plan is not None:  # after a search: the configuration the final runs used
             row["planned_peak_mb"] = plan.predicted_peak_bytes / MB
+            row["planned_trainable_params"] = plan.trainable_params
             if "peak_memory_mb" in row:
                 row["plan_error_percent"] = 100 * (row["planned_peak_mb"] / row["peak_memory_mb"] - 1)
         if forgot is not None:
@@ -92,7 +99,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 def learned(row: dict) -> bool:
     """False when the run's evaluations stayed at the no-information level (training/collapse.py):
-    the majority class, or no better than the label frequencies. Unknown counts as learned."""
+    the majority class, or no better than the label frequencies; for generation, a score not above
+    the untrained base's (compare/base_score.py). Unknown counts as learned."""
     return row.get("learned") is not False
 
 
@@ -100,6 +108,12 @@ def reading(rows: list[dict], task: str) -> str:
     """A short, generated reading of the table: numbers only, no folklore."""
     ok = [r for r in rows if "error" not in r and r.get("score") is not None]
     lines = []
+    base = next((r for r in ok if r.get("base_score") is not None), None)
+    if base is not None:
+        lines.append(f"- Untrained base: {base['metric']} {base['base_score']:.2%} on {base['base_examples']} "
+                     f"eval rows, the no-skill level; a run counts as learned only when it scores above "
+                     f"{base['base_score'] + base['base_margin']:.2%} (the base plus one standard error on "
+                     "these rows, and at least one row).")
     for r in rows:
         if "error" in r:
             lines.append(f"- **{r['method']}** failed: {r['error']}")
@@ -218,9 +232,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.errorbar(r["trainable_params"], 100 * r["score"], yerr=100 * r["score_std"], fmt="none",
                         ecolor="0.3", capsize=4)
     no_skill = [r["no_skill"] for r in ok if r.get("no_skill") is not None]
-    if no_skill and ok[0].get("metric") == "accuracy":
+    if no_skill and ok[0].get("metric") in ("accuracy", "exact_match"):
+        kind = ok[0].get("no_skill_kind") or "majority class"
         ax.axhline(100 * max(no_skill), color="0.35", linestyle=":", linewidth=1.2,
-                   label=f"no skill: majority class {100 * max(no_skill):.1f}%")
+                   label=f"no skill: {kind} {100 * max(no_skill):.1f}%")
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.15)  # room for the labels beside the largest markers

@@ -125,7 +125,7 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
         from deltatune.compare.study import open_storage
 
         open_storage(settings["search"]["storage"])
-    out_dir = Path(config.output_dir)
+    out_dir = Path(config.output_dir).resolve()  # absolute: records name paths relative to it (jobs.portable)
     # An earlier comparison here (it has jobs/) is continued: finished runs with the same settings
     # are reused, stale ones refused unless --overwrite (compare.jobs). Anything else is not ours.
     if (not join and out_dir.exists() and any(out_dir.iterdir()) and not overwrite
@@ -146,8 +146,17 @@ def compare_from_config(config_path: str, overrides: list[str], methods: str | N
     if join:
         return run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
                               forgetting=forgetting, method_run_config=method_run_config, join=True)
+    def replan(chosen: dict[str, dict]) -> dict:
+        """Plans of the rows whose search chose other method options than their defaults."""
+        if not chosen:
+            return {}
+        print(f"planning {', '.join(chosen)} again at the settings their search chose ...", flush=True)
+        found = {p.method: p for p in plan_methods(config, list(chosen), chosen)}
+        release_freed_memory()
+        return found
+
     with comparison_tracking(config, out_dir, study=_shown_url(storage_url(settings["search"], out_dir))) as tracking:
         rows = run_comparison(config, settings, plans, out_dir, overwrite, run_method=run_method,
-                              forgetting=forgetting, method_run_config=method_run_config)
+                              forgetting=forgetting, method_run_config=method_run_config, replan=replan)
         tracking.finish(rows)
     return rows

@@ -167,8 +167,8 @@ def candidate_lrs(search: dict, method: str, default_lr: float, spec: Any = "aut
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    """Rewritten only when the rows change, so a rerun's candidates stay reusable (their key
-    includes the files' modification time)."""
+    """Rewritten only when the rows change: a --join worker writes the same rows beside the
+    coordinator (the study's key holds the files' content fingerprints, not their times)."""
     if path.exists() and path.read_text() == text:
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a --join worker may write it too

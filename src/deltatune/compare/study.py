@@ -199,9 +199,11 @@ def _plain(value: Any) -> Any:
 
 
 def prepare(storage, name: str, key: dict, entries: list[tuple[dict, dict]], direction: str,
-            overwrite: bool, fresh: bool = False) -> None:
+            overwrite: bool, fresh: bool = False, older_key: dict | None = None) -> None:
     """Create study `name` with one WAITING trial per (params, user_attrs) entry, or keep it
-    when it was made with the same `key` (a rerun continues it). `fresh`: always start over."""
+    when it was made with the same `key` (a rerun continues it). `fresh`: always start over.
+    `older_key`: the same settings as an older version wrote them; such a study is continued
+    and its key brought up to date (so --join workers find it)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -215,6 +217,9 @@ def prepare(storage, name: str, key: dict, entries: list[tuple[dict, dict]], dir
     if existing is not None:
         old = existing.user_attrs.get("key")
         if old == key and not fresh:
+            return
+        if older_key is not None and old == _plain(older_key) and not fresh:
+            existing.set_user_attr("key", key)
             return
         if old is not None and old != key and not overwrite and not fresh:
             if existing.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,

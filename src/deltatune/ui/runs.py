@@ -255,6 +255,11 @@ def comparison_detail(root: Path, comparison_id: str) -> dict[str, Any]:
     else:
         finished = {n: _read_json(directory / "runs" / n / "summary.json") for n in methods
                     if progress[n] == "finished"}
+        base = _read_json(directory / "base" / "score.json")  # generation's no-skill level, once scored
+        if isinstance(base, dict) and "score" in base:
+            from deltatune.compare.base_score import judge
+
+            finished = {n: judge(s, base) if s else s for n, s in finished.items()}
         rows = build_rows(None, {n: s for n, s in finished.items() if s}, {}, None)
         text = reading(rows, config.get("task", "")) if rows else ""
     for row in rows:

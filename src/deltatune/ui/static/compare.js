@@ -90,8 +90,10 @@
         y: percent ? 100 * r.score : r.score, size: r.peak_memory_mb, hollow: r.learned === false,
         label: r.learned === false ? `${r.method} (did not learn)` : r.method, details: details(r) })),
         { xLabel: "trainable parameters (log scale) · marker area: peak memory", yLabel: percent ? `${metric} (%)` : metric,
-          baseline: noSkill.length && metric === "accuracy"
-            ? { y: 100 * Math.max(...noSkill), label: `no skill: majority class ${(100 * Math.max(...noSkill)).toFixed(1)}%` }
+          // classification: the majority class; generation (exact_match): the untrained base's score
+          baseline: noSkill.length && (metric === "accuracy" || metric === "exact_match")
+            ? { y: 100 * Math.max(...noSkill),
+                label: `no skill: ${(rows.find((r) => r.no_skill_kind) || {}).no_skill_kind || "majority class"} ${(100 * Math.max(...noSkill)).toFixed(1)}%` }
             : null });
       tableBox.textContent = "";
       tableBox.append(data.rows.length ? table(data.rows) : el("div", { class: "empty" }, "No method has finished yet."));
