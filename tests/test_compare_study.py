@@ -388,3 +388,29 @@ def test_a_study_keyed_by_absolute_paths_is_continued_not_refused(fake):
     assert (fake / "executions.log").read_text().count("start search-") == runs
     assert optuna.load_study(study_name="deltatune:cmp/search/lora",
                              storage=f"sqlite:///{out / 'study.db'}").user_attrs["key"] == key
+
+
+def test_a_fixed_value_reaches_the_final_runs(tmp_path, monkeypatch):
+    """`per_method.lora.alpha: 4` is a setting, not a searched one: Optuna does not record it in
+    the trial's params, yet the final runs train with it next to the chosen r."""
+    import deltatune.compare.runner as runner
+    from study_driver import fake_run_method
+
+    monkeypatch.setenv("DELTATUNE_HEARTBEAT_S", "1")
+    seen = []
+    fake = fake_run_method(tmp_path)
+
+    def recording(values, out_dir, on_start=None):
+        seen.append((Path(values["output_dir"]).parent.name, dict(values["method"])))
+        return fake(values, out_dir, on_start)
+
+    monkeypatch.setattr(runner, "run_method", recording)
+    model = tiny_bert_dir(tmp_path / "model")
+    config = config_for(tmp_path, str(model), {"trials": 3, "steps": 4, "rows": 48, "heldout_rows": 32,
+                                               "pruner": "none",
+                                               "per_method": {"lora": {"r": [2, 4], "alpha": 4}}},
+                        methods=("lora",))
+    assert main(["compare", str(config)]) == 0
+    finals = [method for parent, method in seen if parent == "runs"]
+    assert finals and all(m["alpha"] == 4 and m["r"] in (2, 4) for m in finals)
+    assert all(m["alpha"] == 4 for parent, m in seen if parent != "runs")  # the trials had it too

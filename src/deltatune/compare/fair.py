@@ -27,7 +27,7 @@ from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import (LOWER_IS_BETTER, choose, indistinct, judge, split_training,
                                       trial_values, trials_for)
 from deltatune.compare.search_report import search_sections
-from deltatune.compare.space import describe, suggest
+from deltatune.compare.space import describe, fixed_values, suggest
 from deltatune.config.run import RunConfig
 from deltatune.training.evaluation import default_metric
 
@@ -321,7 +321,8 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
             print(f"--join: ran {ran} search trials here", flush=True)
     else:
         print("budget: " + _budget_line(config, settings, search, n_final), flush=True)
-    params = {m: (searched[m]["chosen"] or {}).get("params", {}) if search else {} for m in methods}
+    params = {m: {**fixed_values(search["spaces"].get(m, {})), **(searched[m]["chosen"] or {}).get("params", {})}
+              if search else {} for m in methods}
     failed = {m: "every trial diverged or failed in the search (" + "; ".join(
         f"trial {c['number']}: {c.get('why', c['status'])}" for c in searched[m]["candidates"]) + ")"
         for m in methods if search and searched[m]["best"] is None}

@@ -132,6 +132,12 @@ def suggest(trial: Any, space: dict[str, tuple]) -> dict[str, Any]:
     return params
 
 
+def fixed_values(space: dict[str, tuple]) -> dict[str, Any]:
+    """The space's single-value entries: settings the user fixed, not searched. Optuna records
+    only what it sampled, so the final runs take these from here, chosen trial or defaults alike."""
+    return {key: spec[1][0] for key, spec in space.items() if spec[0] != "range" and len(spec[1]) == 1}
+
+
 def apply_params(values: dict, params: dict[str, Any]) -> dict:
     """A run config (dict) with a trial's parameters: lr into train, the rest into method."""
     for key, value in params.items():
