@@ -63,8 +63,7 @@ def planned(model_dir: str, train: dict, lengths: list[int]) -> dict:
     from deltatune.models import load_model, release_freed_memory
     from deltatune.training import loop as _train  # noqa: F401  (as length_plans: the baseline counts it)
 
-    process = current_rss()
-    before = current_rss()
+    process = before = current_rss()
     model, tokenizer = load_model(model_dir, task="causal-lm", dtype=torch.bfloat16)
     touch_weights(model)
     baseline = process + max(0, current_rss() - before)
@@ -95,7 +94,13 @@ def plan(args) -> dict:
                 groups.setdefault(key, {})[point["length"]] = {**point, "sweep": args.sweep}
     rows = []
     for (model_dir, train), points in sorted(groups.items()):
-        result = planned(model_dir, json.loads(train), sorted(points))
+        # each model planned in a fresh process: its baseline is that of a process that has
+        # loaded nothing else (as `deltatune plan` is)
+        done = subprocess.run([sys.executable, __file__, "plan-one", model_dir, "--train-json", train,
+                               "--lengths", ",".join(map(str, sorted(points)))],
+                              capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["planned_bytes"] = {int(k): v for k, v in result["planned_bytes"].items()}
         for length, point in sorted(points.items()):
             measured = point["train_peak_rss_gb"] * 2**30
             predicted = result["planned_bytes"][length]
@@ -113,15 +118,19 @@ def plan(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["measure", "plan"])
+    parser.add_argument("command", choices=["measure", "plan", "plan-one"])
     parser.add_argument("model_or_points", nargs="+")
     parser.add_argument("--layers", type=int, default=0)
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--train", nargs="*", default=[])
     parser.add_argument("--sweep", help="plan: a long_context.py sweep result to plan too")
     parser.add_argument("--name", default="checkpoint-probes-lora-bf16")
+    parser.add_argument("--train-json", default="{}", help="plan-one: the probes' train keys")
     args = parser.parse_args()
-    if args.command == "measure":
+    if args.command == "plan-one":  # one model's plan, in this (fresh) process
+        lengths = [int(n) for n in args.lengths.split(",")]
+        print(json.dumps(planned(args.model_or_points[0], json.loads(args.train_json), lengths)))
+    elif args.command == "measure":
         args.model = args.model_or_points[0]
         measure(args)
     else:
