@@ -34,7 +34,7 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
 
 
 def measure(args) -> None:
-    extra = [f"--train", *args.train] if args.train else []
+    extra = ["--train", *args.train] if args.train else []
     for length in [int(n) for n in args.lengths.split(",")]:
         command = [sys.executable, str(HERE / "long_context.py"), "point", args.model, "--length",
                    str(length), "--steps", "1", "--layers", str(args.layers), "--cap-gb", "20", *extra]
