@@ -9,6 +9,11 @@
     python benchmarks/memory/long_context.py plan MODEL_DIR --lengths 1024,2048,4096 [--cap-gb 20]
     python benchmarks/memory/long_context.py mfu MODEL_DIR --length 2048 --result SWEEP.json
                                  [--profiled POINT.log]
+    python benchmarks/memory/long_context.py point|plan MODEL_DIR --layers 2 ...
+
+`--layers N` (point, plan): the same shape cut to N layers, random-initialised once into
+$TMPDIR/deltatune-reduced/ (a child process builds it): a short memory probe of a wide model
+whose per-layer and per-token terms are those of the full depth.
 
 MODEL_DIR is a random-initialised Llama made by `qlora.py make-llama1b DIR` (Llama-3.2-1B's
 shape) or `qlora.py make-llama8b DIR` then `qlora.py save-quantized DIR --quantize nf4 --dtype bf16`
@@ -147,6 +152,30 @@ def run_peft(args, rows) -> tuple[list[float], list[float], float]:
     return [loaded, *ends], losses, loaded
 
 
+def reduced_model(model: str, layers: int) -> str:
+    """MODEL_DIR's shape with `layers` transformer layers, random bf16 weights, its tokenizer
+    (built once, by a child process, so this one's RSS never held it)."""
+    path = Path(tempfile.gettempdir()) / "deltatune-reduced" / f"{Path(model).name}-{layers}layers"
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, __file__, "reduce", model, "--layers", str(layers),
+                        "--out", str(path)], check=True)
+    return str(path)
+
+
+def reduce(args) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.model)
+    config.num_hidden_layers = args.layers
+    torch.manual_seed(S.SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = Path(f"{args.out}.partial")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(args.model).save_pretrained(tmp)
+    tmp.rename(args.out)
+    return {"saved": args.out, "layers": args.layers}
+
+
 def point(args) -> dict:
     watchdog(int(args.cap_gb * 2**30))
     from transformers import AutoConfig
@@ -167,6 +196,7 @@ def point(args) -> dict:
     steps = [b - a for a, b in zip(times, times[1:])]
     measured = steps[1:] or steps  # the first step warms up (allocator, kernels)
     result = {"tool": args.tool, "length": args.length, "quantize": args.quantize, "steps": args.steps,
+              "model": args.model,
               "train_peak_rss_gb": _status("VmHWM") / 2**30,
               "load_peak_rss_gb": LOAD_PEAK[0] / 2**30,
               "overall_peak_rss_gb": S.peak_rss_gb(),
@@ -302,7 +332,7 @@ def mfu(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["point", "sweep", "longest", "plan", "mfu"])
+    parser.add_argument("command", choices=["point", "sweep", "longest", "plan", "mfu", "reduce"])
     parser.add_argument("model")
     parser.add_argument("--tool", default="deltatune", choices=TOOLS)
     parser.add_argument("--tools", default="deltatune,peft")
@@ -319,10 +349,14 @@ def main() -> None:
     parser.add_argument("--name", default="long-context-llama1b-lora-bf16")
     parser.add_argument("--train", nargs="*", type=lambda kv: (kv.split("=")[0], json.loads(kv.split("=")[1])),
                         help="deltatune train keys, e.g. mlp_tile_tokens=2048")
+    parser.add_argument("--layers", type=int, default=0, help="point, plan: the shape cut to N layers")
+    parser.add_argument("--out", help="reduce: where the cut model goes")
     parser.add_argument("--result", help="mfu: a sweep's raw result")
     parser.add_argument("--profiled", help="mfu: the JSON line of a `point --profile` run")
     args = parser.parse_args()
-    result = {"point": point, "sweep": sweep, "longest": longest, "plan": plan, "mfu": mfu}[args.command](args)
+    if args.layers and args.command in ("point", "plan"):
+        args.model = reduced_model(args.model, args.layers)
+    result = {"reduce": reduce, "point": point, "sweep": sweep, "longest": longest, "plan": plan, "mfu": mfu}[args.command](args)
     print(json.dumps(result), flush=True)
 
 

@@ -90,10 +90,9 @@ def peak_curve(model: nn.Module, method_values: dict, run_config: Any, train: An
                limit: int = LONGEST_CHECKED) -> tuple[Callable[[int], int], int]:
     """(length -> the planned peak bytes of one batch-1 step of that many tokens, the longest
     length the model takes: `limit` positions less the virtual tokens a prompt method adds)."""
-    from deltatune.compare.plan import activation_terms, fixed_bytes, logit_bytes
+    from deltatune.compare.plan import fixed_bytes
     from deltatune.deltas import apply
     from deltatune.methods import config_from_dict
-    from deltatune.training.batching import training_collator
     from deltatune.training.levers import set_attention
     from deltatune.training.optimization import resolve_bf16
 
@@ -103,8 +102,28 @@ def peak_curve(model: nn.Module, method_values: dict, run_config: Any, train: An
     task = run_config.task
     fixed = fixed_bytes(model, adapted, config.method, baseline_bytes)
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    vocab = int(getattr(adapted.config, "vocab_size", 0) or 0) or 2
     limit -= int(getattr(config, "num_virtual_tokens", 0) or 0)
+    curve = saved_curve(adapted, run_config, train, pad_token_id, bf16, limit)
+    del adapted
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+
+    def peak(length: int) -> int:
+        return int(fixed + length_activation_bytes(curve(length), length, hidden, vocab, task,
+                                                   train, bf16))
+
+    return peak, limit
+
+
+def saved_curve(adapted: nn.Module, run_config: Any, train: Any, pad_token_id: int | None,
+                bf16: bool, limit: int = LONGEST_CHECKED) -> Callable[[int], Any]:
+    """length -> what autograd saves in one batch-1 step of that many tokens (SavedBytes, each
+    part on the quadratic through three measured lengths)."""
+    from deltatune.compare.activations import measure_saved
+    from deltatune.training.batching import training_collator
+
+    task = run_config.task
+    vocab = int(getattr(adapted.config, "vocab_size", 0) or 0) or 2
     step = max(2, min(PROBE_TOKENS, limit // 3))
     probes = [step, 2 * step, 3 * step]
     # Measured with tiles shorter than the probes, so the curve is that of a tiled sequence (a
@@ -113,21 +132,22 @@ def peak_curve(model: nn.Module, method_values: dict, run_config: Any, train: An
     measure = dataclasses.replace(train, mlp_tile_tokens=min(tile, max(1, step // 4))) if tile else train
     data = dataclasses.replace(run_config.data, max_length=max(probes))
     collator = training_collator(adapted, pad_token_id or 0, task, data, train)
-    measured = []
-    for length in probes:
-        batch = one_row(length, vocab, task, collator)
-        saved, kept, _ = activation_terms(adapted, task, batch, measure, collator.packing, bf16)
-        measured.append(saved + kept)
-    chunk = getattr(train, "loss_chunk_tokens", None)
-    del adapted
-    quadratic = _through(probes, measured)
+    measured = [measure_saved(adapted, task, one_row(length, vocab, task, collator), collator.packing,
+                              bf16, measure) for length in probes]
+    parts = ("total", "kept_inputs", "one_layer", "outside")
+    curves = {part: _through(probes, [getattr(m, part) for m in measured]) for part in parts}
+    return lambda length: measured[-1].scaled({part: f(length) for part, f in curves.items()})
 
-    def peak(length: int) -> int:
-        labels = {"labels": torch.ones(1, length, dtype=torch.long)}
-        logits = logit_bytes(model, task, labels, chunk) if task == "causal-lm" else 0
-        return int(fixed + ONE_STEP_FACTOR * max(0.0, quadratic(length)) + logits)
 
-    return peak, limit
+def length_activation_bytes(saved: Any, length: int, hidden: int, vocab: int, task: str,
+                            train: Any, bf16: bool, layers: int | None = None) -> int:
+    """The activations' share of one batch-1 step's peak at `length` tokens (every position
+    labelled): step_activation_bytes with ONE_STEP_FACTOR and the loss's logits chunk."""
+    from deltatune.compare.activations import chunk_logit_bytes, step_activation_bytes
+
+    logits = chunk_logit_bytes(length, vocab, getattr(train, "loss_chunk_tokens", None),
+                               bf16) if task == "causal-lm" else 0
+    return step_activation_bytes(saved, length, hidden, logits, ONE_STEP_FACTOR, train, layers)
 
 
 def _through(xs: list[int], ys: list[int]) -> Callable[[int], float]:

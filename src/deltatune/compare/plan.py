@@ -51,7 +51,8 @@ from deltatune.deltas import apply
 from deltatune.methods import config_from_dict, get_method
 from deltatune.methods.base import count_parameters
 from deltatune.compare.activations import (LOGIT_COPIES, activation_terms, logit_bytes,  # noqa: F401
-                                           saved_bytes_by_kind, saved_for_backward_bytes)
+                                           measure_saved, saved_bytes_by_kind,
+                                           saved_for_backward_bytes, step_activation_bytes)
 from deltatune.models import release_freed_memory
 
 # Peak RSS above the other terms, per byte of saved activations, once glibc's heap has ratcheted
@@ -178,8 +179,9 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     total_steps = training_stream(dataset, train, collator)[1]
     tokens = int(batch["input_ids"].numel())
     bf16 = resolve_bf16(train.bf16, torch.device("cpu"))
-    saved, kept_inputs, logits = activation_terms(adapted, task, batch, train, collator.packing, bf16)
-    activations = saved + kept_inputs + logits
+    measured, logits = activation_terms(adapted, task, batch, train, collator.packing, bf16)
+    hidden = int(getattr(adapted.config, "hidden_size", 0) or 0)
+    activations = step_activation_bytes(measured, tokens, hidden, logits, 1.0, train)
     # The heap keeps up to RETENTION[method] times the saved activations, as far as this run's
     # batch sequence ratchets it (allocator_fill). The logits chunk (200 MB for a 49k vocabulary)
     # is above glibc's largest mmap threshold (32 MB): mapped on its own and unmapped when freed,
@@ -187,13 +189,15 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
     # those tensors anyway (a dense or 4-bit layer frees them at once), so keeping them until
     # backward adds their bytes to the step's peak but no new sizes to the heap's churn
     # (SmolLM2 at 8 x 512: int8 grows 0.95 GB more than nf4 in training, README).
+    # Under gradient checkpointing step_activation_bytes applies the factor to the moment's own
+    # activations (one layer recomputed, the loss's rows), not to the layers' kept inputs.
     fill = allocator_fill(costs)
     retention = 1 + (RETENTION.get(row, RETENTION.get(config.method, DEFAULT_RETENTION)) - 1) * fill
     weight_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
     gradients = 4 * trainable
     optimizer = 8 * trainable
     peak = (fixed_bytes(model, adapted, config.method, baseline_bytes)
-            + retention * saved + kept_inputs + logits)
+            + step_activation_bytes(measured, tokens, hidden, logits, retention, train))
     file_bytes = weight_bytes if config.method == "full" else _delta_file_bytes(adapted, method)
     plan = MethodPlan(
         method=row, trainable_params=trainable, total_params=total,
@@ -206,7 +210,8 @@ def plan_method(model: nn.Module, method_values: dict, dataset: Any, pad_token_i
         from deltatune.compare.world_plan import per_process
 
         base = sum(p.numel() * p.element_size() for p in model.parameters())
-        blended = (retention * saved + kept_inputs + logits) / max(activations, 1)  # per byte
+        blended = (step_activation_bytes(measured, tokens, hidden, logits, retention, train)
+                   / max(activations, 1))  # per byte
         plan = per_process(plan, adapted, base, world_size, distributed, bf16, blended,
                            RUNTIME_ALLOWANCE_BYTES, train.grad_accum)
     return plan
