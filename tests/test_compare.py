@@ -36,7 +36,8 @@ def write_config(tmp_path: Path, model_dir: Path, methods: list[str]) -> Path:
                  "max_length": 32, "max_train_rows": 48, "max_eval_rows": 32},
         "train": {"epochs": 1, "batch_size": 16, "bf16": False},
         "output_dir": str(tmp_path / "cmp"),
-        "compare": {"methods": methods, "per_method": {"lora": {"method": {"r": 4}}}},
+        "compare": {"methods": methods, "per_method": {"lora": {"method": {"r": 4}}},
+                    "workers": 2},  # two runs at a time: most of a tiny run is process start-up
     }
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -60,7 +60,8 @@ def test_two_method_study_on_the_tiny_model_reports_trials_and_reads_them_back(t
     model = tiny_bert_dir(tmp_path / "model")
     config = config_for(tmp_path, str(model), {"trials": 3, "steps": 8, "rows": 48, "heldout_rows": 32,
                                                "per_method": {"full": {"lr": [1e-3, 1e-2, "log"]},
-                                                              "lora": {"r": [2, 4], "alpha": 8}}})
+                                                              "lora": {"r": [2, 4], "alpha": 8}}},
+                        workers=2)
     assert main(["compare", str(config)]) == 0
     out = tmp_path / "cmp"
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
