@@ -26,7 +26,7 @@ def generation_config(root: Path, model: Path, lora_train: dict) -> Path:
         "method": {"name": "lora"},
         "train": {"epochs": 3, "batch_size": 8, "lr": 1e-2, "bf16": False, "metric": "exact_match"},
         "output_dir": str(root / "cmp"),
-        "compare": {"methods": ["full", "lora"], "forgetting_max_rows": 8, "forgetting_max_length": 64,
+        "compare": {"methods": ["full", "lora"], "forgetting_max_rows": 8, "forgetting_max_length": 64, "workers": 2,
                     "per_method": {"lora": {"train": lora_train}}}})
 
 
