@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -62,6 +63,22 @@ class MethodConfig:
             return cls(**values)
         except TypeError as exc:
             raise DeltatuneError(f"method {cls.method!r}: {exc}") from None
+
+
+def check_module_names(config: MethodConfig, field_name: str, allow_empty: bool = False) -> None:
+    """A `target_modules`-like field: None, a regex (full match on the module path) or a list of
+    module names; anything else fails naming the field."""
+    value = getattr(config, field_name)
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            config.fail(field_name, f"is not a valid regex ({exc})")
+    elif not (isinstance(value, list) and (value or allow_empty) and all(isinstance(t, str) for t in value)):
+        config.fail(field_name, f"must be a {'' if allow_empty else 'non-empty '}list of module names "
+                                f"or a regex, got {value!r}")
 
 
 @dataclass

@@ -19,22 +19,9 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
+from deltatune.methods.base import (DeltaLayer, MethodConfig, check_module_names, delta_layers,
+                                    module_names_hint, set_parent)
 from deltatune.methods.lora_rows import row_groups
-
-
-def _check_targets(config: MethodConfig, field_name: str, allow_empty: bool = False) -> None:
-    value = getattr(config, field_name)
-    if value is None:
-        return
-    if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            config.fail(field_name, f"is not a valid regex ({exc})")
-    elif not (isinstance(value, list) and (value or allow_empty) and all(isinstance(t, str) for t in value)):
-        config.fail(field_name, f"must be a {'' if allow_empty else 'non-empty '}list of module names "
-                                f"or a regex, got {value!r}")
 
 
 @dataclass
@@ -53,8 +40,8 @@ class IA3Config(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_targets(self, "target_modules")
-        _check_targets(self, "feedforward_modules", allow_empty=True)  # []: no feed-forward form
+        check_module_names(self, "target_modules")
+        check_module_names(self, "feedforward_modules", allow_empty=True)  # []: no feed-forward form
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:

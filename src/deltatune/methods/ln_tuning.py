@@ -9,29 +9,16 @@ for the base norm (and back), as PEFT does; there is no arithmetic to fold.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import merge_functions, DeltaLayer, MethodConfig, delta_layers, module_names_hint, set_parent
+from deltatune.methods.base import (merge_functions, DeltaLayer, MethodConfig, check_module_names,
+                                    delta_layers, module_names_hint, set_parent)
 from deltatune.methods.lora import _named, short_targets
 from deltatune.methods.row_updates import mixed_rows
-
-
-def _check_names(config: MethodConfig, field_name: str) -> None:
-    value = getattr(config, field_name)
-    if value is None:
-        return
-    if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            config.fail(field_name, f"is not a valid regex ({exc})")
-    elif not (isinstance(value, list) and value and all(isinstance(t, str) for t in value)):
-        config.fail(field_name, f"must be a non-empty list of module names or a regex, got {value!r}")
 
 
 @dataclass
@@ -47,8 +34,8 @@ class LNTuningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_names(self, "target_modules")
-        _check_names(self, "exclude_modules")
+        check_module_names(self, "target_modules")
+        check_module_names(self, "exclude_modules")
 
 
 def is_norm(module: nn.Module) -> bool:
