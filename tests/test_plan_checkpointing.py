@@ -134,10 +134,11 @@ def test_blocks_at_the_mmap_threshold_leave_nothing_in_the_heap():
     assert at == 4 * edge * hidden * 2 < below
 
 
-def test_the_loss_logits_count_three_copies_once_there_is_a_second_chunk():
+def test_the_loss_logits_count_one_chunk_worked_in_place():
+    """tests/test_train.py measures these bytes on the loss itself."""
     vocab = 1000
-    assert chunk_logit_bytes(1024, vocab, 1024, bf16=True) == int(1024 * vocab * 4 * 2.5)
-    assert chunk_logit_bytes(1024, vocab, 1024, bf16=False) == 1024 * vocab * 4 * 2
-    assert chunk_logit_bytes(1025, vocab, 1024, bf16=False) == 1024 * vocab * 4 * 3
-    assert chunk_logit_bytes(5000, vocab, 0) == 5000 * vocab * 4 * 2  # 0: one chunk of every row
+    assert chunk_logit_bytes(1024, vocab, 1024, bf16=True) == int(1024 * vocab * 4 * 1.5)
+    assert chunk_logit_bytes(1024, vocab, 1024, bf16=False) == 1024 * vocab * 4
+    assert chunk_logit_bytes(5000, vocab, 1024, bf16=False) == 1024 * vocab * 4  # more chunks: the same
+    assert chunk_logit_bytes(5000, vocab, 0) == 5000 * vocab * 4  # 0: one chunk of every row
     assert ONE_STEP_FACTOR > 1

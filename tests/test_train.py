@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import yaml
 from safetensors.torch import load_file
 
@@ -305,9 +307,59 @@ def test_fused_loss_computes_no_gradients_under_no_grad(monkeypatch):
     hidden = torch.randn(5, 8, requires_grad=True)
     targets = torch.randint(0, 20, (5,))
     calls = []
-    real_exp = torch.exp
-    monkeypatch.setattr(losses.torch, "exp", lambda x: calls.append(1) or real_exp(x))
+    real = losses._add_chunk_gradients
+    monkeypatch.setattr(losses, "_add_chunk_gradients", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         value = losses.linear_cross_entropy(hidden, head, targets)
     assert not calls  # softmax (the first step of the gradient) never computed
     assert torch.allclose(value, torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum"))
+    losses.linear_cross_entropy(hidden, head, targets).backward()
+    assert calls  # ... and with gradients on it is
+
+
+class _LiveLogitBytes(TorchDispatchMode):
+    """The most bytes of newly allocated (rows, vocab) tensors alive at once (views and in-place
+    results share an input's storage and are not counted again)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.live, self.peak, self.storages = vocab, 0, 0, set()
+
+    def _release(self, key: int, size: int) -> None:
+        self.storages.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if not (isinstance(tensor, torch.Tensor) and tensor.ndim == 2 and tensor.shape[-1] == self.vocab):
+                continue
+            key = tensor.untyped_storage().data_ptr()
+            if key in inputs or key in self.storages:  # a view, or an in-place result
+                continue
+            size = tensor.untyped_storage().nbytes()
+            self.storages.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(tensor, self._release, key, size)
+        return out
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_loss_keeps_one_chunk_of_logits_alive_as_plan_counts(bf16):
+    """Three chunks: the loss never holds more (rows, vocab) bytes than one chunk's worth, the
+    figure plan adds for the loss (compare/activations.py chunk_logit_bytes)."""
+    from deltatune.compare.activations import chunk_logit_bytes
+    from deltatune.training.losses import linear_cross_entropy
+
+    vocab, rows, chunk = 97, 30, 10
+    head = torch.nn.Linear(16, vocab)
+    hidden = torch.randn(rows, 16, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with _LiveLogitBytes(vocab) as tracker:
+            loss = linear_cross_entropy(hidden, head, targets, chunk_rows=chunk)
+    loss.backward()
+    assert tracker.peak == chunk_logit_bytes(rows, vocab, chunk, bf16)
+    assert tracker.peak <= 1.5 * chunk * vocab * 4

@@ -22,10 +22,11 @@ from torch import nn
 from deltatune.models import transformer_layers
 from deltatune.quantization import is_quantized_linear
 
-# A chunk's fp32 logits and fp32 softmax - onehot are alive together, plus a bf16 copy of the
-# latter under autocast; from the second chunk on, the previous chunk's logits (and its bf16
-# gradient) are still bound while the next chunk's are made: three fp32 copies (losses.py).
-LOGIT_COPIES = 3
+# The loss works one chunk's fp32 (rows, vocab) buffer in place (logits, then softmax - onehot)
+# and frees it before the next chunk's; under bf16 the matmul's bf16 output, and later the
+# gradient's bf16 copy, sit beside it: LOGIT_COPIES fp32-sized copies at the loss's peak
+# (training/losses.py).
+LOGIT_COPIES = {False: 1.0, True: 1.5}   # by whether the loss computes in bf16
 # Under checkpointing each layer's forward still computes all its activations, then frees them,
 # and its output (the next layer's checkpointed input) is allocated among them: glibc's heap
 # cannot shrink below a live block, so each layer leaves behind about HEAP_STREAMS more
@@ -150,13 +151,11 @@ def logit_bytes(model: nn.Module, task: str, batch: dict, chunk_rows: int | None
 
 def chunk_logit_bytes(labelled: int, vocab: int, chunk_rows: int | None = None,
                       bf16: bool = False) -> int:
-    """The loss's logits at their peak for `labelled` rows: LOGIT_COPIES fp32 copies of a chunk
-    once there is a second chunk; with one chunk, its logits and gradient (plus the gradient's
-    bf16 copy under autocast)."""
+    """The loss's logits at their peak for `labelled` rows: one chunk's LOGIT_COPIES."""
     from deltatune.training.losses import CHUNK_ROWS
 
     chunk = CHUNK_ROWS if chunk_rows is None else chunk_rows or labelled
-    copies = LOGIT_COPIES if labelled > chunk else 2 + (0.5 if bf16 else 0)
+    copies = LOGIT_COPIES[bool(bf16)]
     return int(min(labelled, chunk) * vocab * 4 * copies)
 
 

@@ -48,6 +48,23 @@ def _compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
+def _add_chunk_gradients(exp: torch.Tensor, row_sum: torch.Tensor, targets: torch.Tensor,
+                         h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, rows: slice,
+                         grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                         grad_bias: torch.Tensor | None) -> None:
+    """Turn one chunk's exp(logits - max) into softmax - onehot in place (d loss / d logits)
+    and add its share to the gradients wrt hidden (rows `rows`), weight and bias."""
+    grad_logits = exp.div_(row_sum[:, None])
+    grad_logits[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+    grad_logits = grad_logits.to(dtype)  # under bf16: a half-size copy beside the fp32 buffer
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ w
+    if grad_weight is not None:
+        grad_weight += (grad_logits.T @ h).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weightᵀ + bias, target_i), with the gradients computed in forward.
 
@@ -74,22 +91,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start:start + chunk_rows].to(dtype)             # (rows, hidden)
                 t = targets[start:start + chunk_rows]                       # (rows,)
-                logits = (h @ w.T).float()                                  # (rows, vocab)
+                # One fp32 (rows, vocab) buffer per chunk, worked in place: logits, then
+                # exp(logits - max), then softmax - onehot (the gradient wrt the logits).
+                logits = (h @ w.T).float()
                 if bias is not None:
                     logits += bias.float()
-                log_z = torch.logsumexp(logits, dim=-1)                     # (rows,)
-                total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                if not (need_hidden or need_weight or need_bias):
-                    continue
-                grad_logits = torch.exp(logits.sub_(log_z[:, None]))        # softmax, in place
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)
-                grad_logits = grad_logits.to(dtype)
-                if need_hidden:
-                    grad_hidden[start:start + chunk_rows] = grad_logits @ w
-                if need_weight:
-                    grad_weight += (grad_logits.T @ h).float()
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)     # (rows,)
+                row_max = logits.amax(dim=-1, keepdim=True)                 # (rows, 1)
+                exp = logits.sub_(row_max).exp_()
+                del logits
+                row_sum = exp.sum(dim=-1)                                   # (rows,)
+                total += (row_max.squeeze(1) + row_sum.log() - target_logit).sum()
+                if need_hidden or need_weight or need_bias:
+                    chunk = slice(start, start + chunk_rows)
+                    _add_chunk_gradients(exp, row_sum, t, h, w, dtype, chunk,
+                                         grad_hidden, grad_weight, grad_bias)
+                # freed before the next chunk's logits exist, so one chunk is alive at a time
+                del exp
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
