@@ -100,6 +100,35 @@ def test_judge_keeps_the_trainers_verdict_and_marks_runs_at_the_base():
     assert base_score.judge({"error": "boom"}, base) == {"error": "boom"}
 
 
+def test_a_search_trial_at_the_base_did_not_learn():
+    base = {"score": 0.25, "metric": "exact_match", "examples": 64, "margin": base_score.margin(0.25, 64)}
+    trial = {"status": "ok", "score": 0.27, "metric": "exact_match", "loss": 1.2, "learned": True}
+    at_base = base_score.judge_trial(trial, base)
+    assert at_base["learned"] is False and "untrained base's 25.00% on 64 held-out rows" in at_base["why_not_learned"]
+    assert base_score.judge_trial({**trial, "score": 0.5}, base)["learned"] is True
+    assert base_score.judge_trial({"status": "diverged", "why": "nan"}, base) == {"status": "diverged", "why": "nan"}
+    collapsed = {**trial, "learned": False, "why_not_learned": "loss"}
+    assert base_score.judge_trial(collapsed, base) == collapsed
+
+
+def test_a_generation_search_whose_trials_stay_at_the_base_says_so_and_trains_the_defaults(tmp_path, capsys):
+    """Two trials of a few tiny steps answer no held-out row better than the untouched model: the
+    trainer's own check (loss under a uniform guess) passes them, the base on the held-out rows
+    does not, so the search cannot tell them apart and the final run keeps the defaults."""
+    config = generation_config(tmp_path, tiny_llama_dir(tmp_path / "model"), {})
+    overrides = ["compare.methods=[lora]", "compare.per_method={}",
+                 "compare.search={trials: 2, space: {lr: [1e-6, 3e-6, log]}, steps: 2, rows: 32, "
+                 "heldout_rows: 16, pruner: none}", "train.max_steps=2"]
+    assert main(["compare", str(config), *overrides]) == 0
+    out = tmp_path / "cmp"
+    base = json.loads((out / "search" / "base-score.json").read_text())
+    assert base["examples"] == 16 and base["key"]["data"]["eval"].endswith("heldout.jsonl")
+    printed = capsys.readouterr().out
+    assert printed.count("base model: scoring the untrained base on the search's held-out rows") == 1
+    report = (out / "report.md").read_text()
+    assert "no trial learned anything" in report and "untrained base" in report
+
+
 def test_only_exact_match_causal_lm_comparisons_score_the_base(tmp_path):
     from deltatune.config.run import load_run_config
 

@@ -29,6 +29,7 @@ from typing import Any
 from deltatune.config.run import RunConfig
 
 FILE = Path("base") / "score.json"
+SEARCH_FILE = Path("search") / "base-score.json"   # the same, on the search's held-out rows
 KIND = "untrained base"
 
 
@@ -85,22 +86,24 @@ def evaluate_base(config: RunConfig, settings: dict[str, Any]) -> dict[str, floa
     return metrics
 
 
-def score_base(config: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """{"score", "metric", "examples", "margin", "kind"}: reused from OUT/base/score.json when its
-    key matches, else evaluated now and written there."""
+def score_base(config: RunConfig, out_dir: Path, file: Path = FILE,
+               rows_name: str = "eval rows") -> dict[str, Any]:
+    """{"score", "metric", "examples", "margin", "kind"}: reused from OUT/`file` when its key
+    matches, else evaluated now and written there. The search scores the base on its held-out
+    rows into SEARCH_FILE (`config` then evaluates on those)."""
     settings = _settings(config)
     key = base_key(config, settings)
-    path = Path(out_dir) / FILE
+    path = Path(out_dir) / file
     if path.exists():
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:  # cut short while written: scored again
             record = {}
         if record.get("key") == key:
-            print(f"base model: {record['metric']} {record['score']:.2%} on {record['examples']} eval rows "
+            print(f"base model: {record['metric']} {record['score']:.2%} on {record['examples']} {rows_name} "
                   "(reused: scored earlier with these settings)", flush=True)
             return record
-    print("base model: scoring the untrained base on the eval rows (the no-skill level) ...", flush=True)
+    print(f"base model: scoring the untrained base on the {rows_name} (the no-skill level) ...", flush=True)
     metrics = evaluate_base(config, settings)
     metric = config.train.metric
     rows = int(metrics["examples"])
@@ -110,7 +113,7 @@ def score_base(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
-    print(f"base model: {metric} {record['score']:.2%} on {rows} eval rows", flush=True)
+    print(f"base model: {metric} {record['score']:.2%} on {rows} {rows_name}", flush=True)
     return record
 
 
@@ -135,3 +138,16 @@ def judge(summary: dict, base: dict) -> dict:
     elif judged.get("learned") is None:
         judged["learned"] = True
     return judged
+
+
+def judge_trial(verdict: dict, base: dict) -> dict:
+    """A search trial's verdict (search.judge) held to the same line on the held-out rows: a
+    trial whose score is not above the base's there by more than the margin learned nothing, so
+    a search whose every trial is at that line says so instead of choosing among them."""
+    if verdict.get("status") != "ok" or verdict.get("learned") is False:
+        return verdict
+    if verdict["score"] <= base["score"] + base["margin"]:
+        return {**verdict, "learned": False,
+                "why_not_learned": (f"{base['metric']} not above the untrained base's {base['score']:.2%} "
+                                    f"on {base['examples']} held-out rows")}
+    return verdict

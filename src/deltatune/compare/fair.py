@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from deltatune.compare import base_score
 from deltatune.compare import study as studies
 from deltatune.compare.jobs import Job, check_stale, expected_steps, local, portable, progress_for, run_job
 from deltatune.compare.repeats import aggregate, curve_table, plot_curves
@@ -98,6 +99,27 @@ def _pruner(search: dict, steps: int):
     return optuna.pruners.NopPruner()
 
 
+class _HeldoutBase:
+    """The untrained base's score on the search's held-out rows, with the trials' eval settings:
+    scored once (the first trial to finish asks; the worker threads share it), then reused from
+    OUT/search/base-score.json by every later process."""
+
+    def __init__(self, trial: dict, out_dir: Path):
+        import threading
+
+        from deltatune.config.run import build_run_config
+
+        self.config, self.out_dir = build_run_config(trial), out_dir
+        self.lock, self.record = threading.Lock(), None
+
+    def score(self) -> dict:
+        with self.lock:
+            if self.record is None:
+                self.record = base_score.score_base(self.config, self.out_dir, base_score.SEARCH_FILE,
+                                                    "search's held-out rows")
+            return self.record
+
+
 def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool, overwrite: bool,
                    storage, run_method: Callable, method_run_config: Callable) -> tuple[list, Callable]:
     """The search studies (created or continued; awaited with --join) and a worker for them."""
@@ -108,10 +130,13 @@ def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool,
     metric = config.train.metric or default_metric(config.task)
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
     contexts = {}
+    heldout_base = None
     for row in settings["methods"]:
         values = method_run_config(config, settings, row, out_dir)
         values["train"]["seed"] = seed
         base = trial_values(values, {}, fit, heldout, search, out_dir / "runs" / "search")
+        if heldout_base is None and base_score.applies(config):
+            heldout_base = _HeldoutBase(base, out_dir)
         key = _search_key(row, search, base, seed, out_dir)
         name = f"{studies.study_prefix(out_dir)}/search/{row}"
         if join:
@@ -147,6 +172,8 @@ def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool,
             print(f"[search] {row} trial {number}: pruned (held-out {metric} lagged)", flush=True)
             return
         verdict = judge(summary)
+        if heldout_base is not None:  # generation: held to the untrained base on the same rows
+            verdict = base_score.judge_trial(verdict, heldout_base.score())
         for key in ("status", "why", "loss", "learned", "why_not_learned"):
             if verdict.get(key) is not None:
                 trial.set_user_attr(key, verdict[key])
@@ -337,8 +364,6 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
         return []
     done = _summaries(storage, name, out_dir)
     summaries = {key: done.get(job.id, {"error": "not run"}) for key, job in jobs.items()}
-    from deltatune.compare import base_score
-
     if base_score.applies(config):  # generation: the untrained base is the no-skill level
         base = base_score.score_base(config, out_dir)
         summaries = {key: base_score.judge(summary, base) for key, summary in summaries.items()}
