@@ -9,7 +9,9 @@
     python benchmarks/memory/long_context.py plan MODEL_DIR --lengths 1024,2048,4096 [--cap-gb 20]
     python benchmarks/memory/long_context.py mfu MODEL_DIR --length 2048 --result SWEEP.json
                                  [--profiled POINT.log]
-    python benchmarks/memory/long_context.py point|plan MODEL_DIR --layers 2 ...
+    python benchmarks/memory/long_context.py levers MODEL_DIR --lengths 512,4096,8192 [--layers 4]
+                                 [--levers defaults,checkpoint_bf16]
+    python benchmarks/memory/long_context.py point|plan|levers MODEL_DIR --layers 2 ...
 
 `--layers N` (point, plan): the same shape cut to N layers, random-initialised once into
 $TMPDIR/deltatune-reduced/ (a child process builds it): a short memory probe of a wide model
@@ -27,7 +29,8 @@ after the first, the losses. A watchdog thread ends the process (exit 3, "over_c
 moment its RSS passes --cap-gb, so a probe past the cap never takes the machine's memory.
 `sweep` runs one process per point, the tools alternating at each length, and writes the raw
 JSON (benchmarks/results/memory/). `longest` bisects each tool's longest length within the cap,
-one step per probe. `plan` is deltatune's own prediction (`plan --max-length auto`) for the same
+one step per probe. `levers` runs deltatune alone with each lever of LEVERS in turn (the rest at
+their defaults) at each length. `plan` is deltatune's own prediction (`plan --max-length auto`) for the same
 work: the peak at each length and the longest length within the cap.
 """
 from __future__ import annotations
@@ -263,6 +266,31 @@ def sweep(args) -> dict:
     return {"written": str(path), "points": len(points)}
 
 
+# Each lever alone, against the defaults (checkpointing on, 1,024-row logits chunks, sdpa): the
+# `--train` keys each point gets.
+LEVERS = {"defaults": [], "mlp_tile_tokens=1024": ["mlp_tile_tokens=1024"],
+          "checkpoint_bf16": ["checkpoint_bf16=true"], "loss_chunk_tokens=256": ["loss_chunk_tokens=256"],
+          "loss_chunk_tokens=0": ["loss_chunk_tokens=0"], "attention=eager": ['attention="eager"'],
+          "no checkpointing": ["gradient_checkpointing=false"]}
+
+
+def levers(args) -> dict:
+    """deltatune alone, one lever at a time, at each length (one process per point, the lever
+    order reversed at every other length): peak RSS, tokens/s and the losses (a lever changes no
+    loss beyond round-off)."""
+    points, path = [], None
+    names = [n for n in LEVERS if n in args.levers.split(",")] if args.levers else list(LEVERS)
+    for index, length in enumerate(int(n) for n in args.lengths.split(",")):
+        for name in names if index % 2 == 0 else names[::-1]:
+            extra = ["--train", *LEVERS[name]] if LEVERS[name] else []
+            points.append({"lever": name, **_child(args, "deltatune", length, args.steps, extra)})
+            print(json.dumps(points[-1]), flush=True)
+            path = _write(args, args.name + "-levers", {"command": "levers", "model": args.model,
+                                                        "layers": args.layers, "quantize": args.quantize,
+                                                        "points": points}, path)
+    return {"written": str(path), "points": len(points)}
+
+
 def longest(args) -> dict:
     """Bisection on the length: the longest that trains one step within the cap."""
     lo, hi, probes = args.lo, args.hi, []
@@ -332,7 +360,7 @@ def mfu(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["point", "sweep", "longest", "plan", "mfu", "reduce"])
+    parser.add_argument("command", choices=["point", "sweep", "longest", "plan", "mfu", "reduce", "levers"])
     parser.add_argument("model")
     parser.add_argument("--tool", default="deltatune", choices=TOOLS)
     parser.add_argument("--tools", default="deltatune,peft")
@@ -349,14 +377,16 @@ def main() -> None:
     parser.add_argument("--name", default="long-context-llama1b-lora-bf16")
     parser.add_argument("--train", nargs="*", type=lambda kv: (kv.split("=")[0], json.loads(kv.split("=")[1])),
                         help="deltatune train keys, e.g. mlp_tile_tokens=2048")
-    parser.add_argument("--layers", type=int, default=0, help="point, plan: the shape cut to N layers")
+    parser.add_argument("--layers", type=int, default=0, help="point, plan, levers: the shape cut to N layers")
+    parser.add_argument("--levers", default="", help="levers: which (comma-separated names of LEVERS; default all)")
     parser.add_argument("--out", help="reduce: where the cut model goes")
     parser.add_argument("--result", help="mfu: a sweep's raw result")
     parser.add_argument("--profiled", help="mfu: the JSON line of a `point --profile` run")
     args = parser.parse_args()
-    if args.layers and args.command in ("point", "plan"):
+    if args.layers and args.command in ("point", "plan", "levers"):
         args.model = reduced_model(args.model, args.layers)
-    result = {"reduce": reduce, "point": point, "sweep": sweep, "longest": longest, "plan": plan, "mfu": mfu}[args.command](args)
+    result = {"reduce": reduce, "point": point, "sweep": sweep, "longest": longest, "plan": plan, "mfu": mfu,
+              "levers": levers}[args.command](args)
     print(json.dumps(result), flush=True)
 
 
