@@ -46,24 +46,38 @@ def stand_in_run(values: dict, job_dir: Path, on_start=None) -> dict:
     lr = values["train"]["lr"] or default_lr_for(config_from_dict(values["method"]))  # as the trainer does
     available = len(Path(values["data"]["train"]).read_text().splitlines())
     rows = min(available, values["data"].get("max_train_rows") or available)
-    learned = method != "full"
-    score = (0.5 if not learned else 0.6 + 0.1 * rows / 48 + 0.02 * seed + 0.01 * math.log10(lr / 1e-5))
+    if values["task"] == "causal-lm":  # perplexity: lower with more rows, a larger lr, a later seed
+        ppl = 30.0 - 4 * rows / 24 - seed + math.log10(lr)
+        final = {"loss": math.log(ppl), "perplexity": ppl, "examples": 8}
+        metric, learned = "perplexity", True
+    else:
+        metric, learned = "accuracy", method != "full"
+        score = (0.5 if not learned else 0.6 + 0.1 * rows / 48 + 0.02 * seed + 0.01 * math.log10(lr / 1e-5))
+        final = {"loss": 0.2 - 0.1 * math.log10(lr) * (1 if learned else 0) + (0 if learned else 0.5),
+                 "accuracy": score, "majority_share": 0.5, "examples": 16}
     trainable = 20_000 if method == "full" else 1_000
     summary = {
-        "model": values["model"], "task": "classification", "method": values["method"], "output_dir": str(out),
+        "model": values["model"], "task": values["task"], "method": values["method"], "output_dir": str(out),
         "trainable_params": trainable, "total_params": 20_000, "trainable_percent": 100 * trainable / 20_000,
         "lr": lr, "steps": rows // 8, "train_examples": rows, "eval_examples": 16,
         "time_per_step_s": 0.05 + 0.01 * seed + (0.02 if method == "full" else 0.0),
         "tokens_per_s": 900.0, "wall_time_s": 2.0 + seed,
-        "final_eval": {"loss": 0.2 - 0.1 * math.log10(lr) * (1 if learned else 0) + (0 if learned else 0.5),
-                       "accuracy": score, "majority_share": 0.5, "examples": 16},
-        "metric": "accuracy", "learned": learned,
+        "final_eval": final, "metric": metric, "learned": learned,
         "did_not_learn": None if learned else {"reason": "every prediction is the majority class"},
         "saved_size_bytes": (80_000 if method == "full" else 4_000),
         "peak_memory_bytes": (300 + 10 * seed + (50 if method == "full" else 0)) * MB,
         "peak_memory_kind": "cpu_peak_rss"}
     (out / "summary.json").write_text(json.dumps(summary))
     return summary
+
+
+def stand_in_forgetting(config, settings: dict, runs: dict[str, dict]) -> dict[str, dict]:
+    """runner.forgetting's answer without a model: general-text perplexity rising with the lr."""
+    found = {"base": {"perplexity": 40.0}}
+    for name, summary in runs.items():
+        delta = 2.0 + math.log10(summary["lr"]) / 10 + 0.05 * len(name)
+        found[name] = {"perplexity": 40.0 + delta, "delta": delta}
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +213,33 @@ def test_bad_inputs_are_one_line(finished, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "results.json: not found" in err
     assert not (tmp_path / "docs").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_a_causal_lm_comparison_renders_perplexity_and_forgetting(tmp_path):
+    from tiny_runs import alpaca_rows, tiny_llama_dir
+
+    write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(48, seed=1))
+    config = write_config(tmp_path / "compare-lm.yaml", {
+        "model": str(tiny_llama_dir(tmp_path)), "task": "causal-lm",
+        "data": {"train": str(tmp_path / "alpaca.jsonl"), "eval": str(tmp_path / "alpaca.jsonl"),
+                 "format": "alpaca", "max_length": 64, "max_train_rows": 24},
+        "train": {"epochs": 1, "batch_size": 4, "bf16": False}, "output_dir": str(tmp_path / "cmp"),
+        "compare": {"methods": ["lora", "ia3"],
+                    "search": {"trials": 2, "space": {"lr": "auto"}, "steps": 2, "rows": 8, "heldout_rows": 16,
+                               "pruner": "none"},
+                    "seeds": [0, 1], "data_sizes": [12]}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_method", stand_in_run)
+        patch.setattr(runner, "forgetting", stand_in_forgetting)
+        runner.compare_from_config(str(config), [])
+    out = tmp_path / "cmp"
+    path = recorder.record(out, config, "lm", docs=tmp_path / "docs",
+                           result=tmp_path / "2026-12-08-reference-lm-intel-amx.json")
+    lines = report.reference_comparison([path])
+    head = next(line for line in lines if line.startswith("| method | perplexity"))
+    assert head.endswith("| forgetting (Δ ppl) |") and "mean ± std over 2 seeds" in head
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    for method, row in rows.items():
+        cells = next(line for line in lines if line.startswith(f"| {method} |")).split(" | ")
+        assert cells[1] == f"{row['score']:.3f} ± {row['score_std']:.3f}"
+        assert cells[-1] == f"{row['forgetting']:+.3f} ± {row['forgetting_std']:.3f} |"

@@ -370,7 +370,7 @@ def _mean_std(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
     value, std = row.get(key), row.get(f"{key}_std")
     if value is None:
         return "-"
-    return fmt.format(scale * value) + ("" if std is None else " ± " + fmt.format(scale * std))
+    return fmt.format(scale * value) + ("" if std is None else " ± " + fmt.replace("+", "").format(scale * std))
 
 
 def _learned(row: dict) -> str:
@@ -430,7 +430,7 @@ def reference_comparison(files: list[Path]) -> list[str]:
         metric = next((r.get("metric") for r in rows if r.get("metric")), "score")
         head = ["method", f"{metric}, mean ± std over {seeds} seeds", "learned", "chosen configuration",
                 "trials (complete / pruned / failed)", "trainable", "s/step", "peak MB", "plan MB", "file MB"]
-        out += [f"{b['model']} on {b['train_file']}, {len(rows)} methods; {_reference_budget(b)}:", "",
+        out += [f"{b['model']} on {b['data']}, {len(rows)} methods; {_reference_budget(b)}:", "",
                 captioned, "",
                 *_table(head + (["forgetting (Δ ppl)"] if forgetting else []), table), ""]
         curves = data.get("curves") or {}

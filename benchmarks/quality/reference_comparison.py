@@ -92,7 +92,7 @@ def budget(run_config: Path) -> dict:
 
     config, settings = read_compare_config(str(run_config), [])
     search = settings["search"] or {}
-    return {"model": config.model, "task": config.task, "train_file": Path(config.data.train).name,
+    return {"model": config.model, "task": config.task, "data": Path(config.data.train).parent.name,
             "rows": config.data.max_train_rows, "epochs": config.train.epochs,
             "batch": config.train.batch_size, "max_length": config.data.max_length,
             "seeds": settings["seeds"], "data_sizes": settings["data_sizes"],
