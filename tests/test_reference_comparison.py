@@ -202,6 +202,17 @@ def test_copied_report_links_images_that_exist_and_names_no_local_path(finished,
     assert restored == source[1:]
 
 
+def test_recording_the_same_comparison_again_replaces_its_result(finished, tmp_path, monkeypatch):
+    _, config, out = finished
+    monkeypatch.setattr(recorder.machine, "RESULTS", tmp_path / "results")
+    first = recorder.record(out, config, "tiny-reference", docs=tmp_path / "docs")
+    again = recorder.record(out, config, "tiny-reference", contended=True, docs=tmp_path / "docs")
+    assert again == first and first.parent == tmp_path / "results" / "quality"
+    assert json.loads(first.read_text())["contended"] is True
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp file left either
+    assert first.name.startswith(json.loads(first.read_text())["date"] + "-tiny-reference-")
+
+
 def test_bad_inputs_are_one_line(finished, tmp_path, capsys):
     root, config, out = finished
     other = tmp_path / "other.yaml"

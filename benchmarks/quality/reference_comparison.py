@@ -6,7 +6,8 @@ seeds and a learning curve. Nothing is run; everything is read from the comparis
 - results.json (one row per method, averaged over the seeds; each row's search trials and chosen
   settings), curves.json (the rows per training-data size) and config.yaml (the settings that ran:
   the budget) -> one raw result, results/quality/<date>-NAME-<cpu kind>.json, dated by the day
-  the comparison wrote results.json; `make report` renders it (renderer `reference-comparison`);
+  the comparison wrote results.json (recording the same rows again replaces that file); `make
+  report` renders it (renderer `reference-comparison`);
 - report.md -> docs/reports/compare-NAME.md, with a generated paragraph on top (date, CPU flags,
   command, budget), its images (tradeoffs.png, curves.png, search.png) copied to
   docs/images/compare-NAME-*.png and its links pointed there.
@@ -153,6 +154,18 @@ def copy_report(source: Path, name: str, intro: str, docs: Path, shown_out: str 
     return out
 
 
+def earlier_record(name: str, rows: list[dict]) -> Path | None:
+    """The result file that already records these rows under this name: recording the same
+    comparison again replaces it rather than adding a second copy (-2) to RESULTS.md."""
+    for path in sorted((machine.RESULTS / "quality").glob(f"*-{name}-*.json")):
+        try:
+            if json.loads(path.read_text()).get("rows") == rows:
+                return path
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
 def record(source: Path, config: Path, name: str, contended: bool = False, docs: Path = DOCS,
            result: Path | None = None) -> Path:
     """Write the raw result and the docs report; returns the raw result's path."""
@@ -189,7 +202,7 @@ def record(source: Path, config: Path, name: str, contended: bool = False, docs:
              + f" Raw numbers: `benchmarks/results/quality/` (`{name}`).")
     copy_report(source, name, intro, Path(docs), given_out)
     return machine.write_result(data, "quality", name,
-                                result or machine.result_path("quality", name, date=date))
+                                result or earlier_record(name, rows) or machine.result_path("quality", name, date=date))
 
 
 def main(argv: list[str] | None = None) -> int:
