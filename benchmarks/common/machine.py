@@ -92,6 +92,8 @@ def write_result(data: object, topic: str, name: str, path: str | Path | None = 
     """Write one measurement as JSON (default: result_path(topic, name)); returns the path."""
     out = Path(path) if path else result_path(topic, name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never a half-written result
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out)
     print(f"wrote {out}")
     return out

@@ -362,6 +362,112 @@ def method_comparison(files: list[Path]) -> list[str]:
     return out
 
 
+def _value(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _mean_std(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    value, std = row.get(key), row.get(f"{key}_std")
+    if value is None:
+        return "-"
+    return fmt.format(scale * value) + ("" if std is None else " ± " + fmt.replace("+", "").format(scale * std))
+
+
+def _learned(row: dict) -> str:
+    if row.get("learned") is None:
+        return "-"
+    missed = row.get("not_learned_seeds") or (0 if row["learned"] else row.get("seeds", 1))
+    seeds = row.get("seeds", 1)
+    return "yes" if not missed else "no" if missed == seeds else f"{seeds - missed} of {seeds} seeds"
+
+
+def _chosen(search: dict | None) -> str:
+    if search is None:
+        return "defaults (not searched)"
+    if search["indistinct"]:
+        return f"defaults: trials could not be told apart — {search['indistinct']}"
+    if not search["chosen"]:
+        return "none: every trial failed"
+    return ", ".join(f"{k}={_value(v)}" for k, v in search["chosen"].items())
+
+
+def reference_comparison(files: list[Path]) -> list[str]:
+    """quality/reference_comparison.py: a finished comparison with a search, seeds and a learning
+    curve: each method's mean ± std over the seeds at its searched settings, then the curve."""
+    if not files:
+        return ["No result file yet: when a reference comparison has finished, run `python "
+                "benchmarks/quality/reference_comparison.py --from OUT_DIR --config CONFIG --name NAME`, "
+                "then `make report`.", ""]
+    out: list[str] = []
+    for path in files:
+        data = json.loads(path.read_text())
+        date, _ = _meta(path)
+        flags = _flags(data.get("cpu_flags"), path)
+        b, rows, searched = data["budget"], data["rows"], data["search"]
+        seeds = len(b["seeds"])
+        contended = " · wall and step times contended (run beside other jobs)" if data.get("contended") else ""
+        captioned = caption([date], flags, data["precision"], data["command"])[:-1] + contended + "*"
+        forgetting = any(r.get("forgetting") is not None for r in rows)
+        percent = rows and next((r.get("metric") for r in rows if r.get("metric")), "accuracy") != "perplexity"
+        score_fmt, scale = ("{:.2f}", 100.0) if percent else ("{:.3f}", 1.0)
+        table = []
+        for r in rows:
+            if "error" in r:
+                table.append([r["method"], f"failed: {r['error'][:80]}", *["-"] * (8 + forgetting)])
+                continue
+            score = _mean_std(r, "score", score_fmt, scale) + ("%" if percent and r.get("score") is not None else "")
+            if r.get("learned") is False:
+                score += " (did not learn)"
+            s = searched.get(r["method"])
+            trials = "-" if s is None else f"{s['complete']} / {s['pruned']} / {s['failed']}"
+            plan = r.get("planned_peak_mb")
+            cells = [r["method"], score, _learned(r), _chosen(s), trials, f"{r['trainable_params']:,}",
+                     _mean_std(r, "time_per_step_s", "{:.3f}"), _mean_std(r, "peak_memory_mb", "{:.0f}"),
+                     "-" if plan is None else f"{plan:.0f}", f"{r['saved_mb']:.2f}"]
+            if forgetting:
+                cells.append(_mean_std(r, "forgetting", "{:+.3f}"))
+            table.append(cells)
+        metric = next((r.get("metric") for r in rows if r.get("metric")), "score")
+        head = ["method", f"{metric}, mean ± std over {seeds} seeds", "learned", "chosen configuration",
+                "trials (complete / pruned / failed)", "trainable", "s/step", "peak MB", "plan MB", "file MB"]
+        out += [f"{b['model']} on {b['data']}, {len(rows)} methods; {_reference_budget(b)}:", "",
+                captioned, "",
+                *_table(head + (["forgetting (Δ ppl)"] if forgetting else []), table), ""]
+        curves = data.get("curves") or {}
+        if curves:
+            sizes = sorted(curves, key=int)
+            curve_rows = []
+            for i, r in enumerate(curves[sizes[0]]):
+                cells = [r["method"]]
+                for size in sizes:
+                    c = curves[size][i]
+                    if "error" in c or c.get("score") is None:
+                        cells.append("failed")
+                        continue
+                    cell = _mean_std(c, "score", score_fmt, scale) + ("%" if percent else "")
+                    cells.append(cell + (" (did not learn)" if c.get("learned") is False else ""))
+                curve_rows.append(cells)
+            out += [f"Learning curve: {metric} (mean ± std over {seeds} seeds) per number of training rows, "
+                    "each method at its searched settings:", "",
+                    captioned, "",
+                    *_table(["method", *(f"{int(s):,} rows" for s in sizes)], curve_rows), ""]
+        if data.get("report"):
+            out += [f"The comparison's own report, with every search trial: `{data['report']}`.", ""]
+    return out
+
+
+def _reference_budget(b: dict) -> str:
+    search = b.get("search")
+    line = ""
+    if search:
+        steps = f"{search['steps']} steps" if search["steps"] else "the run's epochs"
+        line = (f"search {search['trials']} Optuna trials per method ({steps} on {search['rows']:,} training "
+                f"rows, scored on {search['heldout_rows']:,} others; pruner {search['pruner']}), then ")
+    rows = f"{b['rows']:,}" if b.get("rows") else "all"
+    return (line + f"final runs on {rows} training rows, {b['epochs']:g} epoch(s), batch {b['batch']}, "
+            f"seeds {', '.join(map(str, b['seeds']))}")
+
+
 def method_step_time(files: list[Path]) -> list[str]:
     """training/method_step_time.py: every method's step beside LoRA's, alternated in one process."""
     if not files:
@@ -384,7 +490,7 @@ RENDERERS = {"sft-bench": sft_bench, "scaling": scaling, "levers": levers, "fsdp
              "serve-load": serve_load, "mixed-step": mixed_step, "nf4-gap": nf4_gap,
              "loftq-init": loftq_init, "method-comparison": method_comparison,
              "method-step-time": method_step_time,
-             "examples-seeds": examples_seeds}
+             "examples-seeds": examples_seeds, "reference-comparison": reference_comparison}
 
 
 def render() -> str:
