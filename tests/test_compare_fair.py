@@ -110,6 +110,17 @@ def test_seeds_give_mean_and_std_curves_plot_and_reruns_reuse_or_refuse(tmp_path
     assert main(["compare", str(config)]) == 0
     assert capsys.readouterr().out.count("reused: finished earlier") == 8
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a cheaper curve: its smaller size over seed 0 alone, the full size still over both seeds
+    assert main(["compare", str(config), "compare.curve_seeds=[0]"]) == 0
+    printed = capsys.readouterr().out
+    assert "run 6 of 6" in printed and printed.count("reused: finished earlier") == 6
+    curves = json.loads((out / "curves.json").read_text())
+    for row in curves["24"]:
+        run = json.loads((out / "runs" / f"{row['method']}-s0-n24" / "summary.json").read_text())
+        assert row["seeds"] == 1 and row["score"] == run["final_eval"]["accuracy"]
+    assert all(row["seeds"] == 2 for row in curves["48"])
+    assert main(["compare", str(config)]) == 0  # back to both seeds at every size, all reused
+    assert capsys.readouterr().out.count("reused: finished earlier") == 8
     # an interrupted run (no summary) is trained again, the finished ones are reused
     (out / "runs" / "lora-s1" / "summary.json").unlink()
     assert main(["compare", str(config)]) == 0

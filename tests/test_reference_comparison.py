@@ -254,3 +254,12 @@ def test_a_causal_lm_comparison_renders_perplexity_and_forgetting(tmp_path):
         cells = next(line for line in lines if line.startswith(f"| {method} |")).split(" | ")
         assert cells[1] == f"{row['score']:.3f} ± {row['score_std']:.3f}"
         assert cells[-1] == f"{row['forgetting']:+.3f} ± {row['forgetting_std']:.3f} |"
+
+
+def test_budget_line_says_when_the_curve_ran_over_fewer_seeds():
+    b = {"rows": 8000, "epochs": 1, "batch": 32, "max_length": 64, "seeds": [0, 1, 2],
+         "data_sizes": [500, 4000], "search": None}
+    assert recorder.budget_line(b).endswith("learning curve at 500, 4,000, 8,000 rows")
+    assert recorder.budget_line({**b, "curve_seeds": [0, 1, 2]}) == recorder.budget_line(b)
+    assert recorder.budget_line({**b, "curve_seeds": [0]}).endswith(
+        "learning curve at 500, 4,000, 8,000 rows (the smaller sizes over seed 0)")

@@ -97,6 +97,7 @@ def budget(run_config: Path) -> dict:
             "rows": config.data.max_train_rows, "epochs": config.train.epochs,
             "batch": config.train.batch_size, "max_length": config.data.max_length,
             "seeds": settings["seeds"], "data_sizes": settings["data_sizes"],
+            "curve_seeds": settings["curve_seeds"],
             "methods": settings["methods"], "workers": settings["workers"],
             "search": {k: search.get(k) for k in ("trials", "steps", "rows", "heldout_rows", "pruner")}
             if search else None}
@@ -114,7 +115,14 @@ def budget_line(b: dict) -> str:
     rows = f"{b['rows']:,}" if b["rows"] else "all"
     return (line + f"final runs: {rows} training rows, {b['epochs']:g} epoch(s), batch "
             f"{b['batch']}, max length {b['max_length']}, seeds {', '.join(map(str, b['seeds']))}; "
-            f"learning curve at {', '.join(f'{s:,}' for s in sizes)} rows")
+            f"learning curve at {', '.join(f'{s:,}' for s in sizes)} rows"
+            + _curve_seeds(b))
+
+
+def _curve_seeds(b: dict) -> str:
+    """The smaller sizes' seeds, when fewer than the full size's (older records have no key)."""
+    seeds = b.get("curve_seeds") or b["seeds"]
+    return "" if seeds == b["seeds"] else f" (the smaller sizes over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
 
 
 def _same_comparison(config: Path, run_config: Path) -> None:

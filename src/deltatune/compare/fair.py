@@ -23,11 +23,12 @@ from typing import Callable
 from deltatune.compare import base_score
 from deltatune.compare import study as studies
 from deltatune.compare.jobs import Job, check_stale, expected_steps, local, portable, progress_for, run_job
-from deltatune.compare.repeats import aggregate, curve_table, plot_curves
+from deltatune.compare.repeats import aggregate, curve_table, plot_curves, seeds_at
 from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import (LOWER_IS_BETTER, choose, indistinct, judge, split_training,
                                       trial_values, trials_for)
 from deltatune.compare.search_report import search_sections
+from deltatune.compare.study_keys import final_key, search_key
 from deltatune.compare.space import describe, fixed_values, suggest
 from deltatune.config.run import RunConfig
 from deltatune.training.evaluation import default_metric
@@ -40,44 +41,14 @@ def _budget_line(config: RunConfig, settings: dict, search: dict | None, n_final
         n_search = sum(trials_for(search, m) for m in settings["methods"])
         parts.append(f"search: {n_search} trials ({steps} each on {search['rows']} training rows, "
                      f"scored on {search['heldout_rows']} held-out training rows; pruner {search['pruner']})")
-    parts.append(f"final: {n_final} runs ({len(settings['methods'])} methods x {len(settings['seeds'])} "
-                 f"seed(s) x {1 + len(settings['data_sizes'])} data size(s))")
+    sizes = [s for s in settings["data_sizes"] if s != config.data.max_train_rows]
+    shape = f"{len(settings['seeds'])} seed(s)"
+    if sizes and seeds_at(settings, sizes[0]) != settings["seeds"]:
+        shape += f" at the full size + {len(seeds_at(settings, sizes[0]))} seed(s) x {len(sizes)} smaller size(s)"
+    elif sizes:
+        shape += f" x {1 + len(sizes)} data size(s)"
+    parts.append(f"final: {n_final} runs ({len(settings['methods'])} methods x {shape})")
     return "; ".join(parts) + f"; {settings['workers']} worker(s) here"
-
-
-def _search_key(row: str, search: dict, base: dict, seed: int, out_dir: Path) -> dict:
-    """What a study's trials depend on: a rerun with the same key continues the study. Paths in
-    the output directory are written relative to it, and the data files by their content, so a
-    --join worker whose output_dir is another path (another machine) finds the same key."""
-    import hashlib
-
-    from deltatune.compare.jobs import portable
-
-    def digest(path: str) -> str:  # the search's own small slices, whole
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-    base = {**base, "output_dir": None}
-    return portable({"row": row, "space": search["spaces"].get(row), "grid": search["grids"].get(row),
-                     "trials": trials_for(search, row), "steps": search["steps"], "rows": search["rows"],
-                     "heldout_rows": search["heldout_rows"], "pruner": search["pruner"], "seed": seed,
-                     "config": base, "fit": digest(base["data"]["train"]),
-                     "heldout": digest(base["data"]["eval"])}, out_dir)
-
-
-def _final_key(jobs: dict[tuple, Job], out_dir: Path) -> dict:
-    """The final study's key: every job's run config, path-independent as _search_key's (the
-    training and eval files by their content fingerprint, not their path)."""
-    from deltatune.compare.jobs import fingerprint, portable
-
-    key = {}
-    for job in jobs.values():
-        values = json.loads(json.dumps(job.values, default=str))
-        for field in ("train", "eval"):
-            path = values["data"].get(field)
-            if path and not str(path).startswith("hf:") and Path(path).exists():
-                values["data"][field] = fingerprint(path)
-        key[job.id] = values
-    return portable({"jobs": key}, out_dir)
 
 
 def _sampler(search: dict, row: str, seed: int, number: int):
@@ -137,7 +108,7 @@ def _search_queues(config: RunConfig, settings: dict, out_dir: Path, join: bool,
         base = trial_values(values, {}, fit, heldout, search, out_dir / "runs" / "search")
         if heldout_base is None and base_score.applies(config):
             heldout_base = _HeldoutBase(base, out_dir)
-        key = _search_key(row, search, base, seed, out_dir)
+        key = search_key(row, search, base, seed, out_dir)
         name = f"{studies.study_prefix(out_dir)}/search/{row}"
         if join:
             studies.wait_for(storage, name, key)
@@ -241,7 +212,7 @@ def final_jobs(config: RunConfig, settings: dict, out_dir: Path, params: dict[st
         if name not in params:
             continue
         for size in sizes:
-            for seed in settings["seeds"]:
+            for seed in seeds_at(settings, size):
                 job_id = name + (f"-s{seed}" if len(settings["seeds"]) > 1 else "") + (f"-n{size}" if size else "")
                 values = apply_params(method_run_config(config, settings, name, out_dir), params[name] or {})
                 values["output_dir"] = str(out_dir / "runs" / job_id)
@@ -260,7 +231,7 @@ def _final_queue(storage, out_dir: Path, jobs: dict[tuple, Job], settings: dict,
 
     name = f"{studies.study_prefix(out_dir)}/final"
     by_id = {job.id: job for job in jobs.values()}
-    key = _final_key(jobs, out_dir)
+    key = final_key(jobs, out_dir)
     if join:
         studies.wait_for(storage, name, key)
     else:
@@ -323,8 +294,8 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     ran with, not the defaults)."""
     search = settings["search"]
     methods, seeds = settings["methods"], settings["seeds"]
-    n_final = len(methods) * len(seeds) * (1 + len([s for s in settings["data_sizes"]
-                                                    if s != config.data.max_train_rows]))
+    n_final = len(methods) * sum(len(seeds_at(settings, size)) for size in
+                                 [None] + [s for s in settings["data_sizes"] if s != config.data.max_train_rows])
     url = studies.storage_url(search, out_dir)
     storage = studies.open_storage(url)
     metric = config.train.metric or default_metric(config.task)
@@ -395,7 +366,7 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     if settings["data_sizes"]:
         curves = {}
         for size in [None] + [s for s in settings["data_sizes"] if s != config.data.max_train_rows]:
-            curve_rows = aggregate([rows_for(seed, size, False) for seed in seeds])
+            curve_rows = aggregate([rows_for(seed, size, False) for seed in seeds_at(settings, size)])
             rows_seen = size or next((s["train_examples"] for (m, _, z), s in summaries.items()
                                       if z is None and "error" not in s), config.data.max_train_rows)
             curves[rows_seen] = curve_rows

@@ -3,6 +3,7 @@
     compare:
       seeds: [0, 1, 2]              # final runs repeated per seed (default: train.seed alone)
       data_sizes: [250, 1000, 4000] # extra final runs on the first N training rows: curves.png
+      curve_seeds: [0]              # seeds of those extra runs (default: every seed above)
       workers: 2                    # runs at once, the CPU threads divided between them
 
 Two methods are "level" when their difference in mean score is within noise: less than twice
@@ -40,10 +41,21 @@ def read_repeats(settings: dict, seed: int, max_train_rows: int | None) -> dict:
         if size < 1 or (max_train_rows and size > max_train_rows):
             raise DeltatuneError(f"compare.data_sizes: {size} must be between 1 and data.max_train_rows "
                                  f"({max_train_rows})" if max_train_rows else f"compare.data_sizes: {size} must be >= 1")
+    curve_seeds = _int_list(settings["curve_seeds"], "curve_seeds") if "curve_seeds" in settings else seeds
+    if not set(curve_seeds) <= set(seeds):
+        raise DeltatuneError(f"compare.curve_seeds: {curve_seeds!r} must be some of compare.seeds {seeds!r}")
+    if "curve_seeds" in settings and not sizes:
+        raise DeltatuneError("compare.curve_seeds: set compare.data_sizes too; without it there is no curve")
     workers = settings.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise DeltatuneError(f"compare.workers: must be a positive integer, got {workers!r}")
-    return {"seeds": seeds, "data_sizes": sorted(sizes), "workers": workers}
+    return {"seeds": seeds, "data_sizes": sorted(sizes), "curve_seeds": curve_seeds, "workers": workers}
+
+
+def seeds_at(settings: dict, size: int | None) -> list[int]:
+    """The seeds a final run is repeated over: every seed at the full budget (size None), the
+    curve's seeds at a smaller data size (a cheaper curve; the full-size point keeps its spread)."""
+    return settings["seeds"] if size is None else settings.get("curve_seeds", settings["seeds"])
 
 
 def aggregate(rows_per_seed: list[list[dict]]) -> list[dict]:

@@ -18,7 +18,7 @@ from deltatune.methods import REGISTRY, method_config_for, method_names
 ALL_METHODS = ["full", "lora", "adapter", "prompt", "ptuning", "prefix", "ia3", "oft", "vera",
                "adalora", "ln-tuning"]
 SETTINGS = {"methods", "per_method", "forgetting_data", "forgetting_max_rows", "forgetting_max_length",
-            "search", "seeds", "data_sizes", "workers"}
+            "search", "seeds", "data_sizes", "curve_seeds", "workers"}
 DEFAULT_FORGETTING_DATA = "../shared/data/wikitext2/test.jsonl"
 
 
