@@ -172,6 +172,34 @@ def levers(files: list[Path]) -> list[str]:
 
 # --- memory --------------------------------------------------------------------------------------
 
+def checkpoint_probes(files: list[Path]) -> list[str]:
+    """memory/checkpoint_probes.py plan: each probe's measured one-step peak beside plan's."""
+    out: list[str] = []
+    for path in files:
+        raw = json.loads(path.read_text())
+        date, _ = _meta(path)
+        train_keys = sorted({k for r in raw["rows"] for k in r["train"] if k != "bf16"})
+        command = ("OMP_NUM_THREADS=1 python benchmarks/memory/checkpoint_probes.py measure MODEL_DIR "
+                   "[--layers N] --lengths ..." + "".join(f" [--train {k}=...]" for k in train_keys)
+                   + (" --train bf16=false" if "fp32" in raw["precision"] else "")
+                   + "; checkpoint_probes.py plan POINTS.jsonl")
+        rows = []
+        order = sorted(raw["rows"], key=lambda r: (r["shape"]["hidden_size"], r["shape"]["num_hidden_layers"],
+                                                   json.dumps(r["train"], sort_keys=True), r["length"]))
+        for r in order:
+            shape = r["shape"]
+            name = (f"SmolLM2-135M ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']})"
+                    if shape["hidden_size"] == 576 else
+                    f"Llama-3.2-1B width, {shape['num_hidden_layers']} layers")
+            name += "".join(f", {k} {v}" for k, v in sorted(r["train"].items()) if k != "bf16")
+            run = "1 step" if r["from"] == "point" else f"sweep, {r['steps']} steps"
+            rows.append([name, f"{r['length']:,}", run, f"{r['measured_bytes'] / 2**30:.2f} GiB",
+                         f"{r['planned_bytes'] / 2**30:.2f} GiB", f"{100 * r['error']:+.0f}%"])
+        out += [caption([date], _flags(raw.get("cpu_flags"), path), raw["precision"], command), "",
+                *_table(["model", "tokens", "run", "measured peak RSS", "plan", "error"], rows), ""]
+    return out
+
+
 def fsdp(files: list[Path]) -> list[str]:
     out: list[str] = []
     for path in files:
@@ -490,7 +518,8 @@ RENDERERS = {"sft-bench": sft_bench, "scaling": scaling, "levers": levers, "fsdp
              "serve-load": serve_load, "mixed-step": mixed_step, "nf4-gap": nf4_gap,
              "loftq-init": loftq_init, "method-comparison": method_comparison,
              "method-step-time": method_step_time,
-             "examples-seeds": examples_seeds, "reference-comparison": reference_comparison}
+             "examples-seeds": examples_seeds, "reference-comparison": reference_comparison,
+             "checkpoint-probes": checkpoint_probes}
 
 
 def render() -> str:

@@ -2,7 +2,7 @@
 beside `deltatune plan`'s prediction for each (the `--max-length auto` curve, one row, batch 1).
 
     python benchmarks/memory/checkpoint_probes.py measure MODEL_DIR --layers 2 --lengths 1024,2048,4096
-                                 [--train loss_chunk_tokens=256] >> probes.jsonl
+                                 [--train loss_chunk_tokens=256] [--train bf16=false] >> probes.jsonl
     python benchmarks/memory/checkpoint_probes.py plan probes.jsonl [--sweep SWEEP.json]
                                  [--name checkpoint-probes-lora-bf16]
 
@@ -14,6 +14,8 @@ writes the raw result: every probe's measured and planned peak, the model's shap
 measured baseline (what tests/test_plan_checkpointing.py recomputes from the shape alone).
 `--sweep`: a `long_context.py sweep` result whose deltatune rows are planned the same way.
 Run the probes one at a time with OMP_NUM_THREADS=1: peak RSS does not depend on CPU contention.
+`--train bf16=false` probes fp32 weights without autocast: the precision deltatune trains at on a
+CPU without native bf16, where one bf16 product runs hundreds of times slower than in fp32.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def planned(model_dir: str, train: dict, lengths: list[int]) -> dict:
     from deltatune.training import loop as _train  # noqa: F401  (as length_plans: the baseline counts it)
 
     process = before = current_rss()
-    model, tokenizer = load_model(model_dir, task="causal-lm", dtype=torch.bfloat16)
+    model, tokenizer = load_model(model_dir, task="causal-lm",
+                                  dtype=torch.bfloat16 if train.get("bf16", True) else torch.float32)
     touch_weights(model)
     baseline = process + max(0, current_rss() - before)
     config = run_config(model_dir, train, max(lengths))
@@ -75,6 +78,11 @@ def planned(model_dir: str, train: dict, lengths: list[int]) -> dict:
     del model, curve
     release_freed_memory()
     return {"baseline_bytes": baseline, "shape": shape, "planned_bytes": peaks}
+
+
+def precision(rows: list[dict]) -> str:
+    kinds = {"bf16 weights, bf16 autocast" if r["train"].get("bf16", True) else "fp32" for r in rows}
+    return " and ".join(sorted(kinds))
 
 
 def plan(args) -> dict:
@@ -110,7 +118,7 @@ def plan(args) -> dict:
                          "baseline_bytes": result["baseline_bytes"], "from": point.get("sweep", "point")})
             print(json.dumps({k: rows[-1][k] for k in ("model", "length", "error")}), flush=True)
     data = {"command": "plan", "method": "lora", "rank": S.RANK, "alpha": S.ALPHA,
-            "targets": S.LORA_TARGETS, "precision": "bf16 weights, bf16 autocast",
+            "targets": S.LORA_TARGETS, "precision": precision(rows),
             "threads": 1, "rows": rows, "machine": describe(), "cpu_flags": cpu_flags()}
     path = write_result(data, "memory", args.name)
     return {"written": str(path), "rows": len(rows)}

@@ -93,7 +93,11 @@ def run_deltatune(args, rows) -> tuple[list[float], list[float], float]:
     from deltatune.data.dataset import Example
     from deltatune.training.loop import train
 
-    model, tokenizer = dt.load_model(args.model, dtype=torch.bfloat16, quantize=args.quantize)
+    # `--train bf16=false`: fp32 weights and no autocast (CPUs without native bf16, where a bf16
+    # product runs hundreds of times slower than an fp32 one)
+    bf16 = dict(args.train or []).get("bf16", True)
+    model, tokenizer = dt.load_model(args.model, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                     quantize=args.quantize)
     loaded = time.perf_counter()
     LOAD_PEAK.append(_status("VmHWM"))
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here on: the training phase
