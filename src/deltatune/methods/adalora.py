@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import (merge_functions, DeltaLayer, MethodConfig, delta_layers, module_names_hint,
-                                    peft_key_map, set_parent)
+from deltatune.methods.base import (merge_functions, DeltaLayer, MethodConfig, check_module_names, delta_layers,
+                                    module_names_hint, peft_key_map, set_parent)
 from deltatune.methods.lora import _is_conv1d, _matches, _named, in_out_features, short_targets
 from deltatune.methods.row_updates import AdditiveLinearLayer
 
@@ -72,17 +72,11 @@ class AdaLoraConfig(MethodConfig):
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             self.fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is None and name == "exclude_modules" or value == "all-linear" and name == "target_modules":
-                continue
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    self.fail(name, f"is not a valid regex ({exc})")
-            elif not (isinstance(value, list) and value and all(isinstance(t, str) for t in value)):
-                self.fail(name, f"must be a non-empty list of names or a regex, got {value!r}")
+        if self.target_modules is None:  # no default set of targets: they must be named
+            self.fail("target_modules", "must be a non-empty list of module names or a regex, got None")
+        if self.target_modules != "all-linear":
+            check_module_names(self, "target_modules")
+        check_module_names(self, "exclude_modules")
         for name in ("tinit", "tfinal"):
             if not _is_int(getattr(self, name), 0):
                 self.fail(name, f"must be a whole number of steps >= 0, got {getattr(self, name)!r}")
