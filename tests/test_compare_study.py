@@ -317,6 +317,23 @@ def test_rows_that_did_not_learn_give_no_level_with_and_no_verdict():
     assert nobody.startswith("No method learned; no verdict.")
 
 
+def test_a_small_data_verdict_from_one_seed_says_it_has_no_spread():
+    from deltatune.compare.verdicts import verdicts
+
+    def spread(method, score, std):
+        return _row(method, score, seeds=3, score_std=std)
+
+    full_size = [spread("full", 0.86, 0.01), spread("lora", 0.85, 0.01)]
+    one_seed = {500: [_row("full", 0.70), _row("lora", 0.75)], 8000: full_size}
+    judged = verdicts(full_size, one_seed, "classification")
+    assert "claim \"PEFT shines when data is small\": holds on one seed at 500 rows" in judged
+    assert "no spread there to tell it from noise" in judged
+    # with a spread at the small size, the same gap is judged against it, unqualified
+    three_seeds = {500: [spread("full", 0.70, 0.01), spread("lora", 0.75, 0.01)], 8000: full_size}
+    judged = verdicts(full_size, three_seeds, "classification")
+    assert "small\": holds." in judged and "one seed" not in judged
+
+
 def test_edge_of_range_only_when_the_edge_scored_best():
     from deltatune.compare.search_report import edge_remark
 

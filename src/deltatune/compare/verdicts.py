@@ -110,6 +110,11 @@ def _small_data(curves: dict | None) -> str:
         verdict = "holds in part (PEFT's standing relative to full improves as data shrinks)"
     else:
         verdict = "does not hold here"
+    if small_noise is None and verdict.startswith("holds"):
+        # one seed at the smallest size (compare.curve_seeds, or one seed throughout): a gap
+        # without a spread to hold it against is a direction, not a finding
+        verdict += (f" on one seed at {sizes[0]:,} rows, with no spread there to tell it from noise "
+                    f"(more compare.curve_seeds would give one)")
     return (f"**Small data** — claim \"PEFT shines when data is small\": {verdict}. Best PEFT minus full: "
             f"{gs * 100:+.1f} points at {sizes[0]:,} rows ({bs['method']}), {gl * 100:+.1f} at {sizes[-1]:,} rows "
             f"({bl['method']}).")
