@@ -23,7 +23,7 @@ from typing import Callable
 from deltatune.compare import base_score
 from deltatune.compare import study as studies
 from deltatune.compare.jobs import Job, check_stale, expected_steps, local, portable, progress_for, run_job
-from deltatune.compare.repeats import aggregate, curve_table, plot_curves, seeds_at
+from deltatune.compare.repeats import aggregate, curve_table, plot_curves, run_sizes, seeds_at
 from deltatune.compare.report import _atomic_write, build_rows, write_outputs
 from deltatune.compare.search import (LOWER_IS_BETTER, choose, indistinct, judge, split_training,
                                       trial_values, trials_for)
@@ -41,7 +41,7 @@ def _budget_line(config: RunConfig, settings: dict, search: dict | None, n_final
         n_search = sum(trials_for(search, m) for m in settings["methods"])
         parts.append(f"search: {n_search} trials ({steps} each on {search['rows']} training rows, "
                      f"scored on {search['heldout_rows']} held-out training rows; pruner {search['pruner']})")
-    sizes = [s for s in settings["data_sizes"] if s != config.data.max_train_rows]
+    sizes = run_sizes(settings, config.data.max_train_rows)[1:]
     shape = f"{len(settings['seeds'])} seed(s)"
     if sizes and seeds_at(settings, sizes[0]) != settings["seeds"]:
         shape += f" at the full size + {len(seeds_at(settings, sizes[0]))} seed(s) x {len(sizes)} smaller size(s)"
@@ -207,7 +207,7 @@ def final_jobs(config: RunConfig, settings: dict, out_dir: Path, params: dict[st
     from deltatune.compare.space import apply_params
 
     jobs = {}
-    sizes = [None] + [s for s in settings["data_sizes"] if s != config.data.max_train_rows]
+    sizes = run_sizes(settings, config.data.max_train_rows)
     for name in settings["methods"]:
         if name not in params:
             continue
@@ -294,8 +294,8 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     ran with, not the defaults)."""
     search = settings["search"]
     methods, seeds = settings["methods"], settings["seeds"]
-    n_final = len(methods) * sum(len(seeds_at(settings, size)) for size in
-                                 [None] + [s for s in settings["data_sizes"] if s != config.data.max_train_rows])
+    n_final = len(methods) * sum(len(seeds_at(settings, size))
+                                 for size in run_sizes(settings, config.data.max_train_rows))
     url = studies.storage_url(search, out_dir)
     storage = studies.open_storage(url)
     metric = config.train.metric or default_metric(config.task)
@@ -365,7 +365,7 @@ def run_comparison(config: RunConfig, settings: dict, plans: dict, out_dir: Path
     curves = None
     if settings["data_sizes"]:
         curves = {}
-        for size in [None] + [s for s in settings["data_sizes"] if s != config.data.max_train_rows]:
+        for size in run_sizes(settings, config.data.max_train_rows):
             curve_rows = aggregate([rows_for(seed, size, False) for seed in seeds_at(settings, size)])
             rows_seen = size or next((s["train_examples"] for (m, _, z), s in summaries.items()
                                       if z is None and "error" not in s), config.data.max_train_rows)

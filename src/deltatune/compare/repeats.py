@@ -52,6 +52,11 @@ def read_repeats(settings: dict, seed: int, max_train_rows: int | None) -> dict:
     return {"seeds": seeds, "data_sizes": sorted(sizes), "curve_seeds": curve_seeds, "workers": workers}
 
 
+def run_sizes(settings: dict, max_train_rows: int | None) -> list[int | None]:
+    """The final runs' data sizes: None (the run's own training budget), then each smaller size."""
+    return [None] + [s for s in settings["data_sizes"] if s != max_train_rows]
+
+
 def seeds_at(settings: dict, size: int | None) -> list[int]:
     """The seeds a final run is repeated over: every seed at the full budget (size None), the
     curve's seeds at a smaller data size (a cheaper curve; the full-size point keeps its spread)."""
